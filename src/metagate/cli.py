@@ -1,0 +1,173 @@
+"""``metagate`` command line: run, compare, list."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from metagate.config import ConfigError, ExperimentConfig, config_from_dict, list_ready_configs, load_config
+from metagate.runs import CheckpointError, RunDir, RunFolderError, atomic_write_json, default_run_dir
+
+app = typer.Typer(
+    help="Continual learning with context-dependent gating.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
+
+CONFIG_HELP = "YAML file or name of a ready config (metagate list configs); none = the default experiment"
+OVERRIDES_HELP = "dotted overrides, e.g. method.name=ewc method.lambda=100 trainer.epochs=2 seed=3"
+
+
+def _split(config: Optional[str], overrides: Optional[list[str]]) -> tuple[Optional[str], list[str]]:
+    """``metagate run method.name=si`` has no CONFIG: a first argument with '=' is an override."""
+    overrides = list(overrides or [])
+    if config is not None and "=" in config:
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def execute(cfg: ExperimentConfig, run: RunDir | None, resume: bool = False) -> dict[str, Any]:
+    """Train one config into ``run``; training errors become clear CLI errors."""
+    from metagate.train import Trainer, TrainingDiverged
+
+    try:
+        return Trainer(cfg, run).fit(resume=resume)
+    except (CheckpointError, TrainingDiverged, RunFolderError) as e:
+        _fail(str(e))
+    except ValueError as e:  # device or scenario the config cannot have
+        _fail(str(e))
+    raise AssertionError("unreachable")
+
+
+@app.command()
+def run(
+    config: Optional[str] = typer.Argument(None, help=CONFIG_HELP, show_default=False),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: runs/<time>-<benchmark>-<method>-s<seed>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out from its last checkpoint"),
+) -> None:
+    """Train one method on one benchmark and write a run folder."""
+    from metagate import report
+
+    config, overrides = _split(config, overrides)
+    try:
+        if resume:
+            if out is None:
+                _fail("--resume needs --out DIR, the run folder to continue")
+            assert out is not None
+            run_dir = RunDir.open_for_resume(out)
+            if run_dir.has_results():
+                _fail(f"{out} holds a finished run (results.json); nothing to resume")
+            saved = run_dir.read_config()
+            cfg = config_from_dict(saved, overrides) if config is None else load_config(config, overrides)
+        else:
+            cfg = load_config(config, overrides)
+            path = out or default_run_dir(Path("runs"), cfg.benchmark.name, cfg.method.name, cfg.seed)
+            run_dir = RunDir.create(path)
+    except (ConfigError, RunFolderError) as e:
+        _fail(str(e))
+    typer.echo(f"run folder: {run_dir.path}")
+    typer.echo(f"{cfg.method.name} on {cfg.benchmark.name}, seed {cfg.seed}, device {cfg.trainer.device}")
+    results = execute(cfg, run_dir, resume)
+    typer.echo("")
+    typer.echo(report.per_task_table(results))
+    typer.echo("")
+    typer.echo(report.summary_line(results))
+
+
+@app.command()
+def compare(
+    config: Optional[str] = typer.Argument(None, help=CONFIG_HELP, show_default=False),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    methods: str = typer.Option(..., "--methods", help="comma-separated method names, e.g. finetune,ewc,si,joint"),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="seeds per method: seed, seed+1, ..."),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for all runs and comparison.json"),
+    resume: bool = typer.Option(False, "--resume", help="reuse finished runs in --out and resume interrupted ones"),
+) -> None:
+    """Run several methods over several seeds; print a Markdown table of mean ± std."""
+    from metagate import report
+    from metagate.config import find_config, read_yaml, apply_overrides
+
+    config, overrides = _split(config, overrides)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        base = apply_overrides(read_yaml(find_config(config)), overrides)
+        base_seed = config_from_dict(base).seed
+        # Validate every (method, seed) config before any training.
+        plan = {
+            (m, base_seed + k): config_from_dict(base, [f"method.name={m}", f"seed={base_seed + k}"])
+            for m in names
+            for k in range(seeds)
+        }
+        root = out or default_run_dir(Path("runs"), plan[(names[0], base_seed)].benchmark.name, "compare", base_seed)
+        if root.exists() and any(root.iterdir()) and not resume:
+            raise RunFolderError(f"{root} already exists and is not empty; nothing was written. Pass --resume or another --out.")
+    except (ConfigError, RunFolderError) as e:
+        _fail(str(e))
+    if not names:
+        _fail("--methods is empty")
+    root.mkdir(parents=True, exist_ok=True)
+    per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in names}
+    for (m, seed), cfg in plan.items():
+        folder = root / m / f"seed{seed}"
+        typer.echo(f"== {m}, seed {seed} -> {folder}")
+        if resume and (folder / RunDir.RESULTS).is_file():
+            per_method[m].append(RunDir(folder).read_results())
+            continue
+        if resume and (folder / RunDir.CHECKPOINT).is_file():
+            per_method[m].append(execute(cfg, RunDir.open_for_resume(folder), resume=True))
+            continue
+        try:
+            run_dir = RunDir.create(folder)
+        except RunFolderError as e:
+            _fail(str(e))
+        per_method[m].append(execute(cfg, run_dir))
+    summary = {m: report.aggregate(rs) for m, rs in per_method.items()}
+    atomic_write_json(
+        root / "comparison.json",
+        {
+            "benchmark": plan[(names[0], base_seed)].benchmark.name,
+            "seeds": [base_seed + k for k in range(seeds)],
+            "methods": {m: {"summary": summary[m], "runs": [str(root / m / f"seed{r['seed']}") for r in per_method[m]]} for m in names},
+        },
+    )
+    table = report.comparison_table(summary)
+    (root / "comparison.md").write_text(table + "\n")
+    typer.echo("")
+    typer.echo(f"{len(names)} methods x {seeds} seeds, mean ± std ({root / 'comparison.json'})")
+    typer.echo(table)
+
+
+@app.command("list")
+def list_(what: str = typer.Argument(..., help="methods | benchmarks | configs")) -> None:
+    """List registered methods, benchmarks or ready configs."""
+    from metagate.data import BENCHMARKS
+    from metagate.methods import METHODS
+
+    if what == "methods":
+        for name in METHODS.names():
+            doc = (METHODS.get(name).__doc__ or "").strip().splitlines()
+            typer.echo(f"{name:14s} {doc[0] if doc else ''}")
+    elif what == "benchmarks":
+        for name in BENCHMARKS.names():
+            doc = (BENCHMARKS.get(name).__doc__ or "").strip().splitlines()
+            typer.echo(f"{name:18s} {doc[0] if doc else ''}")
+    elif what == "configs":
+        for name, desc in list_ready_configs().items():
+            typer.echo(f"{name:22s} {desc}")
+    else:
+        _fail(f"cannot list {what!r}; choose one of: methods, benchmarks, configs")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

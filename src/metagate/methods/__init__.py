@@ -1,0 +1,10 @@
+"""Continual-learning methods, one file each, registered by name."""
+
+from metagate.methods.base import METHODS, Batch, Method, TrainingData, create_method
+from metagate.methods import ewc, finetune, joint, online_ewc, si  # noqa: F401  (fill the registry)
+
+__all__ = ["METHODS", "Batch", "Method", "TrainingData", "create_method", "list_methods"]
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    return METHODS.names(pattern)

@@ -1,0 +1,143 @@
+"""The Method interface every continual-learning method implements, and its registry.
+
+A Method owns its networks, optimisers and the state that fights forgetting. The Trainer drives it
+through a few hooks and never knows which method it drives:
+
+    before_task(task) -> training_data(task) -> train_step(batch, task)* -> after_task(task)
+    predict(x, task) -> logits        (evaluation, any task, trained or not)
+
+State (weights, optimiser, importance, masks, ...) round-trips through ``state_dict()`` /
+``load_state_dict()``: buffers are allocated at construction so a fresh method loads any checkpoint
+of the same config, and the optimiser state rides along as the module's extra state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from metagate.config import MethodConfig, TrainerConfig
+from metagate.data.stream import Scenario, Stream, Task
+from metagate.nn.backbones import BackboneConfig, build_backbone
+from metagate.registry import Registry
+
+
+class Batch(NamedTuple):
+    """A minibatch. ``task_ids`` is per-sample task index, set only when a batch mixes tasks."""
+
+    x: Tensor
+    y: Tensor
+    task_ids: Tensor | None = None
+
+
+class TrainingData(NamedTuple):
+    """What the Trainer batches over for one task (tensors on the method's device)."""
+
+    x: Tensor
+    y: Tensor
+    task_ids: Tensor | None = None
+
+
+class BaseMethodConfig(MethodConfig):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    reset_optimizer: bool = Field(True, description="fresh optimiser state at every task")
+
+
+class Method(nn.Module):
+    """Base class: a backbone, an optimiser, label masking for task-incremental streams."""
+
+    Config: ClassVar[type[BaseMethodConfig]] = BaseMethodConfig
+    name: ClassVar[str] = "base"
+    scenarios: ClassVar[tuple[Scenario, ...]] = ("task", "domain", "class")
+
+    def __init__(self, cfg: BaseMethodConfig, stream: Stream, trainer: TrainerConfig, device: torch.device) -> None:
+        super().__init__()
+        if stream.scenario not in self.scenarios:
+            raise ValueError(
+                f"method {self.name!r} supports the {', '.join(self.scenarios)}-incremental scenario(s), "
+                f"not {stream.scenario!r} (benchmark {stream.name!r})"
+            )
+        self.cfg = cfg
+        self.trainer_cfg = trainer
+        self.stream = stream
+        self.device = device
+        self.model = build_backbone(cfg.backbone, stream.input_shape, stream.num_outputs)
+        self.register_buffer("class_mask", stream.class_mask(), persistent=False)
+        self.label_masking = stream.scenario == "task"
+        self.to(device)
+        self.optimizer = self.make_optimizer(self.model.parameters())
+
+    # ---------------------------------------------------------------- optimiser
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        t = self.trainer_cfg
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum)
+        return torch.optim.Adam(params, lr=t.lr)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    # ---------------------------------------------------------------- forward
+
+    def class_row(self, task: Task) -> Tensor:
+        """Which outputs ``task`` may use (for held-out tasks, built from their classes)."""
+        if task.index < self.class_mask.shape[0]:
+            return self.class_mask[task.index]
+        row = torch.zeros(self.class_mask.shape[1], dtype=torch.bool, device=self.class_mask.device)
+        row[list(task.classes)] = True
+        return row
+
+    def mask_logits(self, logits: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
+        """Task-incremental label masking: outputs of other tasks get ``-inf``."""
+        if not self.label_masking:
+            return logits
+        allowed = self.class_mask[task_ids] if task_ids is not None else self.class_row(task)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def forward(self, x: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
+        """Logits for inputs of ``task`` (or of the per-sample ``task_ids``), label-masked."""
+        return self.mask_logits(self.model(x), task, task_ids)
+
+    # ---------------------------------------------------------------- hooks
+
+    def before_task(self, task: Task) -> None:
+        if self.cfg.reset_optimizer:
+            self.optimizer = self.make_optimizer(self.model.parameters())
+
+    def training_data(self, task: Task) -> TrainingData:
+        return TrainingData(task.x_train, task.y_train)
+
+    def task_loss(self, batch: Batch, task: Task) -> Tensor:
+        return F.cross_entropy(self(batch.x, task, batch.task_ids), batch.y)
+
+    def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
+        """One optimiser step; returns detached loss tensors (no host sync)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.task_loss(batch, task)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.detach()}
+
+    def after_task(self, task: Task) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, task: Task) -> Tensor:
+        return self(x, task)
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def create_method(cfg: MethodConfig, stream: Stream, trainer: TrainerConfig, device: torch.device) -> Method:
+    """The method ``cfg.name`` built for ``stream``."""
+    cls = METHODS.get(cfg.name)
+    return cls(cfg, stream, trainer, device)  # type: ignore[arg-type]

@@ -1,0 +1,32 @@
+"""Online EWC (Schwarz et al., "Progress & Compress", ICML 2018)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from metagate.data.stream import Task
+from metagate.methods.base import METHODS
+from metagate.methods.ewc import EWC
+
+
+@METHODS.register("online_ewc")
+class OnlineEWC(EWC):
+    """Online EWC: one running Fisher ``F~_t = gamma * F~_{t-1} + F_t`` and one anchor, the
+    parameters after the latest task; loss ``L + lambda/2 * sum_k F~_k (theta_k - theta*_{t-1,k})^2``
+    (paper, eq. 8-9). ``gamma = 1`` is the paper's setting without decay. Fisher estimated as in
+    :class:`~metagate.methods.ewc.EWC`. Supports task-, domain- and class-incremental streams.
+    """
+
+    class Config(EWC.Config):
+        name: Literal["online_ewc"] = "online_ewc"  # type: ignore[assignment]
+        gamma: float = Field(1.0, ge=0, le=1, description="decay of the running Fisher")
+
+    name = "online_ewc"
+    cfg: Config
+
+    def after_task(self, task: Task) -> None:
+        new = self.fisher(task)
+        running = {n: self.cfg.gamma * self.penalty.importance(n) + f for n, f in new.items()}
+        self.penalty.set(self.model, running)

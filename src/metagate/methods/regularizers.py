@@ -1,0 +1,134 @@
+"""Quadratic parameter penalties shared by EWC, online EWC and SI, and the Fisher diagonal."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from metagate.data.stream import Task
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class QuadraticPenalty(nn.Module):
+    """``sum_k importance_k * (theta_k - anchor_k)^2 + offset`` over a model's parameters.
+
+    Buffers are allocated up front (zeros) so that checkpoints load into a fresh instance.
+    ``offset`` holds a constant that keeps the value of a sum of several anchored penalties exact
+    after they are folded into one (see :meth:`add_anchored`); it has no gradient.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                self.register_buffer(f"imp_{_key(n)}", torch.zeros_like(p))
+                self.register_buffer(f"anchor_{_key(n)}", torch.zeros_like(p))
+        self.register_buffer("offset", torch.zeros(()))
+        self.register_buffer("active_flag", torch.zeros((), dtype=torch.bool))
+        self.active = False  # host-side copy of active_flag: checked every step without a device sync
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync_active())
+
+    def _sync_active(self) -> None:
+        self.active = bool(self.active_flag)
+
+    def _activate(self) -> None:
+        self.active_flag.fill_(True)
+        self.active = True
+
+    def importance(self, name: str) -> Tensor:
+        return getattr(self, f"imp_{_key(name)}")
+
+    def anchor(self, name: str) -> Tensor:
+        return getattr(self, f"anchor_{_key(name)}")
+
+    @torch.no_grad()
+    def set(self, model: nn.Module, importance: dict[str, Tensor]) -> None:
+        """Replace the importance and anchor the penalty at the model's current parameters."""
+        for n, p in model.named_parameters():
+            if n in importance:
+                self.importance(n).copy_(importance[n])
+                self.anchor(n).copy_(p)
+        self.offset.zero_()
+        self._activate()
+
+    @torch.no_grad()
+    def add_anchored(self, model: nn.Module, importance: dict[str, Tensor]) -> None:
+        """Add a new term ``F (theta - theta_now)^2`` to the existing sum of terms.
+
+        ``sum_t F_t (theta - a_t)^2 = F (theta - a)^2 + C`` with ``F = sum_t F_t``,
+        ``a = sum_t F_t a_t / F`` and ``C >= 0``: one buffer pair holds any number of tasks, with the
+        same value and gradient as separate penalties.
+        """
+        for n, p in model.named_parameters():
+            if n not in importance:
+                continue
+            f_old, a_old, f_new = self.importance(n), self.anchor(n), importance[n]
+            f_sum = f_old + f_new
+            safe = torch.where(f_sum > 0, f_sum, torch.ones_like(f_sum))
+            a_sum = torch.where(f_sum > 0, (f_old * a_old + f_new * p) / safe, p)
+            # constant left over: sum of F_t (a_t - a)^2 for the two merged terms
+            self.offset += (f_old * (a_old - a_sum) ** 2 + f_new * (p - a_sum) ** 2).sum()
+            f_old.copy_(f_sum)
+            a_old.copy_(a_sum)
+        self._activate()
+
+    def forward(self, model: nn.Module) -> Tensor:
+        total = self.offset.clone()
+        params = dict(model.named_parameters())
+        for n in self.names:
+            total = total + (self.importance(n) * (params[n] - self.anchor(n)) ** 2).sum()
+        return total
+
+
+def fisher_diagonal(
+    method: nn.Module,
+    model: nn.Module,
+    task: Task,
+    num_samples: int,
+    labels: Literal["sampled", "true"] = "sampled",
+    chunk: int | None = None,
+) -> dict[str, Tensor]:
+    """Diagonal Fisher information of ``model``'s parameters on ``task``'s training inputs.
+
+    ``E_x E_{y ~ p(y|x)} [(d log p(y|x) / d theta)^2]`` with per-sample gradients (``vmap``), labels
+    drawn from the model's own predictive distribution (Kirkpatrick et al. 2017) or, with
+    ``labels="true"``, the empirical Fisher. ``method(x, task)`` must give the (masked) logits and
+    ``model`` be the sub-module holding the parameters.
+    """
+    was_training = method.training
+    method.eval()
+    n = min(num_samples, task.num_train)
+    idx = torch.randperm(task.num_train, device=task.x_train.device)[:n]
+    xs, ys_true = task.x_train[idx], task.y_train[idx]
+    prefix = next(k for k, m in method.named_modules() if m is model)
+    params = {f"{prefix}.{k}": v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v for k, v in method.named_buffers()}
+
+    def log_lik(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = functional_call(method, (p, buffers), (x.unsqueeze(0), task))
+        return torch.log_softmax(logits, dim=1)[0, y]
+
+    per_sample = vmap(grad(log_lik), in_dims=(None, 0, 0))
+    numel = sum(v.numel() for v in params.values())
+    chunk = chunk or max(1, min(256, int(3e7 // max(numel, 1))))
+    fisher = {k: torch.zeros_like(v) for k, v in params.items()}
+    for start in range(0, n, chunk):
+        x = xs[start : start + chunk]
+        if labels == "sampled":
+            with torch.no_grad():
+                probs = torch.softmax(method(x, task), dim=1)
+            y = torch.multinomial(probs, 1).squeeze(1)
+        else:
+            y = ys_true[start : start + chunk]
+        grads = per_sample(params, x, y)
+        for k in fisher:
+            fisher[k] += grads[k].pow(2).sum(0)
+    method.train(was_training)
+    return {k[len(prefix) + 1 :]: v / n for k, v in fisher.items()}

@@ -1,0 +1,65 @@
+"""Tables for the terminal and Markdown: per-task accuracy, summaries, comparisons over seeds."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def per_task_table(results: dict[str, Any]) -> str:
+    """One row per task: accuracy right after training it, before it (zero-shot), and at the end."""
+    r = np.asarray(results["acc_matrix"])
+    init = results["initial_acc"]
+    rows = []
+    for j, name in enumerate(results["task_names"]):
+        before = r[j - 1, j] if j > 0 else init[j]
+        rows.append([str(j), name, pct(before), pct(r[j, j]), pct(r[-1, j]), pct(r[-1, j] - r[j, j])])
+    return markdown_table(["task", "name", "before (%)", "just trained (%)", "final (%)", "change (pt)"], rows)
+
+
+def summary_line(results: dict[str, Any]) -> str:
+    return (
+        f"ACC {pct(results['acc'])}%  BWT {pct(results['bwt'])} pt  FWT {pct(results['fwt'])} pt  "
+        f"forgetting {pct(results['forgetting'])} pt  ({results['train_seconds']:.1f} s training, "
+        f"{results['train_samples_per_second'] or 0:,.0f} samples/s)"
+    )
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "values": list(values)}
+    arr = np.asarray(vals, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "values": list(values)}
+
+
+COMPARED = ("acc", "bwt", "fwt", "forgetting", "train_seconds")
+
+
+def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and (sample) standard deviation over seeds of each compared figure."""
+    return {k: mean_std([r[k] for r in runs]) for k in COMPARED}
+
+
+def comparison_table(summary: dict[str, dict[str, Any]]) -> str:
+    def fmt(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+        if stat["mean"] is None:
+            return "n/a"
+        return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+    rows = [
+        [m, fmt(s["acc"]), fmt(s["bwt"]), fmt(s["fwt"]), fmt(s["forgetting"]), fmt(s["train_seconds"], 1.0)]
+        for m, s in summary.items()
+    ]
+    return markdown_table(["method", "ACC (%)", "BWT (pt)", "FWT (pt)", "forgetting (pt)", "time (s)"], rows)
