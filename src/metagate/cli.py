@@ -90,18 +90,29 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", help="folder for all runs and comparison.json"),
     resume: bool = typer.Option(False, "--resume", help="reuse finished runs in --out and resume interrupted ones"),
 ) -> None:
-    """Run several methods over several seeds; print a Markdown table of mean ± std."""
+    """Run several methods over several seeds; print a Markdown table of mean ± std.
+
+    An override prefixed by a method name applies to that method only: ``si:method.c=10``."""
     from metagate import report
-    from metagate.config import find_config, read_yaml, apply_overrides
+    from metagate.config import apply_overrides, find_config, read_yaml
 
     config, overrides = _split(config, overrides)
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    general = [o for o in overrides if ":" not in o.split("=", 1)[0]]
+    specific: dict[str, list[str]] = {}
+    for o in overrides:
+        if o not in general:
+            m, _, rest = o.partition(":")
+            specific.setdefault(m, []).append(rest)
     try:
-        base = apply_overrides(read_yaml(find_config(config)), overrides)
+        unknown = sorted(set(specific) - set(names))
+        if unknown:
+            raise ConfigError(f"overrides for {', '.join(unknown)}, which --methods does not name")
+        base = apply_overrides(read_yaml(find_config(config)), general)
         base_seed = config_from_dict(base).seed
         # Validate every (method, seed) config before any training.
         plan = {
-            (m, base_seed + k): config_from_dict(base, [f"method.name={m}", f"seed={base_seed + k}"])
+            (m, base_seed + k): config_from_dict(base, [f"method.name={m}", f"seed={base_seed + k}", *specific.get(m, [])])
             for m in names
             for k in range(seeds)
         }

@@ -10,7 +10,10 @@ solve a task it has never trained on.
   records its oracle mask.
 * ``rotated_teacher``: a shared base problem seen through a rotation of the input space by an angle
   per task; the context is (cos, sin) of the angle. Tasks vary smoothly with their context, and
-  held-out angles inside and outside the training range test transfer.
+  held-out angles inside and outside the training range test transfer. Inputs lie near a random
+  ``latent_dim``-dimensional subspace (as images lie near a manifold), so a rotation is visible in the
+  input itself, as in rotated MNIST: one network can learn all angles together (joint training),
+  while training them one after another forgets.
 """
 
 from __future__ import annotations
@@ -53,10 +56,10 @@ def _noisy_labels(y: Tensor, num_classes: int, rate: float, gen: torch.Generator
 
 class _TeacherFamilyConfig(BenchmarkConfig):
     num_tasks: int = Field(5, ge=1)
-    input_dim: int = Field(32, ge=2)
-    hidden_units: int = Field(128, ge=2, description="teacher hidden units")
+    input_dim: int = Field(16, ge=2)
+    hidden_units: int = Field(64, ge=2, description="teacher hidden units")
     num_classes: int = Field(4, ge=2)
-    train_per_task: int = Field(2000, ge=1)
+    train_per_task: int = Field(4000, ge=1)
     test_per_task: int = Field(1000, ge=1)
     label_noise: float = Field(0.0, ge=0, le=1, description="fraction of labels replaced by random ones")
 
@@ -116,15 +119,23 @@ class RotatedTeacher:
 
     class Config(_TeacherFamilyConfig):
         name: Literal["rotated_teacher"] = "rotated_teacher"
-        max_angle: float = Field(180.0, gt=0, le=360, description="training angles span [0, max_angle] degrees")
+        max_angle: float = Field(
+            120.0, gt=0, le=360, description="training angles span [0, max_angle] degrees (180 maps the input subspace onto itself)"
+        )
         heldout_inside: int = Field(2, ge=0, description="held-out angles between training angles")
         heldout_outside: int = Field(2, ge=0, description="held-out angles beyond max_angle")
         shuffle_order: bool = Field(False, description="train the angles in a seeded random order")
+        latent_dim: int = Field(
+            6, ge=0, description="inputs lie near a subspace of this dimension (0: isotropic, rotations invisible)"
+        )
+        input_noise: float = Field(0.05, ge=0, description="std of isotropic noise off the subspace")
 
         @model_validator(mode="after")
         def _even_input(self) -> "RotatedTeacher.Config":
             if self.input_dim % 2:
                 raise ValueError(f"input_dim must be even (rotation planes), got {self.input_dim}")
+            if self.latent_dim > self.input_dim:
+                raise ValueError(f"latent_dim ({self.latent_dim}) must not exceed input_dim ({self.input_dim})")
             if self.heldout_inside and self.num_tasks < 2:
                 raise ValueError("heldout_inside needs num_tasks >= 2")
             return self
@@ -148,6 +159,15 @@ class RotatedTeacher:
         gen = torch.Generator().manual_seed(seed)
         teacher = Teacher(cfg.input_dim, cfg.hidden_units, cfg.num_classes, gen)
         basis, _ = torch.linalg.qr(torch.randn(cfg.input_dim, cfg.input_dim, generator=gen))
+        k = cfg.latent_dim or cfg.input_dim
+        # the base inputs' subspace, scaled so that E|x|^2 matches an isotropic standard normal
+        subspace = torch.linalg.qr(torch.randn(cfg.input_dim, k, generator=gen))[0] * (cfg.input_dim / k) ** 0.5
+
+        def base_inputs(n: int) -> Tensor:
+            if not cfg.latent_dim:
+                return torch.randn(n, cfg.input_dim, generator=gen)
+            z = torch.randn(n, k, generator=gen) @ subspace.T
+            return z + cfg.input_noise * torch.randn(n, cfg.input_dim, generator=gen)
         train_angles, heldout_angles = RotatedTeacher.angles(cfg)
         if cfg.shuffle_order:
             train_angles = [train_angles[i] for i in torch.randperm(len(train_angles), generator=gen).tolist()]
@@ -156,7 +176,7 @@ class RotatedTeacher:
             rotation = _plane_rotation(cfg.input_dim, math.radians(angle), basis)
             xs, ys = [], []
             for n in (cfg.train_per_task, cfg.test_per_task):
-                base = torch.randn(n, cfg.input_dim, generator=gen)
+                base = base_inputs(n)
                 xs.append(base @ rotation.T)
                 ys.append(_noisy_labels(teacher.label(base), cfg.num_classes, cfg.label_noise, gen))
             rad = math.radians(angle)

@@ -113,7 +113,7 @@ def fisher_diagonal(
 
     def log_lik(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         logits = functional_call(method, (p, buffers), (x.unsqueeze(0), task))
-        return torch.log_softmax(logits, dim=1)[0, y]
+        return torch.log_softmax(logits, dim=1)[0].gather(0, y.unsqueeze(0)).squeeze(0)
 
     per_sample = vmap(grad(log_lik), in_dims=(None, 0, 0))
     numel = sum(v.numel() for v in params.values())

@@ -1,0 +1,81 @@
+"""Configs: YAML + dotted overrides, validated before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metagate.config import ConfigError, config_from_dict, list_ready_configs, load_config, parse_overrides
+
+
+def test_default_config_loads() -> None:
+    cfg = load_config()
+    assert cfg.benchmark.name == "gated_teacher"
+    assert cfg.method.name in ("si", "ewc", "finetune", "online_ewc", "joint")
+
+
+def test_ready_configs_all_validate() -> None:
+    for name in list_ready_configs():
+        load_config(name)
+
+
+def test_overrides_are_typed(small) -> None:  # noqa: ANN001
+    cfg = config_from_dict(small(), ["method.name=ewc", "method.lambda=250", "trainer.epochs=4", "seed=3"])
+    assert cfg.method.name == "ewc" and cfg.method.lambda_ == 250.0
+    assert cfg.trainer.epochs == 4 and cfg.seed == 3
+
+
+def test_switching_method_drops_old_hyperparameters_but_keeps_backbone(small) -> None:  # noqa: ANN001
+    raw = small(method={"name": "si", "c": 2.0, "backbone": {"hidden": [7]}})
+    cfg = config_from_dict(raw, ["method.name=ewc"])
+    assert cfg.method.name == "ewc"
+    assert cfg.method.backbone.hidden == [7]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.lamda=3", "unknown key 'method.lamda'; valid keys here: name, backbone, reset_optimizer"),
+        ("trainer.epochs=two", "trainer.epochs"),
+        ("trainer.epochs=0", "greater than or equal to 1"),
+        ("method.name=nope", "choose one of: ewc, finetune, joint, online_ewc, si"),
+        ("benchmark.name=nope", "choose one of: "),
+        ("benchmark.mask_density=2", "benchmark.mask_density"),
+        ("model.depth=3", "unknown top-level key"),
+        ("seed=abc", "seed must be an integer"),
+        ("noequals", "key.sub=value"),
+    ],
+)
+def test_bad_configs_refused_with_the_choices_named(small, override: str, message: str) -> None:  # noqa: ANN001
+    raw = small(method={"name": "ewc"}) if "lamda" in override else small()
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_dict(raw, [override])
+
+
+def test_unknown_ready_config_lists_the_ready_ones() -> None:
+    with pytest.raises(ConfigError, match="ready configs: .*default"):
+        load_config("no-such-config")
+
+
+def test_yaml_must_be_a_mapping(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(p))
+
+
+def test_parse_overrides_reads_yaml_scalars() -> None:
+    assert parse_overrides(["a.b=1", "c=[1, 2]", "d=true", "e=x"]) == [
+        (["a", "b"], 1),
+        (["c"], [1, 2]),
+        (["d"], True),
+        (["e"], "x"),
+    ]
+
+
+def test_resolved_config_round_trips(small) -> None:  # noqa: ANN001
+    cfg = config_from_dict(small(method={"name": "ewc", "lambda": 7}))
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert again == cfg

@@ -1,0 +1,82 @@
+"""Metrics on hand-made accuracy matrices, and properties that hold for any matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from metagate.metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, summary
+
+R = [
+    [0.9, 0.2, 0.1],
+    [0.6, 0.8, 0.3],
+    [0.5, 0.7, 0.95],
+]
+B = [0.1, 0.25, 0.2]
+
+
+def test_acc_is_mean_of_last_row() -> None:
+    assert average_accuracy(R) == pytest.approx((0.5 + 0.7 + 0.95) / 3)
+
+
+def test_bwt_lopez_paz() -> None:
+    assert backward_transfer(R) == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
+
+
+def test_fwt_uses_untrained_accuracy() -> None:
+    assert forward_transfer(R, B) == pytest.approx(((0.2 - 0.25) + (0.3 - 0.2)) / 2)
+
+
+def test_forgetting_uses_best_earlier_accuracy() -> None:
+    r = [[0.6, 0.0, 0.0], [0.9, 0.7, 0.0], [0.4, 0.75, 0.8]]
+    # task 0: best 0.9 (after task 1) -> 0.4 ; task 1: best 0.7 -> 0.75 (negative forgetting)
+    assert forgetting(r) == pytest.approx(((0.9 - 0.4) + (0.7 - 0.75)) / 2)
+
+
+def test_forgetting_ignores_rows_before_the_task_was_trained() -> None:
+    r = [[0.5, 0.9], [0.5, 0.6]]  # task 1 was at 0.9 *before* training it: not forgetting
+    assert forgetting(r) == pytest.approx(0.0)
+
+
+def test_single_task_has_no_transfer() -> None:
+    s = summary([[0.8]], [0.1])
+    assert s == {"acc": pytest.approx(0.8), "bwt": None, "fwt": None, "forgetting": None}
+
+
+def test_bad_shapes_refused() -> None:
+    with pytest.raises(ValueError, match="square"):
+        average_accuracy([[0.1, 0.2]])
+    with pytest.raises(ValueError, match="length"):
+        forward_transfer(R, [0.1])
+
+
+matrices = st.integers(2, 6).flatmap(
+    lambda t: arrays(np.float64, (t, t), elements=st.floats(0, 1, allow_nan=False))
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(matrices)
+def test_forgetting_bounds_minus_bwt(r: np.ndarray) -> None:
+    # forgetting_j = max_l R[l,j] - R[T-1,j] >= R[j,j] - R[T-1,j] = -bwt_j
+    assert forgetting(r) >= -backward_transfer(r) - 1e-12
+
+
+@settings(max_examples=200, deadline=None)
+@given(matrices)
+def test_metrics_are_bounded(r: np.ndarray) -> None:
+    assert 0 <= average_accuracy(r) <= 1
+    assert -1 <= backward_transfer(r) <= 1
+    assert -1 <= forgetting(r) <= 1
+    assert forward_transfer(r, np.zeros(len(r))) >= 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 6), st.floats(0, 1))
+def test_perfect_retention_means_no_forgetting(t: int, a: float) -> None:
+    r = np.triu(np.full((t, t), a)) + np.tril(np.full((t, t), a), -1)
+    assert backward_transfer(r) == pytest.approx(0.0)
+    assert forgetting(r) == pytest.approx(0.0)

@@ -1,0 +1,144 @@
+"""The Trainer and run folders: reproducible, resumable, and careful with what is on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from metagate.config import config_from_dict
+from metagate.methods.base import Method
+from metagate.runs import CheckpointError, RunDir, RunFolderError
+from metagate.train import Trainer, TrainingDiverged
+
+NUMBERS = ("acc_matrix", "initial_acc", "acc", "bwt", "fwt", "forgetting", "heldout_acc_matrix", "train_steps")
+
+
+def fit(raw: dict, run: RunDir | None = None, resume: bool = False) -> dict:
+    return Trainer(config_from_dict(raw), run).fit(resume=resume)
+
+
+@pytest.mark.parametrize("method", ["finetune", "ewc", "si"])
+def test_same_seed_same_numbers(small, method: str) -> None:  # noqa: ANN001
+    raw = small(method={"name": method}, trainer={"epochs": 1})
+    a, b = fit(raw), fit(raw)
+    assert {k: a[k] for k in NUMBERS} == {k: b[k] for k in NUMBERS}
+    c = fit({**raw, "seed": 1})
+    assert c["acc_matrix"] != a["acc_matrix"]
+
+
+def test_results_contract(small, tmp_path: Path) -> None:  # noqa: ANN001
+    run = RunDir.create(tmp_path / "run")
+    fit(small(), run)
+    for name in ("config.yaml", "results.json", "metrics.jsonl", "env.json", "checkpoints/last.pt"):
+        assert (tmp_path / "run" / name).is_file(), name
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in ("method", "benchmark", "seed", "num_tasks", "acc_matrix", "acc", "bwt", "fwt", "forgetting",
+                "train_seconds", "train_samples_per_second", "peak_memory_mb"):
+        assert key in res, key
+    t = res["num_tasks"]
+    assert len(res["acc_matrix"]) == t and all(len(row) == t for row in res["acc_matrix"])
+    assert all(0 <= a <= 1 for row in res["acc_matrix"] for a in row)
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert {"torch", "python", "device", "git_revision"} <= set(env)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in records if r["type"] == "eval"] == list(range(t))
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"name": "finetune", "reset_optimizer": False}, {"name": "ewc"}, {"name": "si"}, {"name": "joint"}, {"name": "online_ewc"}],
+)
+def test_resume_equals_uninterrupted(small, tmp_path: Path, monkeypatch, method: dict) -> None:  # noqa: ANN001
+    raw = small(method=method, trainer={"epochs": 1}, benchmark={"num_tasks": 3, "train_per_task": 300})
+    whole = fit(raw, RunDir.create(tmp_path / "whole"))
+
+    original = Method.before_task
+
+    def stop_at_task_2(self, task):  # noqa: ANN001, ANN202
+        if task.index == 2:
+            raise Interrupt
+        return original(self, task)
+
+    run = RunDir.create(tmp_path / "cut")
+    with monkeypatch.context() as m:
+        m.setattr(Method, "before_task", stop_at_task_2)
+        with pytest.raises(Interrupt):
+            fit(raw, run)
+    assert not run.has_results()
+    resumed = fit(raw, RunDir.open_for_resume(tmp_path / "cut"), resume=True)
+    assert {k: resumed[k] for k in NUMBERS} == {k: whole[k] for k in NUMBERS}
+    # metrics.jsonl holds each record once, as in the uninterrupted run
+    read = lambda p: [  # noqa: E731
+        {k: v for k, v in json.loads(line).items()} for line in (p / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [(r["type"], r["task"]) for r in read(tmp_path / "cut")] == [(r["type"], r["task"]) for r in read(tmp_path / "whole")]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(small, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    original = Method.train_step
+
+    def nan_in_task_1(self, batch, task):  # noqa: ANN001, ANN202
+        out = original(self, batch, task)
+        return {"loss": out["loss"] * float("nan")} if task.index == 1 else out
+
+    monkeypatch.setattr(Method, "train_step", nan_in_task_1)
+    run = RunDir.create(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match="loss = nan in task 1.*checkpoint after task 0 is kept"):
+        fit(small(), run)
+    ckpt = run.load_checkpoint()
+    assert ckpt["trainer_state"]["next_task"] == 1
+    assert not run.has_results()
+
+
+def test_corrupt_checkpoint_refused(small, tmp_path: Path) -> None:  # noqa: ANN001
+    raw = small()
+    run = RunDir.create(tmp_path / "run")
+    fit(raw, run)
+    run.file("results.json").unlink()
+    run.checkpoint_path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        fit(raw, RunDir.open_for_resume(tmp_path / "run"), resume=True)
+    run.checkpoint_path.write_bytes(run.checkpoint_path.read_bytes()[:10])
+    with pytest.raises(CheckpointError):
+        fit(raw, RunDir.open_for_resume(tmp_path / "run"), resume=True)
+
+
+def test_checkpoint_of_another_config_refused(small, tmp_path: Path) -> None:  # noqa: ANN001
+    raw = small()
+    run = RunDir.create(tmp_path / "run")
+    fit(raw, run)
+    with pytest.raises(CheckpointError, match="another config"):
+        fit({**raw, "seed": 5}, RunDir.open_for_resume(tmp_path / "run"), resume=True)
+
+
+def test_checkpoint_of_another_shape_refused(small, tmp_path: Path) -> None:  # noqa: ANN001
+    raw = small()
+    run = RunDir.create(tmp_path / "run")
+    fit(raw, run)
+    ckpt = run.load_checkpoint()
+    ckpt["method_state"]["model.head.weight"] = torch.zeros(3, 3)
+    run.save_checkpoint({k: v for k, v in ckpt.items() if k != "format"})
+    with pytest.raises(CheckpointError, match="does not fit method"):
+        fit(raw, RunDir.open_for_resume(tmp_path / "run"), resume=True)
+
+
+def test_existing_run_folder_never_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="not empty"):
+        RunDir.create(tmp_path / "run")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_cuda_requested_without_cuda_is_refused(small) -> None:  # noqa: ANN001
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        Trainer(config_from_dict(small(trainer={"device": "cuda"})))
