@@ -101,3 +101,16 @@ def test_list() -> None:
         res = runner.invoke(app, ["list", what])
         assert res.exit_code == 0 and expected in res.output
     assert runner.invoke(app, ["list", "things"]).exit_code == 2
+
+
+def test_device_this_machine_lacks_is_refused_before_writing(tmp_path: Path) -> None:
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    res = runner.invoke(app, ["run", *FAST, "trainer.device=cuda", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "no CUDA device" in res.output
+    res = runner.invoke(app, ["run", *FAST, "trainer.device=gpu", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "trainer.device" in res.output
+    assert not (tmp_path / "r").exists()

@@ -32,15 +32,29 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def execute(cfg: ExperimentConfig, run: RunDir | None, resume: bool = False) -> dict[str, Any]:
-    """Train one config into ``run``; training errors become clear CLI errors."""
+def check_device(cfg: ExperimentConfig) -> None:
+    """Refuse a device this machine lacks before anything is written."""
+    from metagate.train import resolve_device
+
+    try:
+        resolve_device(cfg.trainer.device)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def execute(cfg: ExperimentConfig, run: RunDir | Path, resume: bool = False) -> dict[str, Any]:
+    """Train one config into a run folder (created here unless resuming, once the method and
+    stream are built, so a config they refuse leaves nothing behind); errors become CLI errors."""
     from metagate.train import Trainer, TrainingDiverged
 
     try:
-        return Trainer(cfg, run).fit(resume=resume)
-    except (CheckpointError, TrainingDiverged, RunFolderError) as e:
+        trainer = Trainer(cfg)
+    except ValueError as e:  # e.g. a scenario the method does not support
         _fail(str(e))
-    except ValueError as e:  # device or scenario the config cannot have
+    try:
+        trainer.run = run if isinstance(run, RunDir) else RunDir.create(run)
+        return trainer.fit(resume=resume)
+    except (CheckpointError, TrainingDiverged, RunFolderError) as e:
         _fail(str(e))
     raise AssertionError("unreachable")
 
@@ -66,15 +80,18 @@ def run(
                 _fail(f"{out} holds a finished run (results.json); nothing to resume")
             saved = run_dir.read_config()
             cfg = config_from_dict(saved, overrides) if config is None else load_config(config, overrides)
+            target: RunDir | Path = run_dir
         else:
             cfg = load_config(config, overrides)
-            path = out or default_run_dir(Path("runs"), cfg.benchmark.name, cfg.method.name, cfg.seed)
-            run_dir = RunDir.create(path)
+            target = out or default_run_dir(Path("runs"), cfg.benchmark.name, cfg.method.name, cfg.seed)
+            if target.exists() and any(target.iterdir()):
+                RunDir.create(target)  # raises the clear "already exists" error
+        check_device(cfg)
     except (ConfigError, RunFolderError) as e:
         _fail(str(e))
-    typer.echo(f"run folder: {run_dir.path}")
+    typer.echo(f"run folder: {target if isinstance(target, Path) else target.path}")
     typer.echo(f"{cfg.method.name} on {cfg.benchmark.name}, seed {cfg.seed}, device {cfg.trainer.device}")
-    results = execute(cfg, run_dir, resume)
+    results = execute(cfg, target, resume)
     typer.echo("")
     typer.echo(report.per_task_table(results))
     typer.echo("")
@@ -116,6 +133,8 @@ def compare(
             for m in names
             for k in range(seeds)
         }
+        for cfg in plan.values():
+            check_device(cfg)
         root = out or default_run_dir(Path("runs"), plan[(names[0], base_seed)].benchmark.name, "compare", base_seed)
         if root.exists() and any(root.iterdir()) and not resume:
             raise RunFolderError(f"{root} already exists and is not empty; nothing was written. Pass --resume or another --out.")
@@ -134,11 +153,7 @@ def compare(
         if resume and (folder / RunDir.CHECKPOINT).is_file():
             per_method[m].append(execute(cfg, RunDir.open_for_resume(folder), resume=True))
             continue
-        try:
-            run_dir = RunDir.create(folder)
-        except RunFolderError as e:
-            _fail(str(e))
-        per_method[m].append(execute(cfg, run_dir))
+        per_method[m].append(execute(cfg, folder))
     summary = {m: report.aggregate(rs) for m, rs in per_method.items()}
     atomic_write_json(
         root / "comparison.json",

@@ -9,11 +9,12 @@ with the valid choices named.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "default"
@@ -48,6 +49,13 @@ class TrainerConfig(Section):
     log_every: int = Field(0, ge=0, description="steps between loss records in metrics.jsonl; 0 = once per epoch")
     progress: bool = Field(True, description="show progress bars")
     checkpoint: bool = Field(True, description="write a checkpoint after every task")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("must be cpu, cuda, cuda:N, mps or auto")
+        return value
 
 
 class ExperimentConfig(Section):
