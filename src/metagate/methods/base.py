@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from metagate.config import MethodConfig, TrainerConfig
 from metagate.data.stream import Scenario, Stream, Task
+from metagate.methods.stabilizers import Stabilizer
 from metagate.nn.backbones import BackboneConfig, build_backbone
 from metagate.registry import Registry
 
@@ -68,8 +69,12 @@ class Method(nn.Module):
         self.model = build_backbone(cfg.backbone, stream.input_shape, stream.num_outputs)
         self.register_buffer("class_mask", stream.class_mask(), persistent=False)
         self.label_masking = stream.scenario == "task"
+        self.stabilizer: Stabilizer | None = None  # set by methods that protect weights (EWC, SI, ...)
         self.to(device)
         self.optimizer = self.make_optimizer(self.model.parameters())
+
+    def set_stabilizer(self, stabilizer: Stabilizer) -> None:
+        self.stabilizer = stabilizer.to(self.device)
 
     # ---------------------------------------------------------------- optimiser
 
@@ -111,6 +116,8 @@ class Method(nn.Module):
     def before_task(self, task: Task) -> None:
         if self.cfg.reset_optimizer:
             self.optimizer = self.make_optimizer(self.model.parameters())
+        if self.stabilizer is not None:
+            self.stabilizer.before_task(task)
 
     def training_data(self, task: Task) -> TrainingData:
         return TrainingData(task.x_train, task.y_train)
@@ -119,15 +126,25 @@ class Method(nn.Module):
         return F.cross_entropy(self(batch.x, task, batch.task_ids), batch.y)
 
     def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
-        """One optimiser step; returns detached loss tensors (no host sync)."""
+        """One optimiser step; returns detached loss tensors (no host sync). With a stabiliser, its
+        penalty's gradient is added after the task loss's (which the stabiliser sees alone)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.task_loss(batch, task)
         loss.backward()
+        if self.stabilizer is None:
+            self.optimizer.step()
+            return {"loss": loss.detach()}
+        self.stabilizer.after_backward()
+        penalty = self.stabilizer.penalty()
+        if penalty is not None:
+            penalty.backward()
         self.optimizer.step()
-        return {"loss": loss.detach()}
+        self.stabilizer.after_step()
+        return {"loss": loss.detach(), "penalty": loss.new_zeros(()) if penalty is None else penalty.detach()}
 
     def after_task(self, task: Task) -> None:
-        pass
+        if self.stabilizer is not None:
+            self.stabilizer.after_task(task)
 
     @torch.no_grad()
     def predict(self, x: Tensor, task: Task) -> Tensor:

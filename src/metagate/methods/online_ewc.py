@@ -6,7 +6,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from metagate.data.stream import Task
 from metagate.methods.base import METHODS
 from metagate.methods.ewc import EWC
 
@@ -24,9 +23,4 @@ class OnlineEWC(EWC):
         gamma: float = Field(1.0, ge=0, le=1, description="decay of the running Fisher")
 
     name = "online_ewc"
-    cfg: Config
-
-    def after_task(self, task: Task) -> None:
-        new = self.fisher(task)
-        running = {n: self.cfg.gamma * self.penalty.importance(n) + f for n, f in new.items()}
-        self.penalty.set(self.model, running)
+    online = True

@@ -1,0 +1,151 @@
+"""Weight stabilisers that any method can carry: EWC / online EWC and SI.
+
+A stabiliser protects the parameters that earlier tasks rely on with a quadratic penalty. It is a
+component, not a method, so that gating methods can combine with it (XdG + SI, XdG + EWC, as in
+Masse et al. 2018). The owning method calls, per training step::
+
+    loss.backward(); stab.after_backward(); stab.penalty() -> backward; optimizer.step(); stab.after_step()
+
+and ``before_task`` / ``after_task`` around each task. ``after_backward`` sees the gradient of the
+unregularised task loss (SI's path integral needs exactly that).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from metagate.data.stream import Task
+from metagate.methods.regularizers import QuadraticPenalty, fisher_diagonal
+
+
+class Stabilizer(nn.Module):
+    """Base: no penalty. Subclasses hold their importance as buffers (they ride in checkpoints)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = [model]  # a list, so the model is not registered twice in state_dict
+        self.quadratic = QuadraticPenalty(model)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.model[0]
+
+    def before_task(self, task: Task) -> None:
+        pass
+
+    def after_backward(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    def after_task(self, task: Task) -> None:
+        pass
+
+    def strength(self) -> float:
+        raise NotImplementedError
+
+    def penalty(self) -> Tensor | None:
+        """The scaled penalty, or ``None`` before any task has been consolidated (no device sync)."""
+        if not self.quadratic.active:
+            return None
+        return self.strength() * self.quadratic(self.net)
+
+
+class EWCStabilizer(Stabilizer):
+    """Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017) and its online variant
+    (Schwarz et al., ICML 2018). Penalty ``lambda/2 * sum_k F_k (theta_k - theta*_k)^2``.
+
+    * ``online=False``: one term per past task with its own Fisher and anchor (paper, eq. 3), folded
+      exactly into one importance/anchor pair (see :meth:`QuadraticPenalty.add_anchored`).
+    * ``online=True``: ``F~ = gamma * F~ + F_t`` and the anchor at the latest task's solution.
+
+    ``logits(x, task)`` gives the (masked) logits the Fisher is taken of; ``owner`` is the module
+    whose ``forward(x, task)`` that is (used with ``torch.func`` for per-sample gradients).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        owner: nn.Module,
+        lambda_: float,
+        fisher_samples: int = 1000,
+        fisher_labels: Literal["sampled", "true"] = "sampled",
+        online: bool = False,
+        gamma: float = 1.0,
+    ) -> None:
+        super().__init__(model)
+        self.owner = [owner]
+        self.lambda_, self.fisher_samples, self.fisher_labels = lambda_, fisher_samples, fisher_labels
+        self.online, self.gamma = online, gamma
+
+    def strength(self) -> float:
+        return 0.5 * self.lambda_
+
+    def fisher(self, task: Task) -> dict[str, Tensor]:
+        return fisher_diagonal(self.owner[0], self.net, task, self.fisher_samples, self.fisher_labels)
+
+    def after_task(self, task: Task) -> None:
+        new = self.fisher(task)
+        if self.online:
+            running = {n: self.gamma * self.quadratic.importance(n) + f for n, f in new.items()}
+            self.quadratic.set(self.net, running)
+        else:
+            self.quadratic.add_anchored(self.net, new)
+
+
+class SIStabilizer(Stabilizer):
+    """Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017).
+
+    Each parameter accumulates ``w_k = -sum_steps g_k * delta_theta_k`` with ``g`` the gradient of the
+    unregularised loss (eq. 3). After a task, ``Omega_k = relu(Omega_k + w_k / (Delta_k^2 + xi))`` with
+    ``Delta_k`` the parameter's change over the task (eq. 5; the ReLU of the sum as in the authors'
+    code), ``w`` resets, and the penalty is ``c * sum_k Omega_k (theta_k - theta~_k)^2`` (eq. 4) with the
+    anchor at the end of the previous task.
+    """
+
+    def __init__(self, model: nn.Module, c: float, xi: float) -> None:
+        super().__init__(model)
+        self.c, self.xi = c, xi
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        for i, p in enumerate(self.params):
+            self.register_buffer(f"path_{i}", torch.zeros_like(p))  # w_k over the current task
+            self.register_buffer(f"start_{i}", p.detach().clone())  # theta at the start of the task
+        self._grads = [torch.zeros_like(p) for p in self.params]
+        self._before = [torch.zeros_like(p) for p in self.params]
+
+    def _list(self, prefix: str) -> list[Tensor]:
+        return [getattr(self, f"{prefix}_{i}") for i in range(len(self.params))]
+
+    def strength(self) -> float:
+        return self.c
+
+    @torch.no_grad()
+    def before_task(self, task: Task) -> None:
+        torch._foreach_copy_(self._list("start"), [p.detach() for p in self.params])
+        torch._foreach_zero_(self._list("path"))
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        torch._foreach_copy_(self._grads, [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
+        torch._foreach_copy_(self._before, [p.detach() for p in self.params])
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        delta = torch._foreach_sub([p.detach() for p in self.params], self._before)
+        torch._foreach_mul_(delta, self._grads)
+        torch._foreach_sub_(self._list("path"), delta)  # w_k -= g_k * (theta_after - theta_before)
+
+    @torch.no_grad()
+    def after_task(self, task: Task) -> None:
+        names = [n for n, p in self.net.named_parameters() if p.requires_grad]
+        omega = {}
+        for n, p, w, start in zip(names, self.params, self._list("path"), self._list("start")):
+            omega[n] = torch.relu(self.quadratic.importance(n) + w / ((p.detach() - start) ** 2 + self.xi))
+        self.quadratic.set(self.net, omega)
+
+
+StabilizerFactory = Callable[[nn.Module, nn.Module], Stabilizer]
