@@ -235,4 +235,5 @@ class Trainer:
             "train_steps": state["steps"],
             "peak_memory_mb": peak_memory_mb(self.device),
             "device": str(self.device),
+            **self.method.extra_results(),
         }

@@ -150,6 +150,10 @@ class Method(nn.Module):
     def predict(self, x: Tensor, task: Task) -> Tensor:
         return self(x, task)
 
+    def extra_results(self) -> dict[str, Any]:
+        """Method-specific figures for results.json (masks' density and overlap, ...)."""
+        return {}
+
 
 METHODS: Registry[type[Method]] = Registry("method")
 

@@ -105,11 +105,14 @@ class SIStabilizer(Stabilizer):
     ``Delta_k`` the parameter's change over the task (eq. 5; the ReLU of the sum as in the authors'
     code), ``w`` resets, and the penalty is ``c * sum_k Omega_k (theta_k - theta~_k)^2`` (eq. 4) with the
     anchor at the end of the previous task.
+
+    ``omega_rule="masse"`` uses the consolidation of Masse et al.'s XdG code instead,
+    ``Omega_k += relu(w_k) / (Delta_k^2 + xi)`` (the ReLU on the task's path integral alone).
     """
 
-    def __init__(self, model: nn.Module, c: float, xi: float) -> None:
+    def __init__(self, model: nn.Module, c: float, xi: float, omega_rule: Literal["zenke", "masse"] = "zenke") -> None:
         super().__init__(model)
-        self.c, self.xi = c, xi
+        self.c, self.xi, self.omega_rule = c, xi, omega_rule
         self.params = [p for p in model.parameters() if p.requires_grad]
         for i, p in enumerate(self.params):
             self.register_buffer(f"path_{i}", torch.zeros_like(p))  # w_k over the current task
@@ -144,7 +147,11 @@ class SIStabilizer(Stabilizer):
         names = [n for n, p in self.net.named_parameters() if p.requires_grad]
         omega = {}
         for n, p, w, start in zip(names, self.params, self._list("path"), self._list("start")):
-            omega[n] = torch.relu(self.quadratic.importance(n) + w / ((p.detach() - start) ** 2 + self.xi))
+            damped = (p.detach() - start) ** 2 + self.xi
+            if self.omega_rule == "masse":
+                omega[n] = self.quadratic.importance(n) + torch.relu(w) / damped
+            else:
+                omega[n] = torch.relu(self.quadratic.importance(n) + w / damped)
         self.quadratic.set(self.net, omega)
 
 

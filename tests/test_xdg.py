@@ -1,0 +1,117 @@
+"""XdG (Masse et al. 2018): fixed random unit masks per task, with SI or EWC."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metagate.config import config_from_dict
+from metagate.data import build_stream
+from metagate.methods import create_method
+from metagate.methods.base import Batch
+from metagate.train import Trainer, task_seed
+
+
+def build(raw_method: dict, seed: int = 0, **bench):  # noqa: ANN003, ANN201
+    raw = {
+        "seed": seed,
+        "benchmark": {"name": "gated_teacher", "num_tasks": 4, "train_per_task": 200, "test_per_task": 100, **bench},
+        "method": {"name": "xdg", **raw_method},
+        "trainer": {"progress": False},
+    }
+    cfg = config_from_dict(raw)
+    stream = build_stream(cfg.benchmark, seed)
+    torch.manual_seed(task_seed(seed, -1))
+    return create_method(cfg.method, stream, cfg.trainer, torch.device("cpu")), stream
+
+
+def all_masks(method, stream) -> list[torch.Tensor]:  # noqa: ANN001
+    return [torch.cat(method.task_masks(t)) for t in stream.tasks]
+
+
+def test_masks_are_reproducible_from_the_seed_and_differ_between_seeds_and_tasks() -> None:
+    small = {"backbone": {"hidden": [300, 300], "dropout": 0.5}}
+    a, s = build(small, seed=1)
+    b, _ = build(small, seed=1)
+    c, _ = build(small, seed=2)
+    ma, mb, mc = all_masks(a, s), all_masks(b, s), all_masks(c, s)
+    assert all(torch.equal(x, y) for x, y in zip(ma, mb))
+    assert not any(torch.equal(x, y) for x, y in zip(ma, mc))
+    assert not torch.equal(ma[0], ma[1])
+
+
+def test_gating_fraction_holds_within_sampling_error() -> None:
+    method, stream = build({"backbone": {"hidden": [2000, 2000]}, "gate_fraction": 0.8})
+    for m in all_masks(method, stream):
+        sd = (0.2 * 0.8 / m.numel()) ** 0.5
+        assert abs(m.float().mean().item() - 0.2) < 4 * sd
+
+
+def test_a_gated_off_unit_gets_no_gradient() -> None:
+    method, stream = build({"backbone": {"hidden": [64, 64], "dropout": 0.0}, "input_dropout": 0.0, "stabilizer": "none"})
+    task = stream.tasks[0]
+    method.zero_grad()
+    loss = torch.nn.functional.cross_entropy(method(task.x_train[:50], task), task.y_train[:50])
+    loss.backward()
+    first, second = method.task_masks(task)
+    w1, w2 = method.model.hidden[0], method.model.hidden[1]
+    assert torch.all(w1.weight.grad[~first.bool()] == 0) and torch.all(w1.bias.grad[~first.bool()] == 0)
+    assert torch.all(w2.weight.grad[~second.bool()] == 0)
+    assert torch.all(w2.weight.grad[:, ~first.bool()] == 0)  # nor do weights leaving a gated-off unit
+    assert w1.weight.grad[first.bool()].abs().sum() > 0
+    assert method.model.head.bias.grad is None  # the output bias is fixed at zero, as in the paper's code
+
+
+def test_training_one_task_leaves_gated_off_units_of_that_task_unchanged() -> None:
+    method, stream = build({"backbone": {"hidden": [64, 64]}, "stabilizer": "none"})
+    task = stream.tasks[0]
+    before = method.model.hidden[0].weight.detach().clone()
+    method.before_task(task)
+    for _ in range(5):
+        method.train_step(Batch(task.x_train[:64], task.y_train[:64]), task)
+    off = ~method.task_masks(task)[0].bool()
+    assert torch.equal(method.model.hidden[0].weight.detach()[off], before[off])
+
+
+def test_unseen_and_heldout_tasks_are_predicted_with_their_own_masks() -> None:
+    method, stream = build({"backbone": {"hidden": [32, 32]}})
+    x = stream.tasks[0].x_test[:8]
+    method.eval()
+    outs = [method.predict(x, t) for t in stream.tasks]
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_capacity_figures_reported() -> None:
+    res = Trainer(
+        config_from_dict(
+            {
+                "benchmark": {"name": "gated_teacher", "num_tasks": 3, "train_per_task": 100, "test_per_task": 50},
+                "method": {"name": "xdg", "backbone": {"hidden": [200, 200]}},
+                "trainer": {"epochs": 1, "progress": False},
+            }
+        )
+    ).fit()
+    assert len(res["mask_density"]) == 3 and all(0.1 < d < 0.3 for d in res["mask_density"])
+    assert 0.0 < res["mask_overlap_mean"] < 0.25  # independent masks at density 0.2: IoU about 0.11
+    assert res["mask_overlap"][0][0] == 1.0
+
+
+@pytest.fixture(scope="module")
+def domain_runs() -> dict[str, dict]:
+    """A domain-incremental stream whose tasks conflict: only the task's identity can separate them."""
+    out = {}
+    for name, method in {
+        "si": {"name": "si", "c": 10.0, "backbone": {"hidden": [128, 128]}},
+        "xdg_si": {"name": "xdg", "stabilizer": "si", "c": 10.0, "backbone": {"hidden": [128, 128], "dropout": 0.0}, "input_dropout": 0.0},
+    }.items():
+        raw = {
+            "benchmark": {"name": "gated_teacher", "num_tasks": 3, "train_per_task": 1000, "test_per_task": 400},
+            "method": method,
+            "trainer": {"epochs": 3, "progress": False},
+        }
+        out[name] = Trainer(config_from_dict(raw)).fit()
+    return out
+
+
+def test_xdg_si_forgets_less_than_si_alone(domain_runs) -> None:  # noqa: ANN001
+    assert domain_runs["xdg_si"]["bwt"] > domain_runs["si"]["bwt"] + 0.05
