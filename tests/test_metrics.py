@@ -80,3 +80,31 @@ def test_perfect_retention_means_no_forgetting(t: int, a: float) -> None:
     r = np.triu(np.full((t, t), a)) + np.tril(np.full((t, t), a), -1)
     assert backward_transfer(r) == pytest.approx(0.0)
     assert forgetting(r) == pytest.approx(0.0)
+
+
+def test_zero_shot_is_the_row_before_each_task() -> None:
+    from metagate.metrics import zero_shot
+
+    assert zero_shot(R, B) == [0.1, 0.2, 0.3]
+
+
+def test_steps_to_ninety_percent_of_final() -> None:
+    from metagate.metrics import steps_to_fraction
+
+    curve = [(0, 0.1), (10, 0.5), (20, 0.85), (30, 0.95), (40, 0.9)]
+    assert steps_to_fraction(curve, 0.9) == 20  # target 0.9 * 0.9 = 0.81, first reached by 0.85 at step 20
+    assert steps_to_fraction([], 0.9) is None
+
+
+def test_mask_summary_on_hand_made_masks() -> None:
+    import torch
+
+    from metagate.metrics import mask_summary
+
+    masks = [torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 1, 0]), torch.tensor([0, 0, 1, 1])]
+    ctx = torch.tensor([[0.0], [1.0], [3.0]])
+    out = mask_summary(masks, ctx)
+    assert out["mask_density"] == [0.5, 0.5, 0.5]
+    assert out["mask_overlap"][0][1] == pytest.approx(1 / 3) and out["mask_overlap"][0][2] == 0.0
+    assert out["mask_overlap_mean"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)
+    assert out["context_mask_correlation"] == pytest.approx(0.866, abs=1e-3)  # farther contexts, less overlap

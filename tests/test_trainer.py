@@ -142,3 +142,15 @@ def test_cuda_requested_without_cuda_is_refused(small) -> None:  # noqa: ANN001
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="no CUDA device"):
         Trainer(config_from_dict(small(trainer={"device": "cuda"})))
+
+
+def test_learning_curves_and_steps_to_90(small) -> None:  # noqa: ANN001
+    res = fit(small(trainer={"epochs": 2, "curve_every": 5}, benchmark={"train_per_task": 320}))
+    steps_per_task = 2 * 320 // 64
+    for t, curve in enumerate(res["learning_curves"]):
+        assert [s for s, _ in curve] == list(range(0, steps_per_task + 1, 5))
+        assert curve[-1][1] == pytest.approx(res["acc_matrix"][t][t])  # last point: the task just trained
+        assert 0 <= res["steps_to_90"][t] <= steps_per_task
+    assert res["zero_shot_acc"][1:] == [res["acc_matrix"][t - 1][t] for t in range(1, res["num_tasks"])]
+    plain = fit(small(trainer={"epochs": 2}, benchmark={"train_per_task": 320}))
+    assert plain["acc_matrix"] == res["acc_matrix"]  # measuring does not change training

@@ -94,6 +94,7 @@ def test_capacity_figures_reported() -> None:
     assert len(res["mask_density"]) == 3 and all(0.1 < d < 0.3 for d in res["mask_density"])
     assert 0.0 < res["mask_overlap_mean"] < 0.25  # independent masks at density 0.2: IoU about 0.11
     assert res["mask_overlap"][0][0] == 1.0
+    assert res["context_mask_correlation"] is not None  # random masks: defined, near zero
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,9 @@ class TrainerConfig(Section):
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto (cuda when available)")
     eval_batch_size: int = Field(2048, ge=1)
     log_every: int = Field(0, ge=0, description="steps between loss records in metrics.jsonl; 0 = once per epoch")
+    curve_every: int = Field(
+        0, ge=0, description="steps between evaluations of the current task (learning curves, steps_to_90); 0 = off"
+    )
     progress: bool = Field(True, description="show progress bars")
     checkpoint: bool = Field(True, description="write a checkpoint after every task")
 

@@ -7,9 +7,11 @@ a stream (BWT of a single task) is ``None``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import torch
+from torch import Tensor
 
 Matrix = Sequence[Sequence[float]] | np.ndarray
 
@@ -57,6 +59,58 @@ def forgetting(acc_matrix: Matrix) -> float | None:
     if t < 2:
         return None
     return float(np.mean([r[j : t - 1, j].max() - r[-1, j] for j in range(t - 1)]))
+
+
+def zero_shot(acc_matrix: Matrix, initial_acc: Sequence[float]) -> list[float]:
+    """Accuracy on task t just before training it: ``R[t-1][t]`` (``b[0]`` for the first task)."""
+    r = _square(acc_matrix)
+    return [float(initial_acc[0])] + [float(r[t - 1, t]) for t in range(1, r.shape[0])]
+
+
+def steps_to_fraction(curve: Sequence[Sequence[float]], fraction: float = 0.9) -> int | None:
+    """Steps until the accuracy first reaches ``fraction`` of the curve's last value (its final
+    accuracy on the task). ``curve`` is ``[(steps, accuracy), ...]``; ``None`` for an empty curve."""
+    if not curve:
+        return None
+    target = fraction * curve[-1][1]
+    return int(next(s for s, a in curve if a >= target))
+
+
+def mask_summary(masks: Sequence[Tensor], contexts: Tensor, oracle: Sequence[Tensor] | None = None) -> dict[str, Any]:
+    """Capacity and structure of per-task binary masks (one flat bool tensor per task):
+    ``mask_density`` per task, ``mask_overlap`` (pairwise IoU) and its off-diagonal mean,
+    ``context_mask_correlation`` (Pearson, over task pairs, of context distance against mask
+    distance 1 - IoU) and, with oracle masks, nothing more: their own figures come from the caller."""
+    m = torch.stack([x.bool() for x in masks]).float()
+    inter = m @ m.T
+    union = m.sum(1, keepdim=True) + m.sum(1) - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+    t = len(masks)
+    out: dict[str, Any] = {
+        "mask_density": m.mean(1).tolist(),
+        "mask_overlap": iou.tolist(),
+        "mask_overlap_mean": None,
+        "context_mask_correlation": None,
+    }
+    if t > 1:
+        i, j = torch.triu_indices(t, t, 1)
+        out["mask_overlap_mean"] = float(iou[i, j].mean())
+        if t > 2:
+            cdist = (contexts[i] - contexts[j]).norm(dim=1)
+            mdist = 1 - iou[i, j]
+            if cdist.std() > 0 and mdist.std() > 0:
+                out["context_mask_correlation"] = float(torch.corrcoef(torch.stack([cdist, mdist]))[0, 1])
+    if oracle is not None:
+        o = torch.stack([x.bool() for x in oracle]).float()
+        oi = o @ o.T
+        ou = o.sum(1, keepdim=True) + o.sum(1) - oi
+        oracle_iou = torch.where(ou > 0, oi / ou.clamp_min(1), torch.ones_like(oi))
+        if t > 2:
+            i, j = torch.triu_indices(t, t, 1)
+            a, b = iou[i, j], oracle_iou[i, j]
+            if a.std() > 0 and b.std() > 0:
+                out["oracle_overlap_correlation"] = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    return out
 
 
 def summary(acc_matrix: Matrix, initial_acc: Sequence[float]) -> dict[str, float | None]:

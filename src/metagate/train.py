@@ -103,6 +103,7 @@ class Trainer:
             "train_seconds": 0.0,
             "samples_seen": 0,
             "steps": 0,
+            "curves": [],
         }
 
     def _load_state(self) -> dict[str, Any]:
@@ -164,6 +165,11 @@ class Trainer:
             batches = tqdm(
                 total=tc.epochs * steps_per_epoch, desc=f"task {t}", unit="step", leave=False, disable=not tc.progress
             )
+            curve: list[tuple[int, float]] = []  # (steps on this task, accuracy on it), untimed
+            if tc.curve_every:
+                pause = time.perf_counter()
+                curve.append((0, self._curve_point(task)))
+                started += time.perf_counter() - pause
             for epoch in range(tc.epochs):
                 order = torch.randperm(n, device=self.device, generator=gen)
                 sums: dict[str, torch.Tensor] = {}
@@ -174,6 +180,11 @@ class Trainer:
                     for k, v in losses.items():
                         sums[k] = sums[k] + v if k in sums else v.clone()
                     state["steps"] += 1
+                    task_steps = epoch * steps_per_epoch + b + 1
+                    if tc.curve_every and task_steps % tc.curve_every == 0:
+                        pause = time.perf_counter()
+                        curve.append((task_steps, self._curve_point(task)))
+                        started += time.perf_counter() - pause  # evaluation time is not training time
                     if tc.log_every and state["steps"] % tc.log_every == 0:
                         self._log({"type": "step", "task": t, "step": state["steps"], **{k: float(v) for k, v in losses.items()}})
                     batches.update()
@@ -196,6 +207,7 @@ class Trainer:
 
             row = evaluate(method, tasks, tc.eval_batch_size)
             held = evaluate(method, self.stream.heldout, tc.eval_batch_size)
+            state["curves"].append(curve)
             state["acc_rows"].append(row)
             state["heldout_rows"].append(held)
             state["next_task"] = t + 1
@@ -208,6 +220,12 @@ class Trainer:
         if self.run is not None:
             self.run.write_results(results)
         return results
+
+    def _curve_point(self, task: Task) -> float:
+        was_training = self.method.training
+        acc = evaluate(self.method, [task], self.cfg.trainer.eval_batch_size)[0]
+        self.method.train(was_training)
+        return acc
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -227,6 +245,9 @@ class Trainer:
             "acc_matrix": acc,
             "initial_acc": state["initial_acc"],
             **metrics.summary(acc, state["initial_acc"]),
+            "zero_shot_acc": metrics.zero_shot(acc, state["initial_acc"]),
+            "learning_curves": state["curves"],
+            "steps_to_90": [metrics.steps_to_fraction(c, 0.9) for c in state["curves"]],
             "heldout_names": [t.name for t in self.stream.heldout],
             "heldout_acc_matrix": state["heldout_rows"],
             "initial_heldout_acc": state["initial_heldout"],
@@ -236,4 +257,17 @@ class Trainer:
             "peak_memory_mb": peak_memory_mb(self.device),
             "device": str(self.device),
             **self.method.extra_results(),
+            **self._mask_figures(),
         }
+
+    def _mask_figures(self) -> dict[str, Any]:
+        """Density and overlap of the tasks' masks, for gating methods (those with ``unit_mask``)."""
+        masks = [self.method.unit_mask(t) for t in self.stream.tasks]
+        if any(m is None for m in masks):
+            return {}
+        oracle = [t.oracle_mask for t in self.stream.tasks]
+        return metrics.mask_summary(
+            [m.cpu() for m in masks],  # type: ignore[union-attr]
+            self.stream.contexts().cpu(),
+            None if any(o is None for o in oracle) else [torch.cat(o).cpu() for o in oracle],  # type: ignore[arg-type]
+        )

@@ -150,6 +150,10 @@ class Method(nn.Module):
     def predict(self, x: Tensor, task: Task) -> Tensor:
         return self(x, task)
 
+    def unit_mask(self, task: Task) -> Tensor | None:
+        """For gating methods: the task's binary mask over all gated units, flattened (else ``None``)."""
+        return None
+
     def extra_results(self) -> dict[str, Any]:
         """Method-specific figures for results.json (masks' density and overlap, ...)."""
         return {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -12,7 +12,7 @@ from metagate.data.stream import Task
 from metagate.methods.base import METHODS, BaseMethodConfig, Method
 from metagate.methods.stabilizers import EWCStabilizer, SIStabilizer
 from metagate.nn.backbones import BackboneConfig
-from metagate.nn.gates import BitMask, iou, random_unit_masks
+from metagate.nn.gates import BitMask, random_unit_masks
 
 
 @METHODS.register("xdg")
@@ -107,13 +107,5 @@ class XdG(Method):
         logits = self.model(self.input_dropout(x), unit_masks=self.task_masks(task))
         return self.mask_logits(logits, task, task_ids)
 
-    def extra_results(self) -> dict[str, Any]:
-        """Capacity: fraction of units each task uses, and pairwise IoU of the tasks' masks."""
-        masks = [torch.cat([m.bool() for m in self.masks[str(t.index)]]) for t in self.stream.tasks]
-        overlap = [[iou(a, b) for b in masks] for a in masks]
-        off = [overlap[i][j] for i in range(len(masks)) for j in range(len(masks)) if i != j]
-        return {
-            "mask_density": [float(m.float().mean()) for m in masks],
-            "mask_overlap": overlap,
-            "mask_overlap_mean": sum(off) / len(off) if off else None,
-        }
+    def unit_mask(self, task: Task) -> Tensor:
+        return torch.cat(self.task_masks(task)).bool()
