@@ -45,7 +45,9 @@ def test_bad_config_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
         assert "error:" in res.output
         assert not (tmp_path / "r").exists()
     res = runner.invoke(app, ["run", *FAST, "method.name=magic", "--out", str(tmp_path / "r")])
-    assert "choose one of: ewc, finetune, joint, online_ewc, si" in res.output
+    from metagate.methods import METHODS
+
+    assert "choose one of: " + ", ".join(METHODS.names()) in res.output
 
 
 def test_existing_run_is_not_overwritten_and_resume_of_finished_run_is_refused(tmp_path: Path) -> None:
@@ -88,6 +90,17 @@ def test_compare_method_specific_overrides(tmp_path: Path) -> None:
     assert yaml.safe_load((tmp_path / "c" / "ewc" / "seed0" / "config.yaml").read_text())["method"]["lambda"] == 7
     res = runner.invoke(app, ["compare", *FAST, "si:method.c=1", "--methods", "finetune", "--out", str(tmp_path / "d")])
     assert res.exit_code == 2 and "which --methods does not name" in res.output
+
+
+def test_compare_runs_labelled_variants(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app,
+        ["compare", *FAST, "strong:method.lambda=1000", "--methods", "ewc,strong=ewc", "--seeds", "1", "--out", str(tmp_path / "c")],
+    )
+    assert res.exit_code == 0, res.output
+    cfg = yaml.safe_load((tmp_path / "c" / "strong" / "seed0" / "config.yaml").read_text())
+    assert cfg["method"]["name"] == "ewc" and cfg["method"]["lambda"] == 1000
+    assert "| strong |" in res.output and "| ewc |" in res.output
 
 
 def test_compare_refuses_unknown_method_before_training(tmp_path: Path) -> None:

@@ -102,19 +102,24 @@ def run(
 def compare(
     config: Optional[str] = typer.Argument(None, help=CONFIG_HELP, show_default=False),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-    methods: str = typer.Option(..., "--methods", help="comma-separated method names, e.g. finetune,ewc,si,joint"),
+    methods: str = typer.Option(
+        ..., "--methods", help="comma-separated method names or label=method variants, e.g. finetune,ewc,xdg-si=xdg"
+    ),
     seeds: int = typer.Option(3, "--seeds", min=1, help="seeds per method: seed, seed+1, ..."),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for all runs and comparison.json"),
     resume: bool = typer.Option(False, "--resume", help="reuse finished runs in --out and resume interrupted ones"),
 ) -> None:
     """Run several methods over several seeds; print a Markdown table of mean ± std.
 
-    An override prefixed by a method name applies to that method only: ``si:method.c=10``."""
+    An override prefixed by a label applies to that entry only: ``si:method.c=10``. An entry
+    ``label=method`` runs a variant under its own label: ``--methods xdg,xdg-si=xdg xdg-si:method.stabilizer=si``."""
     from metagate import report
     from metagate.config import apply_overrides, find_config, read_yaml
 
     config, overrides = _split(config, overrides)
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    entries = [m.strip() for m in methods.split(",") if m.strip()]
+    method_of = {e.partition("=")[0]: (e.partition("=")[2] or e) for e in entries}
+    names = list(method_of)
     general = [o for o in overrides if ":" not in o.split("=", 1)[0]]
     specific: dict[str, list[str]] = {}
     for o in overrides:
@@ -122,6 +127,8 @@ def compare(
             m, _, rest = o.partition(":")
             specific.setdefault(m, []).append(rest)
     try:
+        if len(set(names)) != len(entries):
+            raise ConfigError("--methods names a label twice")
         unknown = sorted(set(specific) - set(names))
         if unknown:
             raise ConfigError(f"overrides for {', '.join(unknown)}, which --methods does not name")
@@ -129,7 +136,9 @@ def compare(
         base_seed = config_from_dict(base).seed
         # Validate every (method, seed) config before any training.
         plan = {
-            (m, base_seed + k): config_from_dict(base, [f"method.name={m}", f"seed={base_seed + k}", *specific.get(m, [])])
+            (m, base_seed + k): config_from_dict(
+                base, [f"method.name={method_of[m]}", f"seed={base_seed + k}", *specific.get(m, [])]
+            )
             for m in names
             for k in range(seeds)
         }
