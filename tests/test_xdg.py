@@ -116,3 +116,13 @@ def domain_runs() -> dict[str, dict]:
 
 def test_xdg_si_forgets_less_than_si_alone(domain_runs) -> None:  # noqa: ANN001
     assert domain_runs["xdg_si"]["bwt"] > domain_runs["si"]["bwt"] + 0.05
+
+
+def test_xdg_gates_conv_channels_of_a_cnn() -> None:
+    raw = {
+        "benchmark": {"name": "permuted", "dataset": "digits", "num_tasks": 2, "train_per_task": 200, "test_per_task": 100},
+        "method": {"name": "xdg", "backbone": {"kind": "cnn", "channels": [8, 16], "hidden": [32]}},
+        "trainer": {"epochs": 1, "progress": False},
+    }
+    res = Trainer(config_from_dict(raw)).fit()
+    assert len(res["mask_density"]) == 2 and res["acc"] > 0.1

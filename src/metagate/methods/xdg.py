@@ -64,8 +64,9 @@ class XdG(Method):
         super().__init__(*args, **kwargs)
         cfg = self.cfg
         with torch.no_grad():
-            for layer in [*self.model.hidden, self.model.head]:
-                layer.bias.zero_()
+            for module in self.model.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
+                    module.bias.zero_()
         self.model.head.bias.requires_grad_(False)
         self.optimizer = self.make_optimizer(self.trainable())
         self.input_dropout = nn.Dropout(cfg.input_dropout) if cfg.input_dropout > 0 else nn.Identity()
@@ -93,7 +94,7 @@ class XdG(Method):
     def _draw(self, index: int) -> nn.ModuleList:
         gen = torch.Generator().manual_seed(int(self.mask_seed) + 7919 * index)
         keep = 1.0 - self.cfg.gate_fraction
-        return nn.ModuleList(BitMask(m).to(self.device) for m in random_unit_masks(self.model.widths, keep, gen))
+        return nn.ModuleList(BitMask(m).to(self.device) for m in random_unit_masks(self.model.gated_widths, keep, gen))
 
     def task_masks(self, task: Task) -> list[Tensor]:
         """The task's per-layer unit masks as floats on the device (unpacked once, then cached)."""

@@ -1,5 +1,5 @@
-"""Networks: backbones and (later) gated layers and hypernetworks."""
+"""Networks: backbones with per-unit masks, and the gated-layer toolkit (``gates``)."""
 
-from metagate.nn.backbones import MLP, BackboneConfig, build_backbone
+from metagate.nn.backbones import CNN, MLP, BackboneConfig, GatedBackbone, ResNet18, build_backbone
 
-__all__ = ["MLP", "BackboneConfig", "build_backbone"]
+__all__ = ["CNN", "MLP", "BackboneConfig", "GatedBackbone", "ResNet18", "build_backbone"]
