@@ -120,9 +120,10 @@ def test_xdg_si_forgets_less_than_si_alone(domain_runs) -> None:  # noqa: ANN001
 
 def test_xdg_gates_conv_channels_of_a_cnn() -> None:
     raw = {
-        "benchmark": {"name": "permuted", "dataset": "digits", "num_tasks": 2, "train_per_task": 200, "test_per_task": 100},
-        "method": {"name": "xdg", "backbone": {"kind": "cnn", "channels": [8, 16], "hidden": [32]}},
-        "trainer": {"epochs": 1, "progress": False},
+        "benchmark": {"name": "permuted", "dataset": "digits", "num_tasks": 2},
+        "method": {"name": "xdg", "gate_fraction": 0.5, "backbone": {"kind": "cnn", "channels": [16, 32], "hidden": [64]}},
+        "trainer": {"epochs": 3, "batch_size": 32, "progress": False},
     }
     res = Trainer(config_from_dict(raw)).fit()
-    assert len(res["mask_density"]) == 2 and res["acc"] > 0.1
+    assert len(res["mask_density"]) == 2
+    assert all(res["acc_matrix"][t][t] > 0.5 for t in range(2))  # 10 classes: chance is 0.1
