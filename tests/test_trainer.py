@@ -154,3 +154,15 @@ def test_learning_curves_and_steps_to_90(small) -> None:  # noqa: ANN001
     assert res["zero_shot_acc"][1:] == [res["acc_matrix"][t - 1][t] for t in range(1, res["num_tasks"])]
     plain = fit(small(trainer={"epochs": 2}, benchmark={"train_per_task": 320}))
     assert plain["acc_matrix"] == res["acc_matrix"]  # measuring does not change training
+
+
+def test_run_files_are_readable_by_others_like_any_file(small, tmp_path: Path) -> None:  # noqa: ANN001
+    import os
+    import stat
+
+    fit(small(benchmark={"num_tasks": 1}), RunDir.create(tmp_path / "run"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.yaml", "results.json", "env.json", "checkpoints/last.pt"):
+        mode = stat.S_IMODE((tmp_path / "run" / name).stat().st_mode)
+        assert mode == 0o666 & ~umask, (name, oct(mode))
