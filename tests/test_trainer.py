@@ -53,7 +53,15 @@ class Interrupt(Exception):
 
 @pytest.mark.parametrize(
     "method",
-    [{"name": "finetune", "reset_optimizer": False}, {"name": "ewc"}, {"name": "si"}, {"name": "joint"}, {"name": "online_ewc"}],
+    [
+        {"name": "finetune", "reset_optimizer": False},
+        {"name": "ewc"},
+        {"name": "si"},
+        {"name": "joint"},
+        {"name": "online_ewc"},
+        {"name": "xdg", "stabilizer": "si"},
+        {"name": "xdg", "stabilizer": "ewc", "fisher_samples": 100},
+    ],
 )
 def test_resume_equals_uninterrupted(small, tmp_path: Path, monkeypatch, method: dict) -> None:  # noqa: ANN001
     raw = small(method=method, trainer={"epochs": 1}, benchmark={"num_tasks": 3, "train_per_task": 300})

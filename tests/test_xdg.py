@@ -81,6 +81,17 @@ def test_unseen_and_heldout_tasks_are_predicted_with_their_own_masks() -> None:
     assert not torch.allclose(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("stabilizer", ["si", "ewc", "none"])
+def test_xdg_runs_with_each_stabilizer_and_is_deterministic(stabilizer: str) -> None:
+    raw = {
+        "benchmark": {"name": "gated_teacher", "num_tasks": 2, "train_per_task": 200, "test_per_task": 50},
+        "method": {"name": "xdg", "stabilizer": stabilizer, "backbone": {"hidden": [32, 32]}, "fisher_samples": 64},
+        "trainer": {"epochs": 1, "progress": False},
+    }
+    a, b = Trainer(config_from_dict(raw)).fit(), Trainer(config_from_dict(raw)).fit()
+    assert a["acc_matrix"] == b["acc_matrix"] and a["acc"] > 0.3
+
+
 def test_capacity_figures_reported() -> None:
     res = Trainer(
         config_from_dict(

@@ -108,8 +108,9 @@ def fisher_diagonal(
     idx = torch.randperm(task.num_train, device=task.x_train.device)[:n]
     xs, ys_true = task.x_train[idx], task.y_train[idx]
     prefix = next(k for k, m in method.named_modules() if m is model)
-    params = {f"{prefix}.{k}": v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v for k, v in method.named_buffers()}
+    params = {f"{prefix}.{k}": v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    frozen = {f"{prefix}.{k}": v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+    buffers = {**{k: v for k, v in method.named_buffers()}, **frozen}
 
     def log_lik(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         logits = functional_call(method, (p, buffers), (x.unsqueeze(0), task))
