@@ -84,12 +84,16 @@ def test_unseen_and_heldout_tasks_are_predicted_with_their_own_masks() -> None:
 @pytest.mark.parametrize("stabilizer", ["si", "ewc", "none"])
 def test_xdg_runs_with_each_stabilizer_and_is_deterministic(stabilizer: str) -> None:
     raw = {
-        "benchmark": {"name": "gated_teacher", "num_tasks": 2, "train_per_task": 200, "test_per_task": 50},
-        "method": {"name": "xdg", "stabilizer": stabilizer, "backbone": {"hidden": [32, 32]}, "fisher_samples": 64},
-        "trainer": {"epochs": 1, "progress": False},
+        "benchmark": {"name": "gated_teacher", "num_tasks": 2, "train_per_task": 600, "test_per_task": 200},
+        "method": {
+            "name": "xdg", "stabilizer": stabilizer, "gate_fraction": 0.5, "input_dropout": 0.0,
+            "backbone": {"hidden": [64, 64], "dropout": 0.0}, "fisher_samples": 64,
+        },
+        "trainer": {"epochs": 3, "progress": False},
     }
     a, b = Trainer(config_from_dict(raw)).fit(), Trainer(config_from_dict(raw)).fit()
-    assert a["acc_matrix"] == b["acc_matrix"] and a["acc"] > 0.3
+    assert a["acc_matrix"] == b["acc_matrix"]
+    assert a["acc_matrix"][1][1] > 0.5  # 4 classes: chance is 0.25
 
 
 def test_capacity_figures_reported() -> None:
