@@ -162,6 +162,8 @@ def compare(
         if resume and (folder / RunDir.CHECKPOINT).is_file():
             per_method[m].append(execute(cfg, RunDir.open_for_resume(folder), resume=True))
             continue
+        if resume and folder.exists() and any(folder.iterdir()):
+            _fail(f"{folder} holds a run that stopped before its first checkpoint; delete that folder and run again")
         per_method[m].append(execute(cfg, folder))
     summary = {m: report.aggregate(rs) for m, rs in per_method.items()}
     atomic_write_json(

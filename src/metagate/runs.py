@@ -207,7 +207,10 @@ class RunDir:
 def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
     """Read a checkpoint; a missing, corrupt or foreign file raises :class:`CheckpointError`."""
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: the run stopped before its first task ended; start it again")
+        raise CheckpointError(
+            f"no checkpoint at {path}: the run stopped before its first task ended; delete {path.parent.parent} "
+            "and start it again without --resume"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged file)
