@@ -66,7 +66,8 @@ def main() -> None:
     table = "\n".join(rows)
     header = (
         f"Permuted Fashion-MNIST ({args.config}), mean ± std over seeds {comp['seeds']}.\n"
-        f"Command: `python experiments/xdg_permuted.py --out {args.out} --seeds {args.seeds}`\n\n"
+        f"Command: `python experiments/xdg_permuted.py --out {args.out} --seeds {args.seeds}"
+        f"{''.join(' ' + repr(o) for o in args.overrides)}`\n\n"
     )
     (args.out / "table.md").write_text(header + table + "\n")
     print(header + table)

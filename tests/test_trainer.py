@@ -61,6 +61,8 @@ class Interrupt(Exception):
         {"name": "online_ewc"},
         {"name": "xdg", "stabilizer": "si"},
         {"name": "xdg", "stabilizer": "ewc", "fisher_samples": 100},
+        {"name": "metagate", "consolidation_steps": 20},
+        {"name": "metagate", "meta_learning": False, "consolidation_steps": 20},
     ],
 )
 def test_resume_equals_uninterrupted(small, tmp_path: Path, monkeypatch, method: dict) -> None:  # noqa: ANN001

@@ -1,0 +1,65 @@
+"""metagate's meta-agent: masks from context, zero-shot before training, stable after it."""
+
+from __future__ import annotations
+
+import torch
+
+from metagate.config import config_from_dict
+from metagate.data import build_stream
+from metagate.methods import create_method
+from metagate.methods.metagate import topk_mask
+from metagate.train import Trainer, task_seed
+
+BENCH = {"name": "gated_teacher", "num_tasks": 3, "train_per_task": 400, "test_per_task": 200}
+
+
+def make(**method):  # noqa: ANN003, ANN201
+    cfg = config_from_dict({"benchmark": BENCH, "method": {"name": "metagate", "backbone": {"hidden": [64]}, **method}})
+    stream = build_stream(cfg.benchmark, 0)
+    torch.manual_seed(task_seed(0, -1))
+    return create_method(cfg.method, stream, cfg.trainer, torch.device("cpu")), stream
+
+
+def test_topk_mask_keeps_the_density_per_layer_and_passes_gradients() -> None:
+    logits = torch.randn(2, 100 + 50, requires_grad=True)
+    mask = topk_mask(logits, [100, 50], 0.2)
+    assert mask[:, :100].sum(1).tolist() == [20.0, 20.0] and mask[:, 100:].sum(1).tolist() == [10.0, 10.0]
+    assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+    mask.sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_an_untrained_task_gets_the_agent_mask_of_its_context() -> None:
+    method, stream = make()
+    for task in stream.tasks:
+        expected = topk_mask(method.agent(task.context), method.widths, 0.2).bool()
+        assert torch.equal(method.unit_mask(task), expected)
+
+
+def test_context_controls() -> None:
+    given, stream = make()
+    shuffled, _ = make(context_mode="shuffled")
+    onehot, _ = make(context_mode="onehot")
+    ctx = stream.contexts()
+    assert torch.equal(given.contexts[:3], ctx)
+    rows = {tuple(r.tolist()) for r in shuffled.contexts[:3]}
+    assert rows == {tuple(r.tolist()) for r in ctx}  # the same contexts, reassigned
+    assert torch.equal(onehot.contexts, torch.eye(3))
+
+
+def test_stored_masks_stay_fixed_and_the_agent_keeps_reproducing_them() -> None:
+    raw = {"benchmark": BENCH, "method": {"name": "metagate", "backbone": {"hidden": [64]}}, "trainer": {"epochs": 2, "progress": False}}
+    trainer = Trainer(config_from_dict(raw))
+    method, tasks = trainer.method, trainer.stream.tasks
+    original_after_task = method.after_task
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(task):  # noqa: ANN001, ANN202
+        original_after_task(task)
+        seen[task.index] = method.unit_mask(tasks[0]).clone()
+
+    method.after_task = record  # type: ignore[method-assign]
+    res = trainer.fit()
+    assert torch.equal(seen[0], seen[2])  # task 0 is predicted with the same mask after every later task
+    assert min(res["agent_mask_reproduction"]) > 0.9  # and the agent still generates it from its context
+    assert len(res["mask_density"]) == 3 and all(abs(d - 0.2) < 0.02 for d in res["mask_density"])
