@@ -23,9 +23,12 @@ class MetaAgent(nn.Module):
         super().__init__()
         widths = [context_dim, *hidden]
         layers: list[nn.Module] = []
+        # No biases: the logits are a (positively homogeneous) function of the context alone. With
+        # biases, which outweigh a unit-norm context's contribution, every context starts from nearly
+        # the same mask, and fitting the first task's mask teaches the agent a constant.
         for a, b in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        layers.append(nn.Linear(widths[-1], num_units))
+            layers += [nn.Linear(a, b, bias=False), nn.ReLU()]
+        layers.append(nn.Linear(widths[-1], num_units, bias=False))
         self.net = nn.Sequential(*layers)
 
     def forward(self, context: Tensor) -> Tensor:
