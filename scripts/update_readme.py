@@ -3,7 +3,7 @@
 Runs each comparison below with the installed ``metagate`` and the speed benchmark, then rewrites
 the README section with the tables and the exact commands. Nothing in that section is typed by hand.
 
-    .venv/bin/python scripts/update_readme.py [--seeds 3] [--skip-speed] [--xdg DIR]
+    .venv/bin/python scripts/update_readme.py [--seeds 3] [--skip-speed] [--xdg DIR ...] [--metagate DIR ...]
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--xdg", type=Path, help="a finished experiments/xdg_permuted.py --out folder whose table to include")
+    p.add_argument("--xdg", type=Path, nargs="*", default=[], help="finished experiments/xdg_permuted.py --out folders whose tables to include")
+    p.add_argument("--metagate", type=Path, nargs="*", default=[], help="finished experiments/metagate_gated.py --out folders")
     args = p.parse_args()
     parts = [
         START,
@@ -65,9 +66,12 @@ def main() -> None:
             parts += [f"**{title}**, mean ± std over {args.seeds} seeds:", "", f"    {shown}", "", table, ""]
             summary = json.loads((out / "comparison.json").read_text())
             print(json.dumps({m: v["summary"]["acc"]["mean"] for m, v in summary["methods"].items()}))
-    if args.xdg:
+    for folder in args.xdg:
         parts += ["**XdG on permuted Fashion-MNIST** (`experiments/xdg_permuted.py`):", "",
-                  (args.xdg / "table.md").read_text().strip(), ""]
+                  (folder / "table.md").read_text().strip(), ""]
+    for folder in args.metagate:
+        parts += ["**metagate against XdG on the gated teacher** (`experiments/metagate_gated.py`, first version):", "",
+                  (folder / "table.md").read_text().strip(), ""]
     if not args.skip_speed:
         bench = run([str(BIN / "python"), "benchmarks/trainer_speed.py"])
         parts += ["**Trainer throughput against a bare PyTorch loop** (MLP 784-400-400-10, Adam):", "",
