@@ -178,7 +178,10 @@ class Trainer:
                     batch = Batch(data.x[idx], data.y[idx], None if data.task_ids is None else data.task_ids[idx])
                     losses = method.train_step(batch, task)
                     for k, v in losses.items():
-                        sums[k] = sums[k] + v if k in sums else v.clone()
+                        if k in sums:
+                            sums[k].add_(v)
+                        else:
+                            sums[k] = v.clone()
                     state["steps"] += 1
                     task_steps = epoch * steps_per_epoch + b + 1
                     if tc.curve_every and task_steps % tc.curve_every == 0:
