@@ -225,10 +225,7 @@ class Trainer:
         return results
 
     def _curve_point(self, task: Task) -> float:
-        was_training = self.method.training
-        acc = evaluate(self.method, [task], self.cfg.trainer.eval_batch_size)[0]
-        self.method.train(was_training)
-        return acc
+        return evaluate(self.method, [task], self.cfg.trainer.eval_batch_size)[0]  # restores train mode
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from metagate.config import BenchmarkConfig
 from metagate.data import BENCHMARKS
+from metagate.data.angles import AngleFields, angle_schedule
 from metagate.data.sources import (
     DatasetName,
     EmnistSplit,
@@ -175,40 +176,19 @@ def rotate(images: Tensor, degrees: float, chunk: int = 8192) -> Tensor:
 class Rotated:
     """Rotated images: an angle per task, context (cos, sin) of the angle (domain-incremental)."""
 
-    class Config(ImageBenchmarkConfig):
+    class Config(ImageBenchmarkConfig, AngleFields):
         name: Literal["rotated"] = "rotated"
-        num_tasks: int = Field(10, ge=1)
-        max_angle: float = Field(180.0, gt=0, le=360, description="training angles span [0, max_angle] degrees")
-        heldout_inside: int = Field(2, ge=0, description="held-out angles between training angles")
-        heldout_outside: int = Field(2, ge=0, description="held-out angles beyond max_angle")
-        shuffle_order: bool = Field(False, description="train the angles in a seeded random order")
 
         @model_validator(mode="after")
         def _rotatable(self) -> "Rotated.Config":
             if self.dataset == "mnist1d":
                 raise ValueError("rotated needs square images; mnist1d holds 1x40 signals (use permuted or split)")
-            if self.heldout_inside and self.num_tasks < 2:
-                raise ValueError("heldout_inside needs num_tasks >= 2")
             return self
 
     @staticmethod
     def angles(cfg: "Rotated.Config", seed: int) -> tuple[list[float], list[float]]:
-        """Training angles (in training order) and held-out angles, in degrees.
-
-        Held out inside: midpoints between neighbouring training angles, ``heldout_inside`` of them
-        spread evenly; outside: ``max_angle + step/2, max_angle + step, ...``.
-        """
-        step = cfg.max_angle / max(cfg.num_tasks - 1, 1)
-        train = [i * step for i in range(cfg.num_tasks)]
-        mids = [(i + 0.5) * step for i in range(cfg.num_tasks - 1)]
-        inside: list[float] = []
-        if cfg.heldout_inside and mids:
-            picks = torch.linspace(0, len(mids) - 1, cfg.heldout_inside).round().long().unique().tolist()
-            inside = [mids[i] for i in picks]
-        outside = [cfg.max_angle + (i + 1) * step / 2 for i in range(cfg.heldout_outside)]
-        if cfg.shuffle_order:
-            train = [train[i] for i in torch.randperm(len(train), generator=generator(seed, "angle-order")).tolist()]
-        return train, inside + outside
+        """Training angles (in training order) and held-out angles, in degrees (see :func:`angle_schedule`)."""
+        return angle_schedule(cfg, generator(seed, "angle-order"))
 
     @staticmethod
     def build(cfg: "Rotated.Config", seed: int) -> Stream:  # type: ignore[override]

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from metagate.config import BenchmarkConfig
 from metagate.data import BENCHMARKS
+from metagate.data.angles import AngleFields, angle_schedule
 from metagate.data.stream import Stream, Task
 
 
@@ -117,14 +118,12 @@ class GatedTeacher:
 class RotatedTeacher:
     """One base problem seen through a rotation of the input space by an angle per task."""
 
-    class Config(_TeacherFamilyConfig):
+    class Config(_TeacherFamilyConfig, AngleFields):
         name: Literal["rotated_teacher"] = "rotated_teacher"
+        num_tasks: int = Field(5, ge=1)
         max_angle: float = Field(
             120.0, gt=0, le=360, description="training angles span [0, max_angle] degrees (180 maps the input subspace onto itself)"
         )
-        heldout_inside: int = Field(2, ge=0, description="held-out angles between training angles")
-        heldout_outside: int = Field(2, ge=0, description="held-out angles beyond max_angle")
-        shuffle_order: bool = Field(False, description="train the angles in a seeded random order")
         latent_dim: int = Field(
             6, ge=0, description="inputs lie near a subspace of this dimension (0: isotropic, rotations invisible)"
         )
@@ -136,23 +135,7 @@ class RotatedTeacher:
                 raise ValueError(f"input_dim must be even (rotation planes), got {self.input_dim}")
             if self.latent_dim > self.input_dim:
                 raise ValueError(f"latent_dim ({self.latent_dim}) must not exceed input_dim ({self.input_dim})")
-            if self.heldout_inside and self.num_tasks < 2:
-                raise ValueError("heldout_inside needs num_tasks >= 2")
             return self
-
-    @staticmethod
-    def angles(cfg: "RotatedTeacher.Config") -> tuple[list[float], list[float]]:
-        """Training angles and held-out angles, in degrees."""
-        step = cfg.max_angle / max(cfg.num_tasks - 1, 1)
-        train = [i * step for i in range(cfg.num_tasks)]
-        inside = [(i + 0.5) * step for i in range(cfg.num_tasks - 1)]
-        if cfg.heldout_inside and inside:
-            idx = torch.linspace(0, len(inside) - 1, cfg.heldout_inside).round().long().unique().tolist()
-            inside = [inside[i] for i in idx]
-        else:
-            inside = []
-        outside = [cfg.max_angle + (i + 1) * step * 0.5 for i in range(cfg.heldout_outside)]
-        return train, inside + outside
 
     @staticmethod
     def build(cfg: "RotatedTeacher.Config", seed: int) -> Stream:  # type: ignore[override]
@@ -168,9 +151,7 @@ class RotatedTeacher:
                 return torch.randn(n, cfg.input_dim, generator=gen)
             z = torch.randn(n, k, generator=gen) @ subspace.T
             return z + cfg.input_noise * torch.randn(n, cfg.input_dim, generator=gen)
-        train_angles, heldout_angles = RotatedTeacher.angles(cfg)
-        if cfg.shuffle_order:
-            train_angles = [train_angles[i] for i in torch.randperm(len(train_angles), generator=gen).tolist()]
+        train_angles, heldout_angles = angle_schedule(cfg, gen)
 
         def make(index: int, angle: float, name: str) -> Task:
             rotation = _plane_rotation(cfg.input_dim, math.radians(angle), basis)

@@ -79,7 +79,9 @@ class Method(nn.Module):
     # ---------------------------------------------------------------- optimiser
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """SGD or Adam from the trainer config, over the parameters that train (frozen ones are left out)."""
         t = self.trainer_cfg
+        params = [p for p in params if p.requires_grad]
         if t.optimizer == "sgd":
             return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum)
         return torch.optim.Adam(params, lr=t.lr)

@@ -68,7 +68,7 @@ class XdG(Method):
                 if isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
                     module.bias.zero_()
         self.model.head.bias.requires_grad_(False)
-        self.optimizer = self.make_optimizer(self.trainable())
+        self.optimizer = self.make_optimizer(self.model.parameters())
         self.input_dropout = nn.Dropout(cfg.input_dropout) if cfg.input_dropout > 0 else nn.Identity()
         # One mask per task (training and held-out), from a per-task generator seeded off the run's RNG.
         self.register_buffer("mask_seed", torch.randint(2**62, ()), persistent=True)
@@ -82,14 +82,6 @@ class XdG(Method):
                 EWCStabilizer(self.model, self, cfg.ewc_lambda, cfg.fisher_samples, "sampled", online=True, gamma=1.0)
             )
         self.register_load_state_dict_post_hook(lambda module, _: module._dense.clear())
-
-    def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def before_task(self, task: Task) -> None:
-        super().before_task(task)
-        if self.cfg.reset_optimizer:
-            self.optimizer = self.make_optimizer(self.trainable())
 
     def _draw(self, index: int) -> nn.ModuleList:
         gen = torch.Generator().manual_seed(int(self.mask_seed) + 7919 * index)
