@@ -14,6 +14,7 @@ import json
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,13 +24,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+FIGURES = ROOT / "docs" / "figures"
 START, END = "<!-- figures:start -->", "<!-- figures:end -->"
 BIN = Path(sys.executable).parent
 
 COMPARISONS = [
     (
-        "Gated teacher, task-incremental (5 tasks, `configs/default.yaml`)",
-        ["default", "--methods", "finetune,ewc,online_ewc,si,joint", "ewc:method.lambda=100", "online_ewc:method.lambda=100"],
+        "Gated teacher, task-incremental (5 tasks, `configs/gated-teacher-task.yaml`)",
+        ["gated-teacher-task", "--methods", "finetune,ewc,online_ewc,si,joint", "ewc:method.lambda=100", "online_ewc:method.lambda=100"],
     ),
     (
         "Rotated teacher, domain-incremental (5 angles, `configs/rotated-teacher.yaml`)",
@@ -48,7 +50,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--xdg", type=Path, nargs="*", default=[], help="finished experiments/xdg_permuted.py --out folders whose tables to include")
-    p.add_argument("--metagate", type=Path, nargs="*", default=[], help="finished experiments/metagate_gated.py --out folders")
+    p.add_argument("--metagate", type=Path, nargs="*", default=[], help="finished experiments/metagate_benchmarks.py --out folders (tables and plots)")
     args = p.parse_args()
     parts = [
         START,
@@ -70,8 +72,16 @@ def main() -> None:
         parts += ["**XdG on permuted Fashion-MNIST** (`experiments/xdg_permuted.py`):", "",
                   (folder / "table.md").read_text().strip(), ""]
     for folder in args.metagate:
-        parts += ["**metagate against XdG on the gated teacher** (`experiments/metagate_gated.py`, first version):", "",
+        parts += ["**metagate against XdG + SI, with its controls** (`experiments/metagate_benchmarks.py`):", "",
                   (folder / "table.md").read_text().strip(), ""]
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        for stream in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "table.md").is_file()):
+            links = []
+            for png in sorted(stream.glob("*.png")):
+                target = FIGURES / f"metagate-{stream.name}-{png.name}"
+                shutil.copyfile(png, target)
+                links.append(f"![{stream.name}: {png.stem.replace('_', ' ')}]({target.relative_to(ROOT)})")
+            parts += [f"Plots, {stream.name}:", "", " ".join(links), ""]
     if not args.skip_speed:
         bench = run([str(BIN / "python"), "benchmarks/trainer_speed.py"])
         parts += ["**Trainer throughput against a bare PyTorch loop** (MLP 784-400-400-10, Adam):", "",

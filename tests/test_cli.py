@@ -22,11 +22,51 @@ FAST = [
 
 
 def test_run_prints_the_per_task_table_and_summary(tmp_path: Path) -> None:
-    res = runner.invoke(app, ["run", *FAST, "--out", str(tmp_path / "r")])
+    res = runner.invoke(app, ["run", *FAST, "reference=null", "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     assert "| task |" in res.output and "ACC" in res.output and "BWT" in res.output and "FWT" in res.output
+    assert "zero-shot (%) |" in res.output and not (tmp_path / "r" / "reference").exists()
     saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert saved["trainer"]["epochs"] == 1 and saved["benchmark"]["num_tasks"] == 2
+
+
+def test_default_run_is_metagate_next_to_its_xdg_reference(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["run", *FAST, "trainer.curve_every=2", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    main = json.loads((tmp_path / "r" / "results.json").read_text())
+    ref = json.loads((tmp_path / "r" / "reference" / "results.json").read_text())
+    assert (main["method"], ref["method"]) == ("metagate", "xdg")
+    assert ref["task_names"] == main["task_names"] and ref["seed"] == main["seed"]
+    ref_cfg = yaml.safe_load((tmp_path / "r" / "reference" / "config.yaml").read_text())
+    assert ref_cfg["method"]["backbone"]["hidden"] == [16]  # the method's backbone, as no other was named
+    header = res.output.split("| task |")[1].splitlines()[0]
+    for figure in ("zero-shot (%)", "final (%)", "steps to 90%"):
+        assert f"{figure} metagate" in header and f"{figure} xdg" in header
+    assert (tmp_path / "r" / "per_task.md").read_text().startswith("| task |")
+    # The table's zero-shot and steps figures are the runs' own.
+    row = next(line for line in res.output.splitlines() if line.startswith("| 1 |")).strip("| ").split(" | ")
+    assert row[2] == f"{100 * main['zero_shot_acc'][1]:.1f}" and row[3] == f"{100 * ref['zero_shot_acc'][1]:.1f}"
+    assert row[8:10] == [str(main["steps_to_90"][1]), str(ref["steps_to_90"][1])]
+
+
+def test_resume_finishes_an_interrupted_reference_run(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    assert runner.invoke(app, ["run", *FAST, "--out", str(out)]).exit_code == 0
+    done = json.loads((out / "reference" / "results.json").read_text())
+    (out / "reference" / "results.json").unlink()  # as if stopped after its last checkpoint
+    res = runner.invoke(app, ["run", "--out", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "reference" / "results.json").read_text())
+    assert again["acc_matrix"] == done["acc_matrix"]
+    res = runner.invoke(app, ["run", "--out", str(out), "--resume"])
+    assert res.exit_code == 2 and "finished run" in res.output
+
+
+def test_a_bad_reference_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    for bad, message in (("reference.name=magic", "reference.name"), ("reference.c=-1", "reference.c"), ("reference=3", "reference")):
+        res = runner.invoke(app, ["run", *FAST, bad, "--out", str(tmp_path / "r")])
+        assert res.exit_code == 2 and message in res.output, (bad, res.output)
+        assert not (tmp_path / "r").exists()
 
 
 def test_run_with_a_config_file(tmp_path: Path) -> None:
@@ -80,6 +120,17 @@ def test_compare_writes_comparison_and_a_markdown_table(tmp_path: Path) -> None:
     acc = comp["methods"]["ewc"]["summary"]["acc"]
     assert len(acc["values"]) == 2 and acc["std"] >= 0
     assert (tmp_path / "c" / "ewc" / "seed1" / "results.json").is_file()
+
+
+def test_compare_resume_reuses_finished_runs_only_of_the_same_config(tmp_path: Path) -> None:
+    out = str(tmp_path / "c")
+    assert runner.invoke(app, ["compare", *FAST, "--methods", "finetune", "--seeds", "1", "--out", out]).exit_code == 0
+    first = json.loads((tmp_path / "c" / "finetune" / "seed0" / "results.json").read_text())
+    res = runner.invoke(app, ["compare", *FAST, "--methods", "finetune", "--seeds", "1", "--out", out, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "c" / "finetune" / "seed0" / "results.json").read_text()) == first
+    res = runner.invoke(app, ["compare", *FAST, "trainer.lr=0.01", "--methods", "finetune", "--seeds", "1", "--out", out, "--resume"])
+    assert res.exit_code == 2 and "another config" in res.output
 
 
 def test_compare_method_specific_overrides(tmp_path: Path) -> None:

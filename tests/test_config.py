@@ -12,8 +12,20 @@ from metagate.config import ConfigError, config_from_dict, list_ready_configs, l
 
 def test_default_config_loads() -> None:
     cfg = load_config()
-    assert cfg.benchmark.name == "gated_teacher"
-    assert cfg.method.name in ("si", "ewc", "finetune", "online_ewc", "joint")
+    assert (cfg.benchmark.name, cfg.method.name) == ("gated_teacher", "metagate")
+    ref = cfg.reference_config()
+    assert ref is not None and ref.method.name == "xdg" and ref.reference is None
+    assert ref.method.backbone == cfg.method.backbone and ref.method.c == cfg.method.c  # same net, same SI
+    assert (ref.seed, ref.benchmark, ref.trainer) == (cfg.seed, cfg.benchmark, cfg.trainer)
+
+
+def test_reference_switches_and_clears_like_the_method() -> None:
+    cfg = load_config(None, ["reference.name=si"])
+    assert cfg.reference is not None and cfg.reference.name == "si" and not hasattr(cfg.reference, "gate_fraction")
+    assert cfg.reference.backbone == cfg.method.backbone
+    assert load_config(None, ["reference=null"]).reference is None
+    own = load_config(None, ["reference.backbone.hidden=[32]"])
+    assert own.reference is not None and own.reference.backbone.hidden == [32]
 
 
 def test_ready_configs_all_validate() -> None:

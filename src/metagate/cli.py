@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from metagate.config import ConfigError, ExperimentConfig, config_from_dict, list_ready_configs, load_config
-from metagate.runs import CheckpointError, RunDir, RunFolderError, atomic_write_json, default_run_dir
+from metagate.runs import CheckpointError, RunDir, RunFolderError, atomic_write_json, atomic_write_text, default_run_dir
 
 app = typer.Typer(
     help="Continual learning with context-dependent gating.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
@@ -75,10 +75,11 @@ def run(
                 _fail("--resume needs --out DIR, the run folder to continue")
             assert out is not None
             run_dir = RunDir.open_for_resume(out)
-            if run_dir.has_results():
-                _fail(f"{out} holds a finished run (results.json); nothing to resume")
             saved = run_dir.read_config()
             cfg = config_from_dict(saved, overrides) if config is None else load_config(config, overrides)
+            reference_done = cfg.reference is None or (out / REFERENCE_DIR / RunDir.RESULTS).is_file()
+            if run_dir.has_results() and reference_done:
+                _fail(f"{out} holds a finished run (results.json); nothing to resume")
             target: RunDir | Path = run_dir
         else:
             cfg = load_config(config, overrides)
@@ -90,11 +91,41 @@ def run(
         _fail(str(e))
     typer.echo(f"run folder: {target if isinstance(target, Path) else target.path}")
     typer.echo(f"{cfg.method.name} on {cfg.benchmark.name}, seed {cfg.seed}, device {cfg.trainer.device}")
-    results = execute(cfg, target, resume)
+    finished = isinstance(target, RunDir) and target.has_results()  # resuming only the reference
+    results = target.read_results() if isinstance(target, RunDir) and finished else execute(cfg, target, resume)
+    folder = target if isinstance(target, Path) else target.path
+    reference = None
+    ref_cfg = cfg.reference_config()
+    if ref_cfg is not None:
+        typer.echo(f"reference: {ref_cfg.method.name} on the same stream and seed -> {folder / REFERENCE_DIR}")
+        reference = _run_or_reuse(ref_cfg, folder / REFERENCE_DIR, resume)
+    table = report.per_task_table(results, reference)
+    atomic_write_text(folder / "per_task.md", table + "\n")
     typer.echo("")
-    typer.echo(report.per_task_table(results))
+    typer.echo(table)
     typer.echo("")
-    typer.echo(report.summary_line(results))
+    typer.echo(f"{cfg.method.name}: {report.summary_line(results)}")
+    if reference is not None:
+        typer.echo(f"{reference['method']}: {report.summary_line(reference)}")
+
+
+REFERENCE_DIR = "reference"
+
+
+def _run_or_reuse(cfg: ExperimentConfig, folder: Path, resume: bool) -> dict[str, Any]:
+    """Train ``cfg`` into ``folder``; with ``resume``, reuse its results or continue its checkpoint."""
+    if resume and (folder / RunDir.RESULTS).is_file():
+        from metagate.train import run_identity
+
+        saved = RunDir(folder).read_config()
+        if run_identity(saved) != run_identity(cfg.to_dict()):
+            _fail(f"{folder} holds a finished run of another config; delete it, or use another --out, to run this one")
+        return RunDir(folder).read_results()
+    if resume and (folder / RunDir.CHECKPOINT).is_file():
+        return execute(cfg, RunDir.open_for_resume(folder), resume=True)
+    if resume and folder.exists() and any(folder.iterdir()):
+        _fail(f"{folder} holds a run that stopped before its first checkpoint; delete that folder and run again")
+    return execute(cfg, folder)
 
 
 @app.command()
@@ -155,15 +186,7 @@ def compare(
     for (m, seed), cfg in plan.items():
         folder = root / m / f"seed{seed}"
         typer.echo(f"== {m}, seed {seed} -> {folder}")
-        if resume and (folder / RunDir.RESULTS).is_file():
-            per_method[m].append(RunDir(folder).read_results())
-            continue
-        if resume and (folder / RunDir.CHECKPOINT).is_file():
-            per_method[m].append(execute(cfg, RunDir.open_for_resume(folder), resume=True))
-            continue
-        if resume and folder.exists() and any(folder.iterdir()):
-            _fail(f"{folder} holds a run that stopped before its first checkpoint; delete that folder and run again")
-        per_method[m].append(execute(cfg, folder))
+        per_method[m].append(_run_or_reuse(cfg, folder, resume))
     summary = {m: report.aggregate(rs) for m, rs in per_method.items()}
     atomic_write_json(
         root / "comparison.json",

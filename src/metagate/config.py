@@ -1,7 +1,9 @@
 """Typed, validated experiment configs: YAML files plus dotted ``key=value`` overrides.
 
 A config has four sections: ``seed``, ``benchmark`` (``name`` + the benchmark's fields), ``method``
-(``name`` + its hyperparameters) and ``trainer``. Each benchmark and method declares its own
+(``name`` + its hyperparameters) and ``trainer``, and optionally ``reference``: a second method (same
+form as ``method``; its backbone defaults to the method's) that ``metagate run`` also trains on the
+same stream and seed and prints next to the method, task by task. Each benchmark and method declares its own
 pydantic model, so unknown keys, wrong types and unknown names are refused before any training,
 with the valid choices named.
 """
@@ -66,6 +68,13 @@ class ExperimentConfig(Section):
     benchmark: SerializeAsAny[BenchmarkConfig]
     method: SerializeAsAny[MethodConfig]
     trainer: TrainerConfig = TrainerConfig()
+    reference: SerializeAsAny[MethodConfig] | None = None
+
+    def reference_config(self) -> "ExperimentConfig | None":
+        """The config of the reference run: this one with ``reference`` as its method."""
+        if self.reference is None:
+            return None
+        return self.model_copy(update={"method": self.reference, "reference": None})
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -135,7 +144,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     (``backbone``, ``reset_optimizer``) are kept."""
     from metagate.methods.base import BaseMethodConfig
 
-    shared = {"method": set(BaseMethodConfig.model_fields) - {"name"}, "benchmark": set()}
+    method_keys = set(BaseMethodConfig.model_fields) - {"name"}
+    shared = {"method": method_keys, "reference": method_keys, "benchmark": set()}
     raw = copy.deepcopy(raw)
     parsed = parse_overrides(overrides)
     for path, value in parsed:
@@ -184,7 +194,7 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     from metagate.methods import METHODS
     from metagate.registry import UnknownNameError
 
-    allowed = {"seed", "benchmark", "method", "trainer"}
+    allowed = {"seed", "benchmark", "method", "trainer", "reference"}
     extra = sorted(set(raw) - allowed)
     if extra:
         raise ConfigError(f"unknown top-level key(s) {', '.join(map(repr, extra))}; valid keys: {', '.join(sorted(allowed))}")
@@ -198,11 +208,24 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
         except UnknownNameError as e:
             raise ConfigError(f"{name}.name: {e}") from None
         sections[name] = validate_section(name, entry.Config, data)
+    reference = raw.get("reference")
+    if reference is not None:
+        if not isinstance(reference, dict) or "name" not in reference:
+            raise ConfigError(f"reference must be a method section with a name (e.g. reference.name=xdg), or null; got {reference!r}")
+        try:
+            entry = METHODS.get(str(reference["name"]))
+        except UnknownNameError as e:
+            raise ConfigError(f"reference.name: {e}") from None
+        # The reference runs on the method's backbone unless it names its own.
+        reference = {"backbone": sections["method"].backbone.model_dump(mode="json"), **reference}
+        sections["reference"] = validate_section("reference", entry.Config, reference)
     trainer = validate_section("trainer", TrainerConfig, raw.get("trainer") or {})
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
-    return ExperimentConfig(seed=seed, benchmark=sections["benchmark"], method=sections["method"], trainer=trainer)
+    return ExperimentConfig(
+        seed=seed, benchmark=sections["benchmark"], method=sections["method"], trainer=trainer, reference=sections.get("reference")
+    )
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -17,15 +17,41 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def per_task_table(results: dict[str, Any]) -> str:
-    """One row per task: accuracy right after training it, before it (zero-shot), and at the end."""
+def _task_columns(results: dict[str, Any]) -> dict[str, list[str]]:
+    """Per task: accuracy before training it (zero-shot), right after, at the end, steps to 90%."""
     r = np.asarray(results["acc_matrix"])
-    init = results["initial_acc"]
-    rows = []
-    for j, name in enumerate(results["task_names"]):
-        before = r[j - 1, j] if j > 0 else init[j]
-        rows.append([str(j), name, pct(before), pct(r[j, j]), pct(r[-1, j]), pct(r[-1, j] - r[j, j])])
-    return markdown_table(["task", "name", "before (%)", "just trained (%)", "final (%)", "change (pt)"], rows)
+    zero_shot = results.get("zero_shot_acc") or [r[j - 1, j] if j > 0 else results["initial_acc"][j] for j in range(len(r))]
+    steps = results.get("steps_to_90") or [None] * len(r)
+    cols = {
+        "zero-shot (%)": [pct(z) for z in zero_shot],
+        "just trained (%)": [pct(r[j, j]) for j in range(len(r))],
+        "final (%)": [pct(r[-1, j]) for j in range(len(r))],
+    }
+    if any(s is not None for s in steps):
+        cols["steps to 90%"] = ["n/a" if s is None else str(s) for s in steps]
+    return cols
+
+
+def per_task_table(results: dict[str, Any], reference: dict[str, Any] | None = None) -> str:
+    """One row per task: zero-shot accuracy (before training it), just after training it, at the end,
+    and steps to 90% of its final accuracy (with learning curves); with a ``reference`` run on the same
+    stream, each figure of both, the method's first."""
+    names = results["task_names"]
+    cols = _task_columns(results)
+    if reference is None:
+        r = np.asarray(results["acc_matrix"])
+        cols["change (pt)"] = [pct(r[-1, j] - r[j, j]) for j in range(len(names))]
+        header, columns = list(cols), list(cols.values())
+    else:
+        ref = _task_columns(reference)
+        a, b = results["method"], reference["method"]
+        header, columns = [], []
+        for key in cols:
+            if key in ref:
+                header += [f"{key} {a}", f"{key} {b}"]
+                columns += [cols[key], ref[key]]
+    rows = [[str(j), name, *(c[j] for c in columns)] for j, name in enumerate(names)]
+    return markdown_table(["task", "name", *header], rows)
 
 
 def summary_line(results: dict[str, Any]) -> str:

@@ -27,6 +27,13 @@ from metagate.runs import CheckpointError, RunDir, environment
 RESUME_FREE_KEYS = ("device", "progress", "eval_batch_size", "checkpoint")
 
 
+def run_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two configs the same run: all but the keys a resumed run may change and the
+    ``reference`` (another run)."""
+    trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in RESUME_FREE_KEYS}
+    return {**{k: v for k, v in config.items() if k != "reference"}, "trainer": trainer}
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -110,8 +117,7 @@ class Trainer:
         assert self.run is not None
         ckpt = self.run.load_checkpoint(self.device)
         saved, current = ckpt.get("config", {}), self.cfg.to_dict()
-        strip = lambda c: {**c, "trainer": {k: v for k, v in c.get("trainer", {}).items() if k not in RESUME_FREE_KEYS}}  # noqa: E731
-        if strip(saved) != strip(current):
+        if run_identity(saved) != run_identity(current):
             raise CheckpointError(
                 f"checkpoint {self.run.checkpoint_path} was written by another config "
                 f"(method {saved.get('method', {}).get('name')!r}, benchmark {saved.get('benchmark', {}).get('name')!r}, "

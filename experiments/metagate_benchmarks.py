@@ -1,0 +1,264 @@
+"""metagate against XdG + SI, with its controls, on four streams (issue 5): tables and plots.
+
+For each stream, every variant runs over the same seeds with the same backbone, density (20% of
+units per task), SI (same c, XdG's consolidation rule) and learning curves:
+
+* ``gated``: the synthetic gated teacher (``configs/default.yaml``: domain-incremental, 10 tasks,
+  MLP 256), with ``xdg``, ``metagate``, ``shuffled`` and ``onehot`` contexts, ``no-meta`` (the agent
+  only regresses old masks) and ``no-adapt`` (the zero-shot mask is kept);
+* ``rotated``: rotated Fashion-MNIST, 10 angles in [0, 180] with (cos, sin) contexts and 2 + 2
+  held-out angles (inside / outside the range), MLP 256;
+* ``split``: split Fashion-MNIST, 5 x 2 classes, task-incremental, class-prototype contexts, MLP 256;
+* ``permuted``: permuted Fashion-MNIST, 10 tasks x 6000 images, random contexts (uninformative: no
+  gain expected, and no harm allowed), MLP 2 x 400 as in ``configs/xdg-small.yaml``.
+
+Per stream it writes ``<out>/<stream>/`` (the ``compare`` folder) and three plots: zero-shot
+accuracy by task, the learning curve of a new task (mean over the later tasks), and mask overlap
+against context similarity (every pair of tasks, seed 0); ``<out>/table.md`` gathers the tables.
+
+Zero-shot quality ``Q = (zs - zs_xdg) / (final - zs_xdg)`` uses means over the later tasks (from
+task ``T // 2``: after at least half the stream has shaped the agent): ``zs`` the accuracy on a task
+before training it, ``final`` the accuracy right after training it, ``zs_xdg`` XdG's zero-shot
+accuracy on the same tasks and seed. ``steps to 90%``: steps until 90% of the task's final accuracy.
+
+    .venv/bin/python experiments/metagate_benchmarks.py --out runs/metagate [--streams gated,rotated,split,permuted] [--seeds 3]
+
+Finished runs in ``--out`` are reused (``compare --resume``), so an interrupted experiment continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from metagate.config import config_from_dict  # noqa: E402
+from metagate.data import build_stream  # noqa: E402
+
+XDG = ["method.input_dropout=0.0", "method.gate_fraction=0.8"]
+MLP = ["method.backbone.kind=mlp", "method.backbone.dropout=0.0"]
+FMNIST = ["benchmark.dataset=fashion_mnist", "trainer.epochs=2", "trainer.batch_size=128", "trainer.curve_every=10", "trainer.device=auto"]
+
+
+@dataclass
+class Stream:
+    title: str
+    config: str
+    common: list[str]
+    c: float  # SI strength and damping, the same for every variant
+    xi: float
+    variants: dict[str, tuple[str, list[str]]] = field(
+        default_factory=lambda: {
+            "xdg": ("xdg", XDG),
+            "metagate": ("metagate", []),
+            "shuffled": ("metagate", ["method.context_mode=shuffled"]),
+        }
+    )
+
+
+STREAMS = {
+    "gated": Stream(
+        "Gated teacher (domain-incremental, 10 tasks, MLP 256)",
+        "default",
+        [*MLP, "method.backbone.hidden=[256]"],
+        1.0,
+        0.01,
+        {
+            "xdg": ("xdg", XDG),
+            "metagate": ("metagate", []),
+            "shuffled": ("metagate", ["method.context_mode=shuffled"]),
+            "onehot": ("metagate", ["method.context_mode=onehot"]),
+            "no-meta": ("metagate", ["method.meta_learning=false"]),
+            "no-adapt": ("metagate", ["method.adapt=false"]),
+        },
+    ),
+    "rotated": Stream(
+        "Rotated Fashion-MNIST (10 angles in [0, 180], 2 + 2 held out, 6000 images per task, MLP 256)",
+        "rotated-fmnist",
+        [*FMNIST, *MLP, "method.backbone.hidden=[256]", "benchmark.train_per_task=6000", "benchmark.test_per_task=2000"],
+        30.0,
+        0.1,
+    ),
+    "split": Stream(
+        "Split Fashion-MNIST (5 x 2 classes, task-incremental, prototype contexts, MLP 256)",
+        "split-fmnist",
+        [*FMNIST, *MLP, "method.backbone.hidden=[256]"],
+        100.0,
+        0.1,
+    ),
+    "permuted": Stream(
+        "Permuted Fashion-MNIST (10 tasks x 6000 images, random contexts, MLP 2 x 400)",
+        "xdg-small",
+        [*FMNIST, *MLP, "method.backbone.hidden=[400,400]"],
+        30.0,
+        0.1,
+        {"xdg": ("xdg", XDG), "metagate": ("metagate", [])},
+    ),
+}
+
+
+def run_compare(stream: Stream, out: Path, seeds: int, extra: list[str]) -> list[str]:
+    entries = ",".join(f"{k}={m}" for k, (m, _) in stream.variants.items())
+    specific = [f"{k}:{o}" for k, (_, opts) in stream.variants.items() for o in [*opts, f"method.c={stream.c}", f"method.xi={stream.xi}"]]
+    cmd = [
+        str(Path(sys.executable).parent / "metagate"), "compare", stream.config, *stream.common, "reference=null",
+        "trainer.progress=false", *specific, *extra, "--methods", entries, "--seeds", str(seeds), "--out", str(out), "--resume",
+    ]
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return cmd
+
+
+def load_runs(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    comp = json.loads((out / "comparison.json").read_text())
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for label, entry in comp["methods"].items():
+        for folder in entry["runs"]:
+            r = json.loads((Path(folder) / "results.json").read_text())
+            r["folder"] = folder
+            runs.setdefault(label, {})[r["seed"]] = r
+    return runs
+
+
+def just_trained(r: dict[str, Any]) -> list[float]:
+    return [r["acc_matrix"][t][t] for t in range(r["num_tasks"])]
+
+
+def figures(r: dict[str, Any], x: dict[str, Any]) -> dict[str, float]:
+    """One run's figures over the later tasks, against XdG's run ``x`` on the same seed."""
+    k = r["num_tasks"] // 2
+    zs, zs_x, fin = np.mean(r["zero_shot_acc"][k:]), np.mean(x["zero_shot_acc"][k:]), np.mean(just_trained(r)[k:])
+    s90 = [s for s in r["steps_to_90"][k:] if s is not None]
+    s90x = [s for s in x["steps_to_90"][k:] if s is not None]
+    held = r["heldout_acc_matrix"][-1] if r.get("heldout_acc_matrix") else []
+    nan = float("nan")
+    return {
+        "acc": r["acc"], "bwt": r["bwt"], "zs": zs, "final": fin,
+        "q": (zs - zs_x) / (fin - zs_x) if fin != zs_x else nan,
+        "s90": float(np.mean(s90)) if s90 else nan, "ratio": float(np.mean(s90x) / np.mean(s90)) if s90 and s90x else nan,
+        "iou": r.get("mask_overlap_mean") or nan, "ctx_r": r.get("context_mask_correlation") or nan,
+        "oracle_r": r.get("oracle_overlap_correlation") or nan, "held": float(np.mean(held)) if held else nan,
+    }
+
+
+def table(stream: Stream, runs: dict[str, dict[int, dict[str, Any]]]) -> str:
+    first = next(iter(next(iter(runs.values())).values()))
+    has_oracle = first.get("oracle_overlap_correlation") is not None
+    has_held = bool(first.get("heldout_names"))
+    cols = ["variant", "ACC (%)", "BWT (pt)", "zero-shot (%)", "just trained (%)", "Q", "steps to 90%",
+            "XdG steps / these", "mask IoU", "r(context dist, mask dist)"]
+    cols += ["r(IoU, oracle IoU)"] if has_oracle else []
+    cols += ["held-out at end (%)"] if has_held else []
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for label in stream.variants:
+        f = [figures(r, runs["xdg"][seed]) for seed, r in sorted(runs[label].items())]
+
+        def ms(key: str, scale: float = 100.0, digits: int = 1) -> str:
+            v = np.array([x[key] for x in f], dtype=float)
+            sd = v.std(ddof=1) if len(v) > 1 else 0.0
+            return f"{scale * v.mean():.{digits}f} ± {scale * sd:.{digits}f}"
+
+        mean = lambda key, digits=2: f"{np.mean([x[key] for x in f]):.{digits}f}"  # noqa: E731
+        cells = [label, ms("acc"), ms("bwt"), ms("zs"), ms("final"), "n/a" if label == "xdg" else ms("q", 1.0, 2),
+                 mean("s90", 0), mean("ratio"), mean("iou"), mean("ctx_r")]
+        cells += [mean("oracle_r")] if has_oracle else []
+        cells += [ms("held")] if has_held else []
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_zero_shot(runs: dict[str, dict[int, dict[str, Any]]], title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, by_seed in runs.items():
+        zs = np.array([r["zero_shot_acc"] for r in by_seed.values()])
+        ax.plot(range(zs.shape[1]), 100 * zs.mean(0), marker="o", ms=3, label=label)
+    final = np.array([just_trained(r) for r in runs["metagate"].values()])
+    ax.plot(range(final.shape[1]), 100 * final.mean(0), "k--", lw=1, label="metagate, just trained")
+    ax.set(xlabel="task", ylabel="accuracy before training it (%)", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, by_seed in runs.items():
+        curves = []
+        for r in by_seed.values():
+            k = r["num_tasks"] // 2
+            curves += [c for c in r["learning_curves"][k:] if c]
+        n = min(len(c) for c in curves)
+        steps = [p[0] for p in curves[0][:n]]
+        acc = np.array([[p[1] for p in c[:n]] for c in curves])
+        ax.plot(steps, 100 * acc.mean(0), label=label)
+    ax.set(xlabel="steps on the new task", ylabel="accuracy on it (%)", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_overlap(runs: dict[str, dict[int, dict[str, Any]]], title: str, path: Path) -> None:
+    seed = min(next(iter(runs.values())))
+    cfg = config_from_dict(yaml.safe_load((Path(runs["xdg"][seed]["folder"]) / "config.yaml").read_text()))
+    ctx = build_stream(cfg.benchmark, seed).contexts().float()
+    ctx = ctx / ctx.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sim = (ctx @ ctx.T).numpy()
+    i, j = np.triu_indices(len(sim), 1)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label in [lb for lb in ("xdg", "metagate", "shuffled") if lb in runs]:
+        iou = np.array(runs[label][seed]["mask_overlap"])
+        ax.scatter(sim[i, j], iou[i, j], s=10, alpha=0.7, label=label)
+    ax.set(xlabel="context cosine similarity", ylabel="mask IoU", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--streams", default="gated,rotated,split,permuted", help=f"comma-separated, of {', '.join(STREAMS)}")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
+    args = p.parse_args()
+    names = [s.strip() for s in args.streams.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(STREAMS))
+    if unknown:
+        p.error(f"unknown stream(s) {', '.join(unknown)}; choose from {', '.join(STREAMS)}")
+    for name in names:
+        stream, out = STREAMS[name], args.out / name
+        cmd = run_compare(stream, out, args.seeds, args.overrides)
+        runs = load_runs(out)
+        short = stream.title.split(" (")[0]
+        plot_zero_shot(runs, f"{short}: zero-shot accuracy", out / "zero_shot.png")
+        plot_curves(runs, f"{short}: learning curve of a new task", out / "learning_curves.png")
+        plot_overlap(runs, f"{short}: mask overlap vs context", out / "overlap_vs_context.png")
+        text = (f"### {stream.title}\n\nSeeds {sorted(runs['xdg'])}; zero-shot, just trained, Q and steps over tasks "
+                f"T/2..T-1.\n\n    {shlex.join(['metagate', *cmd[1:]])}\n\n{table(stream, runs)}\n")
+        (out / "table.md").write_text(text)
+        print(text, flush=True)
+    # The gathered table holds every stream finished in --out, also by earlier calls.
+    sections = [(args.out / n / "table.md").read_text() for n in STREAMS if (args.out / n / "table.md").is_file()]
+    (args.out / "table.md").write_text(
+        f"Made by `python experiments/metagate_benchmarks.py --out {args.out} --streams ...`, one call per stream or all at once.\n\n"
+        + "\n".join(sections)
+    )
+
+
+if __name__ == "__main__":
+    main()
