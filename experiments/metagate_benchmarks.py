@@ -49,7 +49,7 @@ from metagate.data import build_stream  # noqa: E402
 
 XDG = ["method.input_dropout=0.0", "method.gate_fraction=0.8"]
 MLP = ["method.backbone.kind=mlp", "method.backbone.dropout=0.0"]
-FMNIST = ["benchmark.dataset=fashion_mnist", "trainer.epochs=2", "trainer.batch_size=128", "trainer.curve_every=10", "trainer.device=auto"]
+FMNIST = ["benchmark.dataset=fashion_mnist", "trainer.epochs=2", "trainer.batch_size=128", "trainer.curve_every=5", "trainer.device=auto"]
 
 
 @dataclass

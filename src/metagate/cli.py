@@ -139,7 +139,8 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", help="folder for all runs and comparison.json"),
     resume: bool = typer.Option(False, "--resume", help="reuse finished runs in --out and resume interrupted ones"),
 ) -> None:
-    """Run several methods over several seeds; print a Markdown table of mean ± std.
+    """Run several methods over several seeds; print a Markdown table of mean ± std (a config's
+    ``reference`` is not run: every method here is one).
 
     An override prefixed by a label applies to that entry only: ``si:method.c=10``. An entry
     ``label=method`` runs a variant under its own label: ``--methods xdg,xdg-si=xdg xdg-si:method.stabilizer=si``."""
@@ -167,7 +168,7 @@ def compare(
         # Validate every (method, seed) config before any training.
         plan = {
             (m, base_seed + k): config_from_dict(
-                base, [f"method.name={method_of[m]}", f"seed={base_seed + k}", *specific.get(m, [])]
+                base, [f"method.name={method_of[m]}", f"seed={base_seed + k}", "reference=null", *specific.get(m, [])]
             )
             for m in names
             for k in range(seeds)
