@@ -179,6 +179,14 @@ def table(stream: Stream, runs: dict[str, dict[int, dict[str, Any]]]) -> str:
     return "\n".join(rows)
 
 
+def save(fig: plt.Figure, ax: plt.Axes, path: Path, **labels: str) -> None:
+    ax.set(**labels)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_zero_shot(runs: dict[str, dict[int, dict[str, Any]]], title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, by_seed in runs.items():
@@ -186,11 +194,7 @@ def plot_zero_shot(runs: dict[str, dict[int, dict[str, Any]]], title: str, path:
         ax.plot(range(zs.shape[1]), 100 * zs.mean(0), marker="o", ms=3, label=label)
     final = np.array([just_trained(r) for r in runs["metagate"].values()])
     ax.plot(range(final.shape[1]), 100 * final.mean(0), "k--", lw=1, label="metagate, just trained")
-    ax.set(xlabel="task", ylabel="accuracy before training it (%)", title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, ax, path, xlabel="task", ylabel="accuracy before training it (%)", title=title)
 
 
 def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], title: str, path: Path) -> None:
@@ -204,11 +208,7 @@ def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], title: str, path: Pa
         steps = [p[0] for p in curves[0][:n]]
         acc = np.array([[p[1] for p in c[:n]] for c in curves])
         ax.plot(steps, 100 * acc.mean(0), label=label)
-    ax.set(xlabel="steps on the new task", ylabel="accuracy on it (%)", title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, ax, path, xlabel="steps on the new task", ylabel="accuracy on it (%)", title=title)
 
 
 def plot_overlap(runs: dict[str, dict[int, dict[str, Any]]], title: str, path: Path) -> None:
@@ -222,11 +222,7 @@ def plot_overlap(runs: dict[str, dict[int, dict[str, Any]]], title: str, path: P
     for label in [lb for lb in ("xdg", "metagate", "shuffled") if lb in runs]:
         iou = np.array(runs[label][seed]["mask_overlap"])
         ax.scatter(sim[i, j], iou[i, j], s=10, alpha=0.7, label=label)
-    ax.set(xlabel="context cosine similarity", ylabel="mask IoU", title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, ax, path, xlabel="context cosine similarity", ylabel="mask IoU", title=title)
 
 
 def main() -> None:

@@ -198,24 +198,21 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     extra = sorted(set(raw) - allowed)
     if extra:
         raise ConfigError(f"unknown top-level key(s) {', '.join(map(repr, extra))}; valid keys: {', '.join(sorted(allowed))}")
-    sections: dict[str, Any] = {}
-    for name, registry in (("benchmark", BENCHMARKS), ("method", METHODS)):
-        data = raw.get(name)
+    def entry_for(name: str, registry: Any, data: Any, hint: str) -> Any:
         if not isinstance(data, dict) or "name" not in data:
-            raise ConfigError(f"{name}.name is missing; choose one of: {', '.join(registry.names())}")
+            raise ConfigError(f"{name}.name is missing; {hint}")
         try:
-            entry = registry.get(str(data["name"]))
+            return registry.get(str(data["name"]))
         except UnknownNameError as e:
             raise ConfigError(f"{name}.name: {e}") from None
-        sections[name] = validate_section(name, entry.Config, data)
+
+    sections: dict[str, Any] = {}
+    for name, registry in (("benchmark", BENCHMARKS), ("method", METHODS)):
+        entry = entry_for(name, registry, raw.get(name), f"choose one of: {', '.join(registry.names())}")
+        sections[name] = validate_section(name, entry.Config, raw[name])
     reference = raw.get("reference")
     if reference is not None:
-        if not isinstance(reference, dict) or "name" not in reference:
-            raise ConfigError(f"reference must be a method section with a name (e.g. reference.name=xdg), or null; got {reference!r}")
-        try:
-            entry = METHODS.get(str(reference["name"]))
-        except UnknownNameError as e:
-            raise ConfigError(f"reference.name: {e}") from None
+        entry = entry_for("reference", METHODS, reference, "reference is a method section (e.g. reference.name=xdg), or null")
         # The reference runs on the method's backbone unless it names its own.
         reference = {"backbone": sections["method"].backbone.model_dump(mode="json"), **reference}
         sections["reference"] = validate_section("reference", entry.Config, reference)

@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from metagate import metrics
+
 
 def pct(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None else f"{100 * x:.{digits}f}"
@@ -20,7 +22,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _task_columns(results: dict[str, Any]) -> dict[str, list[str]]:
     """Per task: accuracy before training it (zero-shot), right after, at the end, steps to 90%."""
     r = np.asarray(results["acc_matrix"])
-    zero_shot = results.get("zero_shot_acc") or [r[j - 1, j] if j > 0 else results["initial_acc"][j] for j in range(len(r))]
+    zero_shot = metrics.zero_shot(results["acc_matrix"], results["initial_acc"])
     steps = results.get("steps_to_90") or [None] * len(r)
     cols = {
         "zero-shot (%)": [pct(z) for z in zero_shot],

@@ -158,9 +158,6 @@ class MetaGate(Method):
 
     # ---------------------------------------------------------------- masks
 
-    def context_of(self, task: Task) -> Tensor:
-        return self.contexts[self.slot[task.index]]
-
     def logits(self, slots: Tensor) -> Tensor:
         """The agent's mask logits for the tasks in ``slots`` (rows of ``contexts``), plus the random
         prior: with ``prior`` > 0 the agent's logits are standardised per layer first, so ``prior`` is
