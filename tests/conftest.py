@@ -5,9 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 
-torch.set_num_threads(2)
+from metagate.runtime import configure_threads
+from metagate.schema import TrainerConfig
+
+# The suite runs with the threads a run gets by default (trainer.threads unset), set the same way.
+configure_threads(TrainerConfig().resolved_threads())
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (longer end-to-end checks)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow (or -m slow --slow for only these)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def small_config(**sections: Any) -> dict[str, Any]:

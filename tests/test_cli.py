@@ -130,7 +130,8 @@ def test_compare_resume_reuses_finished_runs_only_of_the_same_config(tmp_path: P
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "c" / "finetune" / "seed0" / "results.json").read_text()) == first
     res = runner.invoke(app, ["compare", *FAST, "trainer.lr=0.01", "--methods", "finetune", "--seeds", "1", "--out", out, "--resume"])
-    assert res.exit_code == 2 and "another config" in res.output
+    assert res.exit_code == 1 and "another config (trainer.lr: 0.001 there vs 0.01 here)" in res.output
+    assert not (tmp_path / "c" / "finetune" / "seed0" / "error.txt").exists()  # a finished run is left as it was
 
 
 def test_compare_method_specific_overrides(tmp_path: Path) -> None:

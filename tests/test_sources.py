@@ -112,12 +112,17 @@ def test_truncated_idx_is_refused_with_every_place_listed(isolated: Path) -> Non
         load_dataset("fashion_mnist", root=folder)
     msg = str(err.value)
     assert isinstance(err.value, ValueError)
-    assert "could not be read" in msg and "truncated" in msg and "train-images-idx3-ubyte.gz" in msg
-    for place in (folder, folder / "fashion-mnist", isolated / "xdg-cache" / "metagate", folder / "FashionMNIST" / "raw", isolated / "system" / "fashion-mnist"):
+    assert f"could not be read from benchmark.root={folder}" in msg and "truncated" in msg and "train-images-idx3-ubyte.gz" in msg
+    for place in (folder, folder / "fashion-mnist", folder / "FashionMNIST" / "raw"):
         assert str(place) in msg
-    assert "$METAGATE_DATA: not set" in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "METAGATE_DATA=" in msg and "benchmark.download=true" in msg
-    assert len(err.value.places) >= 6
+    # Without a root, every place is searched and listed.
+    with pytest.raises(DataNotFoundError) as err:
+        load_dataset("fashion_mnist")
+    msg = str(err.value)
+    for place in (isolated / "xdg-cache" / "metagate", isolated / "xdg-cache" / "metagate" / "FashionMNIST" / "raw", isolated / "system" / "fashion-mnist"):
+        assert str(place) in msg
+    assert "$METAGATE_DATA: not set" in msg and len(err.value.places) >= 5
 
 
 def test_cut_gzip_stream_is_refused(isolated: Path) -> None:
@@ -133,7 +138,7 @@ def test_missing_set_lists_places_and_how_to_get_it(isolated: Path) -> None:
     with pytest.raises(DataNotFoundError) as err:
         load_dataset("mnist", root=isolated / "nowhere")
     msg = str(err.value)
-    assert "MNIST was not found" in msg and str(isolated / "nowhere") in msg and "does not exist" in msg
+    assert f"MNIST was not found in benchmark.root={isolated / 'nowhere'} (that folder does not exist)" in msg
     assert "train-images-idx3-ubyte[.gz]" in msg and "benchmark.download=true" in msg
 
 
@@ -144,9 +149,8 @@ def test_mismatched_image_and_label_counts_are_refused(isolated: Path) -> None:
         load_dataset("fashion_mnist", root=isolated / "d")
 
 
-def test_search_order_root_then_env_then_cache_then_torchvision_then_system(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_root_the_search_goes_env_then_cache_then_torchvision_then_system(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     places = {
-        "root": isolated / "root",
         "env": isolated / "env",
         "cache": isolated / "xdg-cache" / "metagate" / "kmnist",
         "torchvision": isolated / "env" / "KMNIST" / "raw",
@@ -157,20 +161,37 @@ def test_search_order_root_then_env_then_cache_then_torchvision_then_system(isol
     monkeypatch.setenv("METAGATE_DATA", str(places["env"]))
     found = []
     for folder in places.values():
-        data = load_dataset("kmnist", root=places["root"])
-        found.append(data.location)
+        data = load_dataset("kmnist")
+        found.append((data.location, data.found_via))
         for f in folder.iterdir():
             if f.is_file():
                 f.unlink()
-    assert found == [str(p) for p in places.values()]
+    assert [loc for loc, _ in found] == [str(p) for p in places.values()]
+    assert [via.split(",")[0] for _, via in found] == ["$METAGATE_DATA", "user cache", "$METAGATE_DATA", "system data folder"]
 
 
-def test_a_broken_copy_does_not_hide_a_good_one_further_down(isolated: Path) -> None:
+def test_a_root_that_is_set_is_used_or_refused_never_replaced(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_mnist_like(isolated / "system" / "fashion-mnist")  # a good copy the search would find
+    monkeypatch.setenv("METAGATE_DATA", str(isolated / "system" / "fashion-mnist"))
+    for root in (isolated / "missing", isolated / "empty"):
+        (isolated / "empty").mkdir(exist_ok=True)
+        with pytest.raises(DataNotFoundError, match=f"was not found in benchmark.root={root}"):
+            load_dataset("fashion_mnist", root=root)
+    write_mnist_like(isolated / "root", n_train=12)
+    data = load_dataset("fashion_mnist", root=isolated / "root")
+    assert (data.location, data.found_via, data.x_train.shape[0]) == (str(isolated / "root"), "benchmark.root", 12)
+    assert [p.name for p in data.files] == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+
+
+def test_a_broken_copy_in_a_set_root_is_refused_but_does_not_hide_a_good_one_in_the_search(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_mnist_like(isolated / "root")
     write_idx(isolated / "root" / "train-images-idx3-ubyte", np.zeros((20, 28, 28), np.uint8), cut=5)
     write_mnist_like(isolated / "system" / "fashion-mnist")
-    data = load_dataset("fashion_mnist", root=isolated / "root")
-    assert data.location == str(isolated / "system" / "fashion-mnist")
+    with pytest.raises(DataNotFoundError, match="could not be read from benchmark.root"):
+        load_dataset("fashion_mnist", root=isolated / "root")
+    monkeypatch.setenv("METAGATE_DATA", str(isolated / "root"))
+    data = load_dataset("fashion_mnist")
+    assert data.location == str(isolated / "system" / "fashion-mnist") and data.found_via.startswith("system data folder")
 
 
 def test_emnist_is_transposed_upright_and_letters_start_at_zero(isolated: Path) -> None:
@@ -300,4 +321,4 @@ def test_data_not_found_is_a_clear_cli_error(isolated: Path) -> None:
     result = CliRunner().invoke(app, ["run", "permuted-fmnist", f"benchmark.root={isolated / 'none'}", "--out", str(isolated / "run")])
     assert result.exit_code == 2
     out = result.output
-    assert "Fashion-MNIST was not found" in out and "apt-get install dataset-fashion-mnist" in out
+    assert "Fashion-MNIST was not found in benchmark.root=" in out and "apt-get install dataset-fashion-mnist" in out

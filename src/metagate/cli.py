@@ -1,14 +1,19 @@
-"""``metagate`` command line: run, compare, list."""
+"""``metagate`` command line: run, compare, list. A face only: it parses arguments and prints;
+planning and running live in :mod:`metagate.orchestrate`.
+
+torch is imported by the commands that train, never at start-up, so ``metagate --help`` and
+``metagate list`` answer at once.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 import typer
 
-from metagate.config import ConfigError, ExperimentConfig, config_from_dict, list_ready_configs, load_config
-from metagate.runs import CheckpointError, RunDir, RunFolderError, atomic_write_json, atomic_write_text, default_run_dir
+if TYPE_CHECKING:
+    from metagate.orchestrate import Prepared
 
 app = typer.Typer(
     help="Continual learning with context-dependent gating.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
@@ -26,36 +31,23 @@ def _split(config: Optional[str], overrides: Optional[list[str]]) -> tuple[Optio
     return config, overrides
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
-def check_device(cfg: ExperimentConfig) -> None:
-    """Refuse a device this machine lacks before anything is written."""
-    from metagate.train import resolve_device
+def _interrupted(folder: Path, checkpoint: bool, again: str) -> NoReturn:
+    """Ctrl-C: say what is kept and how to go on."""
+    from metagate.runs import RunDir
 
-    try:
-        resolve_device(cfg.trainer.device)
-    except (ValueError, RuntimeError) as e:
-        raise ConfigError(str(e)) from None
-
-
-def execute(cfg: ExperimentConfig, run: RunDir | Path, resume: bool = False) -> dict[str, Any]:
-    """Train one config into a run folder (created here unless resuming, once the method and
-    stream are built, so a config they refuse leaves nothing behind); errors become CLI errors."""
-    from metagate.train import Trainer, TrainingDiverged
-
-    try:
-        trainer = Trainer(cfg)
-    except ValueError as e:  # e.g. a scenario the method does not support
-        _fail(str(e))
-    try:
-        trainer.run = run if isinstance(run, RunDir) else RunDir.create(run)
-        return trainer.fit(resume=resume)
-    except (CheckpointError, TrainingDiverged, RunFolderError) as e:
-        _fail(str(e))
-    raise AssertionError("unreachable")
+    if not checkpoint:
+        hint = "this run wrote no checkpoints (trainer.checkpoint=false), so it cannot be resumed; start it again"
+    elif (folder / RunDir.CHECKPOINT).is_file() or any(folder.glob(f"*/*/{RunDir.CHECKPOINT}")):
+        hint = f"the last checkpoint is kept; continue with: {again}"
+    else:
+        hint = f"no task had finished; {again} starts it afresh"
+    typer.secho(f"interrupted: {hint}", fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(code=130)
 
 
 @app.command()
@@ -66,66 +58,48 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out from its last checkpoint"),
 ) -> None:
     """Train one method on one benchmark and write a run folder."""
-    from metagate import report
+    from metagate import orchestrate, report
+    from metagate.config import config_from_dict, load_config
+    from metagate.runs import RunDir, default_run_dir
 
     config, overrides = _split(config, overrides)
     try:
         if resume:
             if out is None:
                 _fail("--resume needs --out DIR, the run folder to continue")
-            assert out is not None
-            run_dir = RunDir.open_for_resume(out)
-            saved = run_dir.read_config()
-            cfg = config_from_dict(saved, overrides) if config is None else load_config(config, overrides)
-            reference_done = cfg.reference is None or (out / REFERENCE_DIR / RunDir.RESULTS).is_file()
-            if run_dir.has_results() and reference_done:
+            saved = RunDir.open_for_resume(out)
+            saved.unlock()  # the run itself takes the lock again
+            cfg = config_from_dict(saved.read_config(), overrides) if config is None else load_config(config, overrides)
+            reference_done = cfg.reference is None or (out / orchestrate.REFERENCE_DIR / RunDir.RESULTS).is_file()
+            if saved.has_results() and reference_done:
                 _fail(f"{out} holds a finished run (results.json); nothing to resume")
-            target: RunDir | Path = run_dir
         else:
             cfg = load_config(config, overrides)
-            target = out or default_run_dir(Path("runs"), cfg.benchmark.name, cfg.method.name, cfg.seed)
-            if target.exists() and any(target.iterdir()):
-                RunDir.create(target)  # raises the clear "already exists" error
-        check_device(cfg)
-    except (ConfigError, RunFolderError) as e:
+            out = out or default_run_dir(Path("runs"), cfg.benchmark.name, cfg.method.name, cfg.seed)
+    except orchestrate.RunProblem as e:
         _fail(str(e))
-    typer.echo(f"run folder: {target if isinstance(target, Path) else target.path}")
-    typer.echo(f"{cfg.method.name} on {cfg.benchmark.name}, seed {cfg.seed}, device {cfg.trainer.device}")
-    finished = isinstance(target, RunDir) and target.has_results()  # resuming only the reference
-    results = target.read_results() if isinstance(target, RunDir) and finished else execute(cfg, target, resume)
-    folder = target if isinstance(target, Path) else target.path
-    reference = None
-    ref_cfg = cfg.reference_config()
-    if ref_cfg is not None:
-        typer.echo(f"reference: {ref_cfg.method.name} on the same stream and seed -> {folder / REFERENCE_DIR}")
-        reference = _run_or_reuse(ref_cfg, folder / REFERENCE_DIR, resume)
-    table = report.per_task_table(results, reference)
-    atomic_write_text(folder / "per_task.md", table + "\n")
+    assert out is not None
+
+    def announce(prepared: Prepared) -> None:
+        t = prepared.trainer
+        typer.echo(f"run folder: {out}")
+        typer.echo(f"{cfg.method.name} on {cfg.benchmark.name}, seed {cfg.seed}, device {t.device}, {t.threads} thread(s)")
+        data = t.stream.provenance
+        typer.echo(f"data: {data.get('location')} ({data.get('found_via')}; sha256 {data.get('sha256')}, {data.get('bytes', 0):,} bytes)")
+
+    again = f"metagate run --resume --out {out}"
+    try:
+        results, reference = orchestrate.run_with_reference(cfg, out, resume, typer.echo, announce)
+    except KeyboardInterrupt:
+        _interrupted(out, cfg.trainer.checkpoint, again)
+    except orchestrate.RunProblem as e:
+        _fail(str(e))
     typer.echo("")
-    typer.echo(table)
+    typer.echo((out / orchestrate.PER_TASK).read_text().rstrip())
     typer.echo("")
     typer.echo(f"{cfg.method.name}: {report.summary_line(results)}")
     if reference is not None:
         typer.echo(f"{reference['method']}: {report.summary_line(reference)}")
-
-
-REFERENCE_DIR = "reference"
-
-
-def _run_or_reuse(cfg: ExperimentConfig, folder: Path, resume: bool) -> dict[str, Any]:
-    """Train ``cfg`` into ``folder``; with ``resume``, reuse its results or continue its checkpoint."""
-    if resume and (folder / RunDir.RESULTS).is_file():
-        from metagate.train import run_identity
-
-        saved = RunDir(folder).read_config()
-        if run_identity(saved) != run_identity(cfg.to_dict()):
-            _fail(f"{folder} holds a finished run of another config; delete it, or use another --out, to run this one")
-        return RunDir(folder).read_results()
-    if resume and (folder / RunDir.CHECKPOINT).is_file():
-        return execute(cfg, RunDir.open_for_resume(folder), resume=True)
-    if resume and folder.exists() and any(folder.iterdir()):
-        _fail(f"{folder} holds a run that stopped before its first checkpoint; delete that folder and run again")
-    return execute(cfg, folder)
 
 
 @app.command()
@@ -137,92 +111,60 @@ def compare(
     ),
     seeds: int = typer.Option(3, "--seeds", min=1, help="seeds per method: seed, seed+1, ..."),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for all runs and comparison.json"),
-    resume: bool = typer.Option(False, "--resume", help="reuse finished runs in --out and resume interrupted ones"),
+    resume: bool = typer.Option(
+        False, "--resume", help="reuse finished runs in --out, resume interrupted ones, retry failed ones"
+    ),
 ) -> None:
     """Run several methods over several seeds; print a Markdown table of mean ± std (a config's
-    ``reference`` is not run: every method here is one).
+    ``reference`` is not run: every method here is one). A failing run is recorded and the others go
+    on; the exit code is 1 when some failed.
 
     An override prefixed by a label applies to that entry only: ``si:method.c=10``. An entry
     ``label=method`` runs a variant under its own label: ``--methods xdg,xdg-si=xdg xdg-si:method.stabilizer=si``."""
-    from metagate import report
-    from metagate.config import apply_overrides, find_config, read_yaml
+    from metagate import orchestrate
+    from metagate.runs import default_run_dir
 
     config, overrides = _split(config, overrides)
-    entries = [m.strip() for m in methods.split(",") if m.strip()]
-    method_of = {e.partition("=")[0]: (e.partition("=")[2] or e) for e in entries}
-    names = list(method_of)
-    general = [o for o in overrides if ":" not in o.split("=", 1)[0]]
-    specific: dict[str, list[str]] = {}
-    for o in overrides:
-        if o not in general:
-            m, _, rest = o.partition(":")
-            specific.setdefault(m, []).append(rest)
     try:
-        if len(set(names)) != len(entries):
-            raise ConfigError("--methods names a label twice")
-        unknown = sorted(set(specific) - set(names))
-        if unknown:
-            raise ConfigError(f"overrides for {', '.join(unknown)}, which --methods does not name")
-        base = apply_overrides(read_yaml(find_config(config)), general)
-        base_seed = config_from_dict(base).seed
-        # Validate every (method, seed) config before any training.
-        plan = {
-            (m, base_seed + k): config_from_dict(
-                base, [f"method.name={method_of[m]}", f"seed={base_seed + k}", "reference=null", *specific.get(m, [])]
-            )
-            for m in names
-            for k in range(seeds)
-        }
-        for cfg in plan.values():
-            check_device(cfg)
-        root = out or default_run_dir(Path("runs"), plan[(names[0], base_seed)].benchmark.name, "compare", base_seed)
-        if root.exists() and any(root.iterdir()) and not resume:
-            raise RunFolderError(f"{root} already exists and is not empty; nothing was written. Pass --resume or another --out.")
-    except (ConfigError, RunFolderError) as e:
+        plan = orchestrate.plan_compare(
+            config, overrides, methods, seeds, out, resume, lambda bench, seed: default_run_dir(Path("runs"), bench, "compare", seed)
+        )
+    except orchestrate.RunProblem as e:
         _fail(str(e))
-    if not names:
-        _fail("--methods is empty")
-    root.mkdir(parents=True, exist_ok=True)
-    per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in names}
-    for (m, seed), cfg in plan.items():
-        folder = root / m / f"seed{seed}"
-        typer.echo(f"== {m}, seed {seed} -> {folder}")
-        per_method[m].append(_run_or_reuse(cfg, folder, resume))
-    summary = {m: report.aggregate(rs) for m, rs in per_method.items()}
-    atomic_write_json(
-        root / "comparison.json",
-        {
-            "benchmark": plan[(names[0], base_seed)].benchmark.name,
-            "seeds": [base_seed + k for k in range(seeds)],
-            "methods": {m: {"summary": summary[m], "runs": [str(root / m / f"seed{r['seed']}") for r in per_method[m]]} for m in names},
-        },
-    )
-    table = report.comparison_table(summary)
-    (root / "comparison.md").write_text(table + "\n")
+    try:
+        outcome = orchestrate.run_compare(plan, resume, typer.echo)
+    except KeyboardInterrupt:
+        command = f"metagate compare {config or ''} {' '.join(overrides)} --methods {methods} --seeds {seeds} --out {plan.root} --resume"
+        _interrupted(plan.root, True, " ".join(command.split()))
     typer.echo("")
-    typer.echo(f"{len(names)} methods x {seeds} seeds, mean ± std ({root / 'comparison.json'})")
-    typer.echo(table)
+    typer.echo(f"{len(plan.labels)} methods x {len(plan.seeds)} seeds, mean ± std ({plan.root / 'comparison.json'})")
+    typer.echo(outcome.table)
+    if outcome.failures:
+        for (label, seed), line in outcome.failures.items():
+            typer.secho(f"failed: {label}, seed {seed}: {line}", fg=typer.colors.RED, err=True)
+        _fail(
+            f"{len(outcome.failures)} of {len(plan.configs)} runs failed (see error.txt in their folders); "
+            "fix the cause and rerun the same command with --resume to retry them",
+            code=1,
+        )
 
 
 @app.command("list")
 def list_(what: str = typer.Argument(..., help="methods | benchmarks | configs")) -> None:
     """List registered methods, benchmarks or ready configs."""
-    from metagate.data import BENCHMARKS
-    from metagate.methods import METHODS
+    from metagate import catalog
 
     if what == "methods":
-        for name in METHODS.names():
-            doc = (METHODS.get(name).__doc__ or "").strip().splitlines()
-            typer.echo(f"{name:14s} {doc[0] if doc else ''}")
+        entries = catalog.registered("METHODS")
     elif what == "benchmarks":
-        for name in BENCHMARKS.names():
-            doc = (BENCHMARKS.get(name).__doc__ or "").strip().splitlines()
-            typer.echo(f"{name:18s} {doc[0] if doc else ''}")
+        entries = catalog.registered("BENCHMARKS")
     elif what == "configs":
-        for name, desc in list_ready_configs().items():
-            typer.echo(f"{name:22s} {desc}")
+        entries = catalog.list_ready_configs()
     else:
         _fail(f"cannot list {what!r}; choose one of: methods, benchmarks, configs")
+    width = max(len(n) for n in entries) + 2
+    for name, desc in entries.items():
+        typer.echo(f"{name:{width}s}{desc}")
 
 
 def main() -> None:  # pragma: no cover

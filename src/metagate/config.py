@@ -1,96 +1,43 @@
-"""Typed, validated experiment configs: YAML files plus dotted ``key=value`` overrides.
+"""The config loader: YAML files plus dotted ``key=value`` overrides, validated against the schema.
 
-A config has four sections: ``seed``, ``benchmark`` (``name`` + the benchmark's fields), ``method``
-(``name`` + its hyperparameters) and ``trainer``, and optionally ``reference``: a second method (same
-form as ``method``; its backbone defaults to the method's) that ``metagate run`` also trains on the
-same stream and seed and prints next to the method, task by task. Each benchmark and method declares its own
-pydantic model, so unknown keys, wrong types and unknown names are refused before any training,
-with the valid choices named.
+Sits above the registries: ``method.name`` and ``benchmark.name`` are resolved through them, so each
+benchmark's and method's own pydantic model checks its section, and unknown keys, wrong types and
+unknown names are refused before any training, with the valid choices named. Besides the schema, a
+config is checked for what the schema alone cannot see: backbone widths a method can gate, and
+devices this machine has (:func:`check_runnable`).
 """
 
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-DEFAULT_CONFIG = "default"
+from metagate.catalog import CONFIG_DIR, DEFAULT_CONFIG, list_ready_configs
+from metagate.data import BENCHMARKS
+from metagate.methods import METHODS
+from metagate.methods.base import BaseMethodConfig
+from metagate.registry import UnknownNameError
+from metagate.schema import ConfigError, ExperimentConfig, TrainerConfig
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message says what to change."""
-
-
-class Section(BaseModel):
-    """Base of every config section: strict about unknown keys, checked on assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-
-class BenchmarkConfig(Section):
-    name: str
-
-
-class MethodConfig(Section):
-    name: str
-
-
-class TrainerConfig(Section):
-    epochs: int = Field(3, ge=1, description="passes over each task's training data")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
-    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto (cuda when available)")
-    eval_batch_size: int = Field(2048, ge=1)
-    log_every: int = Field(0, ge=0, description="steps between loss records in metrics.jsonl; 0 = once per epoch")
-    curve_every: int = Field(
-        0, ge=0, description="steps between evaluations of the current task (learning curves, steps_to_90); 0 = off"
-    )
-    progress: bool = Field(True, description="show progress bars")
-    checkpoint: bool = Field(True, description="write a checkpoint after every task")
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        if value != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value):
-            raise ValueError("must be cpu, cuda, cuda:N, mps or auto")
-        return value
-
-
-class ExperimentConfig(Section):
-    seed: int = 0
-    benchmark: SerializeAsAny[BenchmarkConfig]
-    method: SerializeAsAny[MethodConfig]
-    trainer: TrainerConfig = TrainerConfig()
-    reference: SerializeAsAny[MethodConfig] | None = None
-
-    def reference_config(self) -> "ExperimentConfig | None":
-        """The config of the reference run: this one with ``reference`` as its method."""
-        if self.reference is None:
-            return None
-        return self.model_copy(update={"method": self.reference, "reference": None})
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
-
+__all__ = [
+    "CONFIG_DIR",
+    "ConfigError",
+    "ExperimentConfig",
+    "apply_overrides",
+    "build_config",
+    "config_from_dict",
+    "find_config",
+    "list_ready_configs",
+    "load_config",
+    "parse_overrides",
+    "read_yaml",
+]
 
 # --------------------------------------------------------------------------- loading
-
-
-def list_ready_configs() -> dict[str, str]:
-    """Ready configs shipped in ``configs/``: name -> its one-line description (first comment)."""
-    out: dict[str, str] = {}
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        first = path.read_text().splitlines()[:1]
-        desc = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-        out[path.stem] = desc
-    return out
 
 
 def find_config(name_or_path: str | None) -> Path:
@@ -142,8 +89,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Set dotted keys. Changing ``method.name`` or ``benchmark.name`` starts that section afresh, so
     the old method's hyperparameters do not leak into the new one; only the keys every method shares
     (``backbone``, ``reset_optimizer``) are kept."""
-    from metagate.methods.base import BaseMethodConfig
-
     method_keys = set(BaseMethodConfig.model_fields) - {"name"}
     shared = {"method": method_keys, "reference": method_keys, "benchmark": set()}
     raw = copy.deepcopy(raw)
@@ -188,12 +133,14 @@ def validate_section(section: str, model: type[BaseModel], data: Any) -> Any:
         raise ConfigError(_format_validation_error(section, e, model)) from None
 
 
+def _check_method(method_cls: Any, section: Any, where: str) -> None:
+    problem = method_cls.config_problem(section)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
+
+
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw dict into an :class:`ExperimentConfig`, section by section."""
-    from metagate.data import BENCHMARKS
-    from metagate.methods import METHODS
-    from metagate.registry import UnknownNameError
-
     allowed = {"seed", "benchmark", "method", "trainer", "reference"}
     extra = sorted(set(raw) - allowed)
     if extra:
@@ -210,12 +157,14 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     for name, registry in (("benchmark", BENCHMARKS), ("method", METHODS)):
         entry = entry_for(name, registry, raw.get(name), f"choose one of: {', '.join(registry.names())}")
         sections[name] = validate_section(name, entry.Config, raw[name])
+    _check_method(METHODS.get(sections["method"].name), sections["method"], "method")
     reference = raw.get("reference")
     if reference is not None:
         entry = entry_for("reference", METHODS, reference, "reference is a method section (e.g. reference.name=xdg), or null")
         # The reference runs on the method's backbone unless it names its own.
         reference = {"backbone": sections["method"].backbone.model_dump(mode="json"), **reference}
         sections["reference"] = validate_section("reference", entry.Config, reference)
+        _check_method(entry, sections["reference"], "reference")
     trainer = validate_section("trainer", TrainerConfig, raw.get("trainer") or {})
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):

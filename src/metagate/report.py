@@ -56,38 +56,58 @@ def per_task_table(results: dict[str, Any], reference: dict[str, Any] | None = N
     return markdown_table(["task", "name", *header], rows)
 
 
+def with_unit(x: float | None, unit: str) -> str:
+    """``12.3 pt``, or ``n/a`` without a unit when there is no value."""
+    return "n/a" if x is None else f"{pct(x)}{unit}"
+
+
 def summary_line(results: dict[str, Any]) -> str:
+    speed = results.get("train_samples_per_second")
     return (
-        f"ACC {pct(results['acc'])}%  BWT {pct(results['bwt'])} pt  FWT {pct(results['fwt'])} pt  "
-        f"forgetting {pct(results['forgetting'])} pt  ({results['train_seconds']:.1f} s training, "
-        f"{results['train_samples_per_second'] or 0:,.0f} samples/s)"
+        f"ACC {with_unit(results['acc'], '%')}  BWT {with_unit(results['bwt'], ' pt')}  FWT {with_unit(results['fwt'], ' pt')}  "
+        f"forgetting {with_unit(results['forgetting'], ' pt')}  ({results['train_seconds']:.1f} s training"
+        + (f", {speed:,.0f} samples/s)" if speed else ")")
     )
 
 
-def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+def mean_std(values: Sequence[float | None], planned: int | None = None) -> dict[str, Any]:
+    """Mean and sample standard deviation of the values present; ``n`` says how many there were (of
+    ``planned``), so a figure over fewer seeds than asked is never mistaken for a full one."""
     vals = [v for v in values if v is not None]
-    if not vals:
-        return {"mean": None, "std": None, "values": list(values)}
-    arr = np.asarray(vals, dtype=float)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "values": list(values)}
+    out: dict[str, Any] = {"mean": None, "std": None, "n": len(vals), "planned": planned or len(values), "values": list(values)}
+    if vals:
+        arr = np.asarray(vals, dtype=float)
+        out.update(mean=float(arr.mean()), std=float(arr.std(ddof=1)) if len(arr) > 1 else 0.0)
+    return out
 
 
 COMPARED = ("acc", "bwt", "fwt", "forgetting", "train_seconds")
 
 
-def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and (sample) standard deviation over seeds of each compared figure."""
-    return {k: mean_std([r[k] for r in runs]) for k in COMPARED}
+def aggregate(runs: Sequence[dict[str, Any]], planned: int | None = None) -> dict[str, Any]:
+    """Mean and (sample) standard deviation over seeds of each compared figure, with its count."""
+    return {k: mean_std([r.get(k) for r in runs], planned or len(runs)) for k in COMPARED}
 
 
-def comparison_table(summary: dict[str, dict[str, Any]]) -> str:
-    def fmt(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
-        if stat["mean"] is None:
-            return "n/a"
-        return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+def fmt_stat(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± std``, with ``(n of m)`` when fewer seeds than planned gave the figure."""
+    if stat["mean"] is None:
+        return "n/a"
+    text = f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+    if stat.get("planned") and stat.get("n", stat["planned"]) < stat["planned"]:
+        text += f" ({stat['n']} of {stat['planned']})"
+    return text
 
+
+def comparison_table(summary: dict[str, dict[str, Any]], failed: dict[str, int] | None = None) -> str:
+    """One row per method: mean ± std over seeds; a ``failed`` column when some runs failed."""
+    failed = failed or {}
+    header = ["method", "ACC (%)", "BWT (pt)", "FWT (pt)", "forgetting (pt)", "time (s)"]
     rows = [
-        [m, fmt(s["acc"]), fmt(s["bwt"]), fmt(s["fwt"]), fmt(s["forgetting"]), fmt(s["train_seconds"], 1.0)]
+        [m, fmt_stat(s["acc"]), fmt_stat(s["bwt"]), fmt_stat(s["fwt"]), fmt_stat(s["forgetting"]), fmt_stat(s["train_seconds"], 1.0)]
         for m, s in summary.items()
     ]
-    return markdown_table(["method", "ACC (%)", "BWT (pt)", "FWT (pt)", "forgetting (pt)", "time (s)"], rows)
+    if any(failed.values()):
+        header.append("failed runs")
+        rows = [[*row, str(failed.get(m, 0))] for row, m in zip(rows, summary)]
+    return markdown_table(header, rows)

@@ -1,12 +1,19 @@
 """Run folders: resolved config, results, per-step metrics, environment and checkpoints.
 
 Every write is atomic (temporary file, then rename), and a folder that already holds a run is never
-overwritten silently.
+overwritten silently. One process at a time writes a run folder: :meth:`RunDir.lock` holds an
+exclusive ``fcntl`` lock on ``<run>/.lock`` (which names the holder's PID) for the life of a run.
+A checkpoint carries the SHA-256 of its payload in its header, so a damaged file is refused instead
+of resuming into different numbers.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import io
 import json
 import os
 import platform
@@ -21,11 +28,17 @@ import yaml
 
 from metagate import __version__
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+CHECKPOINT_MAGIC = b"METAGATE-CHECKPOINT\n"  # then 64 hex digits of the payload's SHA-256, a newline, the payload
+PROVENANCE_KEY = "provenance"  # config.yaml's record of the data (not part of the config)
 
 
 class RunFolderError(RuntimeError):
     """A run folder that cannot be used as asked (exists already, nothing to resume, ...)."""
+
+
+class RunFolderBusy(RunFolderError):
+    """A run folder another process holds (its lock)."""
 
 
 class CheckpointError(RuntimeError):
@@ -41,11 +54,28 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
+def write_problem(path: Path, e: OSError) -> RunFolderError:
+    """An ``OSError`` met writing ``path`` as one line that says what to do."""
+    if e.errno == errno.ENOSPC:
+        what = "the disk is full: free some space, then resume the run with --resume"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = "it is not writable: choose a folder you can write to with --out"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST):
+        what = "a file stands where a folder is needed: choose another --out"
+    else:
+        what = e.strerror or str(e)
+    return RunFolderError(f"cannot write {path}: {what}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, then rename it over ``path`` (readers never see a
-    half-written file). The file gets the usual permissions (0666 less the umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    half-written file). The file gets the usual permissions (0666 less the umask). A failed write
+    (full disk, read-only folder) leaves the old file as it was and raises :class:`RunFolderError`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_problem(path, e) from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
@@ -53,8 +83,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_problem(path, e) from None
         raise
 
 
@@ -122,20 +154,70 @@ class RunDir:
     METRICS = "metrics.jsonl"
     ENV = "env.json"
     CHECKPOINT = "checkpoints/last.pt"
+    ERROR = "error.txt"
+
+    LOCK = ".lock"
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._lock_fd: int | None = None
 
     @classmethod
-    def create(cls, path: Path) -> "RunDir":
+    def check_new(cls, path: Path) -> None:
+        """Refuse a path that cannot become a new run folder (a file, a folder with files in it)."""
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.exists() and not path.is_dir():
+            raise RunFolderError(f"{path} is a file, not a folder; nothing was written. Choose another --out.")
+        if path.exists() and any(path.iterdir()):
             raise RunFolderError(
                 f"{path} already exists and is not empty; nothing was written. "
                 "Pass --resume to continue the run in it, or choose another --out."
             )
-        path.mkdir(parents=True, exist_ok=True)
-        return cls(path)
+        parent = next((p for p in (path, *path.parents) if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            raise RunFolderError(f"cannot write {path}: {parent} is not writable; choose a folder you can write to with --out")
+
+    @classmethod
+    def create(cls, path: Path) -> "RunDir":
+        """A new, empty run folder, locked by this process."""
+        cls.check_new(path)
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_problem(Path(path), e) from None
+        run = cls(path)
+        run.lock()
+        return run
+
+    def lock(self) -> "RunDir":
+        """Take the folder's exclusive lock for the life of this process (or until :meth:`unlock`);
+        a folder another process holds is refused at once, naming its PID."""
+        if self._lock_fd is not None:
+            return self
+        lock_path = self.path / self.LOCK
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as e:
+            raise write_problem(lock_path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderBusy(
+                f"{self.path} is in use by another metagate process (PID {holder}); wait for it to finish, "
+                "or stop it, before running or resuming this folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        return self
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     @classmethod
     def open_for_resume(cls, path: Path) -> "RunDir":
@@ -144,21 +226,38 @@ class RunDir:
             raise RunFolderError(f"cannot resume: {run.path} does not exist")
         if not (run.path / cls.CONFIG).is_file():
             raise RunFolderError(f"cannot resume: {run.path} holds no {cls.CONFIG}, so it is not a metagate run")
-        return run
+        return run.lock()
 
     # ----------------------------------------------------------------- files
 
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write_text(self.file(self.CONFIG), yaml.safe_dump(config, sort_keys=False))
+    def write_config(self, config: dict[str, Any], provenance: dict[str, Any] | None = None) -> None:
+        """The resolved config, with the data's provenance (location, fingerprint) as a last section
+        that :meth:`read_config` leaves out (it is a record, not a setting)."""
+        text = yaml.safe_dump(config, sort_keys=False)
+        if provenance:
+            text += "# where the data came from (a record; ignored when this file is read as a config)\n"
+            text += yaml.safe_dump({PROVENANCE_KEY: provenance}, sort_keys=False)
+        atomic_write_text(self.file(self.CONFIG), text)
 
     def read_config(self) -> dict[str, Any]:
-        data = yaml.safe_load(self.file(self.CONFIG).read_text())
+        try:
+            data = yaml.safe_load(self.file(self.CONFIG).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise RunFolderError(f"{self.file(self.CONFIG)} cannot be read ({type(e).__name__}); it is not a usable run folder") from None
         if not isinstance(data, dict):
             raise RunFolderError(f"{self.file(self.CONFIG)} is not a config mapping")
+        data.pop(PROVENANCE_KEY, None)
         return data
+
+    def read_provenance(self) -> dict[str, Any] | None:
+        try:
+            data = yaml.safe_load(self.file(self.CONFIG).read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return data.get(PROVENANCE_KEY) if isinstance(data, dict) else None
 
     def write_env(self, env: dict[str, Any]) -> None:
         atomic_write_json(self.file(self.ENV), env)
@@ -184,8 +283,11 @@ class RunDir:
                 f.truncate(size)
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.file(self.METRICS), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.file(self.METRICS), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_problem(self.file(self.METRICS), e) from None
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -194,11 +296,12 @@ class RunDir:
         return self.file(self.CHECKPOINT)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        import io
-
+        """``state`` behind a header with the payload's SHA-256, in one atomic write."""
         buf = io.BytesIO()
         torch.save({"format": CHECKPOINT_FORMAT, **state}, buf)
-        atomic_write_bytes(self.checkpoint_path, buf.getvalue())
+        payload = buf.getvalue()
+        digest = hashlib.sha256(payload).hexdigest().encode()
+        atomic_write_bytes(self.checkpoint_path, CHECKPOINT_MAGIC + digest + b"\n" + payload)
 
     def load_checkpoint(self, map_location: torch.device | str = "cpu") -> dict[str, Any]:
         return load_checkpoint(self.checkpoint_path, map_location)
@@ -211,12 +314,26 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dic
             f"no checkpoint at {path}: the run stopped before its first task ended; delete {path.parent.parent} "
             "and start it again without --resume"
         )
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged file)
+    fresh = f"start the run afresh in a new folder (or delete {path.parent.parent} and run it again)"
+    raw = path.read_bytes()
+    head = len(CHECKPOINT_MAGIC) + 65
+    if not raw.startswith(CHECKPOINT_MAGIC) or len(raw) < head or raw[head - 1 : head] != b"\n":
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a metagate checkpoint ({type(e).__name__}: {e}); "
-            "delete it to start the run afresh in a new folder"
+            f"checkpoint {path} is corrupt or not a metagate checkpoint of format {CHECKPOINT_FORMAT} (no checksum header); {fresh}"
+        )
+    payload = raw[head:]
+    if hashlib.sha256(payload).hexdigest().encode() != raw[len(CHECKPOINT_MAGIC) : head - 1]:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its contents do not match the SHA-256 written with it "
+            f"(the file was damaged or changed after it was written); {fresh}"
+        )
+    try:
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged or foreign file)
+        # torch's own text may advise weights_only=False, which would run arbitrary code: not passed on.
+        raise CheckpointError(
+            f"checkpoint {path} holds data a metagate checkpoint may not hold ({type(e).__name__}); "
+            f"it was not loaded. {fresh}"
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(

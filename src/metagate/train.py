@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import resource
+import sys
 import time
 from typing import Any
 
@@ -17,11 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from metagate import metrics
-from metagate.config import ExperimentConfig
 from metagate.data import build_stream
 from metagate.data.stream import Stream, Task
 from metagate.methods import Batch, Method, create_method
 from metagate.runs import CheckpointError, RunDir, environment
+from metagate.runtime import check_machine, configure_threads, resolve_device
+from metagate.schema import ExperimentConfig
+
+__all__ = ["Trainer", "TrainingDiverged", "differing_keys", "evaluate", "resolve_device", "run_identity"]
 
 # Trainer fields that may differ between a run and its resumption (they do not change the numbers).
 RESUME_FREE_KEYS = ("device", "progress", "eval_batch_size", "checkpoint")
@@ -34,17 +38,33 @@ def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in config.items() if k != "reference"}, "trainer": trainer}
 
 
+def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (missing counts as differing)."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        va, vb, name = a.get(key), b.get(key), f"{prefix}{key}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differing_keys(va, vb, f"{name}.")
+        elif va != vb or (key in a) != (key in b):
+            out.append(name)
+    return out
+
+
+def describe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """``method.c: 0.1 (saved) vs 1.0 (now), ...`` for the first few differing keys."""
+
+    def get(d: dict[str, Any], dotted: str) -> Any:
+        for part in dotted.split("."):
+            d = d.get(part, "<absent>") if isinstance(d, dict) else "<absent>"
+        return d
+
+    keys = differing_keys(run_identity(saved), run_identity(current))
+    shown = [f"{k}: {get(saved, k)!r} there vs {get(current, k)!r} here" for k in keys[:6]]
+    return "; ".join(shown) + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={name} but this machine has no CUDA device; use trainer.device=cpu or auto")
-    return device
+    """The loss became NaN or infinite, or grew by orders of magnitude; the last good checkpoint is kept."""
 
 
 def seed_everything(seed: int) -> None:
@@ -92,7 +112,8 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, run: RunDir | None = None) -> None:
         self.cfg = cfg
         self.run = run
-        self.device = resolve_device(cfg.trainer.device)
+        self.device = check_machine(cfg)
+        self.threads = configure_threads(cfg.trainer.resolved_threads())
         seed_everything(cfg.seed)
         self.stream: Stream = build_stream(cfg.benchmark, cfg.seed).to(self.device)
         torch.manual_seed(task_seed(cfg.seed, -1))
@@ -119,9 +140,15 @@ class Trainer:
         saved, current = ckpt.get("config", {}), self.cfg.to_dict()
         if run_identity(saved) != run_identity(current):
             raise CheckpointError(
-                f"checkpoint {self.run.checkpoint_path} was written by another config "
-                f"(method {saved.get('method', {}).get('name')!r}, benchmark {saved.get('benchmark', {}).get('name')!r}, "
-                f"seed {saved.get('seed')!r}); resume with the run's own config.yaml"
+                f"checkpoint {self.run.checkpoint_path} was written by another config ({describe_difference(saved, current)}); "
+                "resume with the run's own config.yaml (no overrides), or start a new run in another --out"
+            )
+        data = ckpt.get("provenance", {})
+        if data.get("sha256") and data.get("sha256") != self.stream.provenance.get("sha256"):
+            raise CheckpointError(
+                f"the data differ from those the run in {self.run.path} started with "
+                f"({data.get('location')}, sha256 {data.get('sha256')}; now {self.stream.provenance.get('location')}, "
+                f"sha256 {self.stream.provenance.get('sha256')}); point benchmark.root at the original files, or start a new run"
             )
         try:
             self.method.load_state_dict(ckpt["method_state"])
@@ -140,6 +167,7 @@ class Trainer:
                 "method_state": self.method.state_dict(),
                 "metrics_size": self.run.metrics_size(),
                 "rng": {"torch": torch.get_rng_state()},
+                "provenance": self.stream.provenance,
             }
         )
 
@@ -150,13 +178,26 @@ class Trainer:
     # ----------------------------------------------------------------- loop
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train the stream (from the last checkpoint with ``resume``), holding the run folder's lock."""
+        if self.run is None:
+            return self._fit(resume)
+        self.run.lock()
+        try:
+            return self._fit(resume)
+        finally:
+            self.run.unlock()
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         cfg, tc, method = self.cfg, self.cfg.trainer, self.method
         if self.run is not None and not resume:
-            self.run.write_config(cfg.to_dict())
+            self.run.write_config(cfg.to_dict(), self.stream.provenance)
             self.run.write_env(environment(self.device))
         state = self._load_state() if resume else self._fresh_state()
         tasks = self.stream.tasks
-        bar = tqdm(total=len(tasks), initial=state["next_task"], desc="tasks", unit="task", disable=not tc.progress)
+        bars = tc.progress and sys.stderr.isatty()  # bars on a terminal; in a log, one line per epoch
+        lines = tc.progress and not bars
+        bar = tqdm(total=len(tasks), initial=state["next_task"], desc="tasks", unit="task", disable=not bars)
+        first_loss: torch.Tensor | None = None  # the run's first task loss, the scale for divergence
         for t in range(state["next_task"], len(tasks)):
             task = tasks[t]
             torch.manual_seed(task_seed(cfg.seed, t))
@@ -168,9 +209,7 @@ class Trainer:
             data = method.training_data(task)
             n = int(data.y.shape[0])
             steps_per_epoch = math.ceil(n / tc.batch_size)
-            batches = tqdm(
-                total=tc.epochs * steps_per_epoch, desc=f"task {t}", unit="step", leave=False, disable=not tc.progress
-            )
+            batches = tqdm(total=tc.epochs * steps_per_epoch, desc=f"task {t}", unit="step", leave=False, disable=not bars)
             curve: list[tuple[int, float]] = []  # (steps on this task, accuracy on it), untimed
             if tc.curve_every:
                 pause = time.perf_counter()
@@ -183,6 +222,8 @@ class Trainer:
                     idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
                     batch = Batch(data.x[idx], data.y[idx], None if data.task_ids is None else data.task_ids[idx])
                     losses = method.train_step(batch, task)
+                    if first_loss is None and "reference_loss" not in state:
+                        first_loss = losses["loss"].detach().clone()
                     for k, v in losses.items():
                         if k in sums:
                             sums[k].add_(v)
@@ -198,17 +239,22 @@ class Trainer:
                         self._log({"type": "step", "task": t, "step": state["steps"], **{k: float(v) for k, v in losses.items()}})
                     batches.update()
                 means = {k: float(v) / steps_per_epoch for k, v in sums.items()}  # one sync per epoch
-                bad = {k: v for k, v in means.items() if not math.isfinite(v)}
-                if bad:
+                if first_loss is not None:
+                    state["reference_loss"] = float(first_loss)
+                    first_loss = None
+                problem = self._divergence(means, state.get("reference_loss"))
+                if problem:
                     batches.close()
                     bar.close()
-                    kept = f"the checkpoint after task {t - 1} is kept" if t > 0 else "no task had finished"
                     raise TrainingDiverged(
-                        f"{', '.join(f'{k} = {v}' for k, v in bad.items())} in task {t}, epoch {epoch}: training stopped "
-                        f"({kept}). Lower trainer.lr or the method's strength and start a new run."
+                        f"{problem} in task {t}, epoch {epoch}: training stopped ({self._kept(t)}). "
+                        "Lower trainer.lr or the method's strength and start a new run."
                     )
                 self._log({"type": "epoch", "task": t, "epoch": epoch, "step": state["steps"], **means})
                 state["samples_seen"] += n
+                if lines:
+                    losses_text = "  ".join(f"{k} {v:.4g}" for k, v in means.items())
+                    print(f"task {t + 1}/{len(tasks)}  epoch {epoch + 1}/{tc.epochs}  {losses_text}", file=sys.stderr, flush=True)
             batches.close()
             method.after_task(task)
             self._sync()
@@ -224,11 +270,32 @@ class Trainer:
             self._save_state(state)
             bar.set_postfix(acc=f"{np.mean(row[: t + 1]):.3f}")
             bar.update()
+            if lines:
+                print(f"task {t + 1}/{len(tasks)} done: mean accuracy on tasks so far {np.mean(row[: t + 1]):.3f}", file=sys.stderr, flush=True)
         bar.close()
         results = self.results(state)
         if self.run is not None:
             self.run.write_results(results)
         return results
+
+    def _divergence(self, means: dict[str, float], reference: float | None) -> str | None:
+        """What says training diverged: a loss that is NaN or infinite, or a task loss grown past
+        ``trainer.divergence_factor`` times the run's first one (at least that many times 1)."""
+        bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+        if bad:
+            return ", ".join(f"{k} = {v}" for k, v in bad.items())
+        loss = means.get("loss")
+        if loss is not None and reference is not None:
+            limit = self.cfg.trainer.divergence_factor * max(abs(reference), 1.0)
+            if loss > limit:
+                return f"loss = {loss:.3g}, over {self.cfg.trainer.divergence_factor:g} x the first loss ({reference:.3g})"
+        return None
+
+    def _kept(self, t: int) -> str:
+        """What a stopped run leaves to resume from, as a phrase."""
+        if self.run is None or not self.cfg.trainer.checkpoint:
+            return "no checkpoints are written with trainer.checkpoint=false, so it cannot be resumed"
+        return f"the checkpoint after task {t - 1} is kept" if t > 0 else "no task had finished, so there is no checkpoint"
 
     def _curve_point(self, task: Task) -> float:
         return evaluate(self.method, [task], self.cfg.trainer.eval_batch_size)[0]  # restores train mode
@@ -262,6 +329,8 @@ class Trainer:
             "train_steps": state["steps"],
             "peak_memory_mb": peak_memory_mb(self.device),
             "device": str(self.device),
+            "threads": self.threads,
+            "data": self.stream.provenance,
             **self.method.extra_results(),
             **self._mask_figures(),
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from metagate.config import BenchmarkConfig
+from metagate.schema import BenchmarkConfig
 
 
 class AngleFields(BenchmarkConfig):

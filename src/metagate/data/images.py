@@ -38,16 +38,18 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from metagate.config import BenchmarkConfig
+from metagate.schema import BenchmarkConfig
 from metagate.data import BENCHMARKS
 from metagate.data.angles import AngleFields, angle_schedule
 from metagate.data.sources import (
     DatasetName,
     EmnistSplit,
     ImageData,
+    data_set_size,
     load_dataset,
     num_classes,
 )
+from metagate.data.provenance import fingerprint_files, fingerprint_tensors
 from metagate.data.stream import Stream, Task
 
 
@@ -68,9 +70,24 @@ class ImageBenchmarkConfig(BenchmarkConfig):
     test_per_task: int | None = Field(None, ge=1, description="cap on test samples per task: a seeded random subset per task (null: all)")
     normalize: bool = Field(True, description="standardise inputs per channel with the training set's mean and std")
 
+    def memory_estimate(self) -> int:
+        """The loaded data set (raw and standardised) plus every task's (and held-out task's) tensors."""
+        n_train, n_test, numel = data_set_size(self.dataset, self.emnist_split)
+        tasks = getattr(self, "num_tasks", 1)
+        share = 1 / tasks if self.name == "split" else 1.0  # split: each task holds its classes only
+        built = tasks + getattr(self, "heldout_inside", 0) + getattr(self, "heldout_outside", 0)
+        per_task = sum(min(cap or n, int(n * share)) for n, cap in ((n_train, self.train_per_task), (n_test, self.test_per_task)))
+        return 4 * numel * (2 * (n_train + n_test) + built * per_task)
+
 
 def load(cfg: ImageBenchmarkConfig) -> ImageData:
     return load_dataset(cfg.dataset, cfg.root, cfg.download, cfg.emnist_split)
+
+
+def provenance(data: ImageData) -> dict[str, object]:
+    """Where ``data`` was read from and the fingerprint of the files read (or of the generated tensors)."""
+    print_ = fingerprint_files(data.files) if data.files else fingerprint_tensors((data.x_train, data.y_train, data.x_test, data.y_test))
+    return {"dataset": data.name, "location": data.location, "found_via": data.found_via, **print_}
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,7 +166,7 @@ class Permuted:
                     info={"dataset": data.name, "identity": int(t == 0 and cfg.identity_first)},
                 )
             )
-        return Stream(f"permuted-{data.name}", tasks, (c, h, w), data.num_classes, "domain", contexts.shape[1])
+        return Stream(f"permuted-{data.name}", tasks, (c, h, w), data.num_classes, "domain", contexts.shape[1], provenance=provenance(data))
 
 
 # --------------------------------------------------------------------------- rotated
@@ -216,7 +233,7 @@ class Rotated:
 
         tasks = [make(i, a, f"rot-{a:g}", False) for i, a in enumerate(train_angles)]
         heldout = [make(cfg.num_tasks + i, a, f"heldout-rot-{a:g}", True) for i, a in enumerate(heldout_angles)]
-        return Stream(f"rotated-{data.name}", tasks, (c, h, w), data.num_classes, "domain", 2, heldout)
+        return Stream(f"rotated-{data.name}", tasks, (c, h, w), data.num_classes, "domain", 2, heldout, provenance(data))
 
 
 # --------------------------------------------------------------------------- split
@@ -288,4 +305,4 @@ class Split:
                 )
             )
         stream_name = f"split-{data.name}"
-        return Stream(stream_name, tasks, data.input_shape, k * cfg.num_tasks, cfg.scenario, k * cfg.prototype_dim)
+        return Stream(stream_name, tasks, data.input_shape, k * cfg.num_tasks, cfg.scenario, k * cfg.prototype_dim, provenance=provenance(data))

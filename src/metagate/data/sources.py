@@ -14,20 +14,26 @@ Formats:
 Every loader returns an :class:`ImageData`: images ``[N, C, H, W]`` float32 in [0, 1] (MNIST-1D:
 the generator's standardised signals, ``[N, 1, 1, 40]``) and int64 labels.
 
-Where files are looked for, in order (first complete, readable set wins):
+Where files are looked for:
 
-1. ``benchmark.root`` (the config), 2. ``$METAGATE_DATA``, 3. the user cache folder
-   ``${XDG_CACHE_HOME:-~/.cache}/metagate`` -- each as ``<root>/<folder>`` and ``<root>`` itself;
-4. torchvision's layout under those roots (``<root>/FashionMNIST/raw``, ``<root>/cifar-10-batches-py``, ...);
-5. the system data folder ``/usr/share/datasets/<folder>`` (Debian's ``dataset-fashion-mnist``
-   installs Fashion-MNIST there).
+* With ``benchmark.root`` set, only there: ``<root>/<folder>``, ``<root>`` itself and torchvision's
+  layout under it (``<root>/FashionMNIST/raw``, ``<root>/cifar-10-batches-py``, ...). A root that does
+  not exist or holds no readable copy is refused with an error naming it: the data a user pointed at
+  is used or the run does not start, never silently replaced by another copy.
+* Without it, in order (first complete, readable set wins): 1. ``$METAGATE_DATA``, 2. the user cache
+  folder ``${XDG_CACHE_HOME:-~/.cache}/metagate`` (each as ``<root>/<folder>``, ``<root>`` and
+  torchvision's layout), 3. the system data folder ``/usr/share/datasets/<folder>`` (Debian's
+  ``dataset-fashion-mnist`` installs Fashion-MNIST there). :attr:`ImageData.found_via` says which.
+
+Every loaded set records the files it was read from; :func:`metagate.data.provenance.fingerprint_files`
+turns them into the size and hash that run folders keep.
 
 MNIST, Fashion-MNIST and KMNIST ship files of the same names: keep each in its own sub-folder
 (``<root>/mnist``, ``<root>/fashion-mnist``, ``<root>/kmnist``), since files lying in ``<root>``
 itself serve whichever of them is asked for.
 
 With ``download=True`` a missing set is fetched by torchvision (an optional dependency) into the
-first root. A set that is missing or unreadable raises :class:`DataNotFoundError`, which lists
+given root (else ``$METAGATE_DATA``, else the user cache). A set that is missing or unreadable raises :class:`DataNotFoundError`, which lists
 every place looked and how to get the data.
 """
 
@@ -80,6 +86,8 @@ class ImageData:
     y_test: Tensor
     class_names: tuple[str, ...]
     location: str  # where it was read from (folder, archive or generator)
+    files: tuple[Path, ...] = ()  # the files read (empty for generated sets)
+    found_via: str = ""  # why that place was searched (benchmark.root, $METAGATE_DATA, ...)
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
@@ -241,6 +249,24 @@ EMNIST_CLASSES: dict[str, tuple[str, ...]] = {
 _CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
+# (train images, test images, values per image) of each set, for memory estimates before loading
+_SIZES: dict[str, tuple[int, int, int]] = {
+    "fashion_mnist": (60000, 10000, 784), "mnist": (60000, 10000, 784), "kmnist": (60000, 10000, 784),
+    "cifar10": (50000, 10000, 3072), "cifar100": (50000, 10000, 3072), "digits": (1433, 364, 64), "mnist1d": (4000, 1000, 40),
+}
+_EMNIST_SIZES = {
+    "balanced": (112800, 18800), "byclass": (697932, 116323), "bymerge": (697932, 116323),
+    "digits": (240000, 40000), "letters": (124800, 20800), "mnist": (60000, 10000),
+}
+
+
+def data_set_size(dataset: str, emnist_split: str = "balanced") -> tuple[int, int, int]:
+    """(train images, test images, values per image) of a data set, known without reading it."""
+    if dataset == "emnist":
+        return (*_EMNIST_SIZES[emnist_split], 784)
+    return _SIZES[dataset]
+
+
 def num_classes(dataset: DatasetName, emnist_split: EmnistSplit = "balanced") -> int:
     """Number of classes of a data set, known without reading it."""
     if dataset == "emnist":
@@ -295,13 +321,12 @@ def user_cache_dir() -> Path:
 
 
 def data_roots(root: str | Path | None = None) -> list[tuple[Path | None, str]]:
-    """The roots searched, in order, with why: the config's, ``$METAGATE_DATA``'s, the user cache."""
+    """The roots searched, in order, with why: the config's alone when it is set, else
+    ``$METAGATE_DATA``'s and the user cache."""
+    if root:
+        return [(Path(root).expanduser(), "benchmark.root")]
     env = os.environ.get(ENV_VAR)
-    return [
-        (Path(root).expanduser() if root else None, "benchmark.root"),
-        (Path(env).expanduser() if env else None, f"${ENV_VAR}"),
-        (user_cache_dir(), "user cache"),
-    ]
+    return [(Path(env).expanduser() if env else None, f"${ENV_VAR}"), (user_cache_dir(), "user cache")]
 
 
 def search_places(dataset: str, root: str | Path | None = None) -> list[tuple[Path | None, str]]:
@@ -317,8 +342,9 @@ def search_places(dataset: str, root: str | Path | None = None) -> list[tuple[Pa
     for base, why in roots:
         if base is not None:
             places += [(base / sub, f"{why}, torchvision layout") for sub in spec.torchvision_folders]
-    package = f", Debian package {spec.debian_package}" if spec.debian_package else ""
-    places.append((SYSTEM_DATA_DIR / spec.system_folder, f"system data folder{package}"))
+    if not root:
+        package = f", Debian package {spec.debian_package}" if spec.debian_package else ""
+        places.append((SYSTEM_DATA_DIR / spec.system_folder, f"system data folder{package}"))
     seen: set[Path] = set()
     unique = []
     for path, why in places:
@@ -345,7 +371,7 @@ def _find_file(folder: Path, stem: str) -> Path:
     raise _Absent(f"no {stem}[.gz]")
 
 
-def _read_idx_folder(folder: Path, prefix: str, test_name: str) -> tuple[np.ndarray, ...]:
+def _read_idx_folder(folder: Path, prefix: str, test_name: str) -> tuple[tuple[np.ndarray, ...], tuple[Path, ...]]:
     names = [f"{prefix}{split}-{kind}" for split in ("train", test_name) for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
     missing = []
     paths = []
@@ -360,10 +386,10 @@ def _read_idx_folder(folder: Path, prefix: str, test_name: str) -> tuple[np.ndar
     for x, y, px, py in ((x_tr, y_tr, paths[0], paths[1]), (x_te, y_te, paths[2], paths[3])):
         if x.shape[0] != y.shape[0]:
             raise DataFormatError(f"{px.name} has {x.shape[0]} images but {py.name} has {y.shape[0]} labels")
-    return x_tr, y_tr, x_te, y_te
+    return (x_tr, y_tr, x_te, y_te), tuple(paths)
 
 
-def _cifar_members(folder: Path, dataset: str) -> Callable[[str], bytes | None]:
+def _cifar_members(folder: Path, dataset: str, read_from: list[Path]) -> Callable[[str], bytes | None]:
     """A reader of the set's files by name, from the extracted folder or from the ``.tar.gz`` archive."""
     inner = "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python"
     archive = folder / ("cifar-10-python.tar.gz" if dataset == "cifar10" else "cifar-100-python.tar.gz")
@@ -371,6 +397,7 @@ def _cifar_members(folder: Path, dataset: str) -> Callable[[str], bytes | None]:
     if (folder / probe).is_file():
         return lambda name: (folder / name).read_bytes() if (folder / name).is_file() else None
     if archive.is_file():
+        read_from.append(archive)
         try:
             with tarfile.open(archive, "r:gz") as tar:
                 members = {
@@ -384,8 +411,9 @@ def _cifar_members(folder: Path, dataset: str) -> Callable[[str], bytes | None]:
     raise _Absent(f"no {probe} and no {archive.name}")
 
 
-def _read_cifar(folder: Path, dataset: str) -> tuple[tuple[np.ndarray, ...], tuple[str, ...], str]:
-    read = _cifar_members(folder, dataset)
+def _read_cifar(folder: Path, dataset: str) -> tuple[tuple[np.ndarray, ...], tuple[str, ...], tuple[Path, ...]]:
+    archive: list[Path] = []
+    read = _cifar_members(folder, dataset, archive)
     if dataset == "cifar10":
         names, label_key, meta, meta_key, fallback = [f"data_batch_{i}" for i in range(1, 6)], "labels", "batches.meta", "label_names", _CIFAR10
         test_name = "test_batch"
@@ -399,7 +427,8 @@ def _read_cifar(folder: Path, dataset: str) -> tuple[tuple[np.ndarray, ...], tup
     x_te, y_te = _cifar_batch(read(test_name), str(folder / test_name), label_key)  # type: ignore[arg-type]
     classes = _label_names(read(meta), str(folder / meta), meta_key, fallback)
     arrays = (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), x_te, y_te)
-    return arrays, classes, str(folder)
+    files = tuple(archive) or tuple(folder / n for n in (*names, test_name, meta) if (folder / n).is_file())
+    return arrays, classes, files
 
 
 def _to_tensors(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray) -> tuple[Tensor, ...]:
@@ -429,18 +458,17 @@ def _load_files(dataset: str, root: str | Path | None, emnist_split: str) -> Ima
             continue
         try:
             if dataset in ("cifar10", "cifar100"):
-                arrays, classes, location = _read_cifar(folder, dataset)
+                arrays, classes, files = _read_cifar(folder, dataset)
             elif dataset == "emnist":
-                arrays = _read_idx_folder(folder, f"emnist-{emnist_split}-", "test")
+                arrays, files = _read_idx_folder(folder, f"emnist-{emnist_split}-", "test")
                 # EMNIST stores images transposed relative to MNIST: transpose to show them upright.
                 arrays = (arrays[0].transpose(0, 2, 1), arrays[1], arrays[2].transpose(0, 2, 1), arrays[3])
                 if emnist_split == "letters":
                     arrays = (arrays[0], arrays[1] - 1, arrays[2], arrays[3] - 1)
-                classes, location = EMNIST_CLASSES[emnist_split], str(folder)
+                classes = EMNIST_CLASSES[emnist_split]
             else:
-                arrays = _read_idx_folder(folder, "", "t10k")
+                arrays, files = _read_idx_folder(folder, "", "t10k")
                 classes = {"fashion_mnist": _FASHION, "mnist": _DIGITS, "kmnist": _KMNIST}[dataset]
-                location = str(folder)
         except _Absent as e:
             report.append((folder, why, str(e)))
             continue
@@ -449,17 +477,28 @@ def _load_files(dataset: str, root: str | Path | None, emnist_split: str) -> Ima
             continue
         x_tr, y_tr, x_te, y_te = _to_tensors(*arrays)
         try:
-            return ImageData(dataset if dataset != "emnist" else f"emnist_{emnist_split}", x_tr, y_tr, x_te, y_te, classes, location)
+            name = dataset if dataset != "emnist" else f"emnist_{emnist_split}"
+            return ImageData(name, x_tr, y_tr, x_te, y_te, classes, str(folder), files, why)
         except DataFormatError as e:
             report.append((folder, why, f"UNREADABLE: {e}"))
-    raise DataNotFoundError(_not_found_message(dataset, report, emnist_split, download_root(root)), report)
+    raise DataNotFoundError(_not_found_message(dataset, report, emnist_split, download_root(root), root), report)
 
 
-def _not_found_message(dataset: str, report: list[tuple[Path | None, str, str]], emnist_split: str, target: Path) -> str:
+def _not_found_message(
+    dataset: str, report: list[tuple[Path | None, str, str]], emnist_split: str, target: Path, root: str | Path | None = None
+) -> str:
     spec = _SPECS[dataset]
     broken = any(found.startswith("UNREADABLE") for _, _, found in report)
     title = spec.title + (f" ({emnist_split} split)" if dataset == "emnist" else "")
-    lines = [f"{title} {'could not be read' if broken else 'was not found'}. Looked in, in order:"]
+    if root:
+        missing = "" if Path(root).expanduser().exists() else " (that folder does not exist)"
+        lines = [
+            f"{title} {'could not be read from' if broken else 'was not found in'} benchmark.root={root}{missing}; "
+            "a root you set is used or refused, never replaced by another copy (unset benchmark.root to search "
+            f"${ENV_VAR}, the user cache and the system data folder). Looked in:"
+        ]
+    else:
+        lines = [f"{title} {'could not be read' if broken else 'was not found'}. Looked in, in order:"]
     for folder, why, found in report:
         lines.append(f"  - {why}: not set" if folder is None else f"  - {folder} [{why}]: {found}")
     files = ", ".join(f.replace("<split>", emnist_split) for f in spec.files)
@@ -528,7 +567,7 @@ def load_digits_data() -> ImageData:
         members = (y == c).nonzero().squeeze(1)
         rank[members] = torch.arange(len(members))
     test = rank % 5 == 0
-    return ImageData("digits", x[~test], y[~test], x[test], y[test], _DIGITS, "sklearn.datasets.load_digits")
+    return ImageData("digits", x[~test], y[~test], x[test], y[test], _DIGITS, "sklearn.datasets.load_digits", found_via="generated")
 
 
 def load_mnist1d_data() -> ImageData:
@@ -556,7 +595,7 @@ def load_mnist1d_data() -> ImageData:
         return torch.from_numpy(np.asarray(y, dtype=np.int64))
 
     x_tr, y_tr, x_te, y_te = signals(ds["x"]), labels(ds["y"]), signals(ds["x_test"]), labels(ds["y_test"])
-    return ImageData("mnist1d", x_tr, y_tr, x_te, y_te, _DIGITS, "mnist1d.data.make_dataset")
+    return ImageData("mnist1d", x_tr, y_tr, x_te, y_te, _DIGITS, "mnist1d.data.make_dataset", found_via="generated")
 
 
 def load_dataset(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -62,7 +62,9 @@ class Stream:
     """The ordered tasks plus what a model must know up front.
 
     ``heldout`` tasks are never trained on; they are evaluated after every task (held-out contexts
-    inside and outside the training range, for transfer measurements).
+    inside and outside the training range, for transfer measurements). ``provenance`` says where the
+    data came from (``location``, ``found_via``) and fingerprints it (``bytes``, ``sha256``): the files
+    read for a data set on disk, the tensors for a generated one.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Stream:
     scenario: Scenario
     context_dim: int
     heldout: list[Task] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for i, task in enumerate(self.tasks):
@@ -114,4 +117,5 @@ class Stream:
             scenario=self.scenario,
             context_dim=self.context_dim,
             heldout=[t.to(device) for t in self.heldout],
+            provenance=dict(self.provenance),
         )

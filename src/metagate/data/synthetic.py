@@ -25,7 +25,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from metagate.config import BenchmarkConfig
+from metagate.schema import BenchmarkConfig
 from metagate.data import BENCHMARKS
 from metagate.data.angles import AngleFields, angle_schedule
 from metagate.data.stream import Stream, Task
@@ -63,6 +63,10 @@ class _TeacherFamilyConfig(BenchmarkConfig):
     train_per_task: int = Field(4000, ge=1)
     test_per_task: int = Field(1000, ge=1)
     label_noise: float = Field(0.0, ge=0, le=1, description="fraction of labels replaced by random ones")
+
+    def memory_estimate(self) -> int:
+        built = self.num_tasks + getattr(self, "heldout_inside", 0) + getattr(self, "heldout_outside", 0)
+        return built * (self.train_per_task + self.test_per_task) * (4 * self.input_dim + 8)
 
 
 @BENCHMARKS.register("gated_teacher")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from metagate.config import MethodConfig, TrainerConfig
+from metagate.schema import MethodConfig, TrainerConfig
 from metagate.data.stream import Scenario, Stream, Task
 from metagate.methods.stabilizers import Stabilizer
 from metagate.nn.backbones import BackboneConfig, build_backbone
@@ -54,6 +54,17 @@ class Method(nn.Module):
     Config: ClassVar[type[BaseMethodConfig]] = BaseMethodConfig
     name: ClassVar[str] = "base"
     scenarios: ClassVar[tuple[Scenario, ...]] = ("task", "domain", "class")
+    gates: ClassVar[bool] = False  # gating methods mask hidden units: the backbone needs gated layers
+
+    @classmethod
+    def config_problem(cls, cfg: BaseMethodConfig) -> str | None:
+        """What makes ``cfg`` impossible for this method, found before anything is built (else ``None``)."""
+        if cls.gates and not cfg.backbone.gated_widths():
+            return (
+                f"{cls.name} gates hidden units, but the {cfg.backbone.kind} backbone has no hidden layer "
+                "(method.backbone.hidden=[]): give it at least one, e.g. method.backbone.hidden=[256]"
+            )
+        return None
 
     def __init__(self, cfg: BaseMethodConfig, stream: Stream, trainer: TrainerConfig, device: torch.device) -> None:
         super().__init__()

@@ -115,6 +115,7 @@ class MetaGate(Method):
 
     name = "metagate"
     scenarios = ("task", "domain")
+    gates = True
     cfg: Config
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]

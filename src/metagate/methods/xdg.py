@@ -58,6 +58,7 @@ class XdG(Method):
 
     name = "xdg"
     scenarios = ("task", "domain")
+    gates = True
     cfg: Config
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]

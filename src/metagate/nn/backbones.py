@@ -17,14 +17,14 @@ Shared interface (:class:`GatedBackbone`):
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from metagate.config import Section
+from metagate.schema import Section
 
 UnitMasks = Sequence[Tensor | None] | None
 
@@ -39,10 +39,22 @@ class BackboneConfig(Section):
     """
 
     kind: Literal["mlp", "cnn", "resnet18"] = Field("mlp", description="mlp, cnn or resnet18")
-    hidden: list[int] = Field(default_factory=lambda: [128, 128], description="fully connected hidden widths (mlp, cnn)")
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [128, 128], description="fully connected hidden widths (mlp, cnn)"
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each fully connected hidden layer (mlp, cnn)")
-    channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, description="conv layer widths (cnn)")
+    channels: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [32, 64], min_length=1, description="conv layer widths (cnn)"
+    )
     nf: int = Field(20, ge=1, description="base width of resnet18 (GEM: 20)")
+
+    def gated_widths(self) -> list[int]:
+        """Units per gated layer of the backbone this config builds (without building it)."""
+        if self.kind == "mlp":
+            return list(self.hidden)
+        if self.kind == "cnn":
+            return [*self.channels, *self.hidden]
+        return [self.nf] + [w for w in (self.nf, 2 * self.nf, 4 * self.nf, 8 * self.nf) for _ in range(2)]
 
 
 def _apply_mask(h: Tensor, mask: Tensor | None) -> Tensor:

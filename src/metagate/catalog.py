@@ -1,0 +1,61 @@
+"""What metagate offers, read without importing torch: ready configs, registered methods and benchmarks.
+
+``metagate list`` and ``metagate --help`` must start in well under a second, and importing torch
+takes seconds. Methods and benchmarks register themselves with a decorator
+(``@METHODS.register("name")``); this module finds those decorators in the package's source files
+with :mod:`ast`, so the registry stays the one source of truth (a test checks both agree).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).parent
+CONFIG_DIR = PACKAGE_DIR / "configs"
+DEFAULT_CONFIG = "default"
+
+# registry variable -> the package folder whose modules register into it
+_REGISTRIES = {"METHODS": "methods", "BENCHMARKS": "data"}
+
+
+def list_ready_configs() -> dict[str, str]:
+    """Ready configs shipped in ``configs/``: name -> its one-line description (first comment)."""
+    out: dict[str, str] = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[:1]
+        out[path.stem] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+    return out
+
+
+def first_sentence(doc: str | None) -> str:
+    """A docstring's first sentence as plain text (RST roles and literals unwrapped)."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)  # :class:`X` -> X
+    text = re.sub(r"``([^`]+)``", r"\1", text)  # ``x`` -> x
+    text = re.sub(r"`([^`]+)`_?", r"\1", text)
+    text = text.replace("**", "").replace("\\", "")
+    match = re.match(r"(.+?[.!?])(\s|$)", text)
+    return match.group(1) if match else text
+
+
+def registered(registry: str) -> dict[str, str]:
+    """``registry`` (``METHODS`` or ``BENCHMARKS``): name -> first docstring sentence of the entry."""
+    found: dict[str, str] = {}
+    for path in sorted((PACKAGE_DIR / _REGISTRIES[registry]).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for deco in node.decorator_list:
+                if (
+                    isinstance(deco, ast.Call)
+                    and isinstance(deco.func, ast.Attribute)
+                    and deco.func.attr == "register"
+                    and isinstance(deco.func.value, ast.Name)
+                    and deco.func.value.id == registry
+                    and deco.args
+                    and isinstance(deco.args[0], ast.Constant)
+                ):
+                    found[str(deco.args[0].value)] = first_sentence(ast.get_docstring(node))
+    return dict(sorted(found.items()))

@@ -1,0 +1,273 @@
+"""Planning and running many runs: a run with its reference, a comparison of methods over seeds,
+resume, retries. The CLI is only a face over this module: it parses arguments and prints.
+
+Every run keeps the run-folder contract (:mod:`metagate.runs`) and gets its own per-task table
+(``per_task.md``). A comparison keeps going when an entry fails: the failure is recorded in the entry's
+folder (``error.txt``, with the traceback) and in ``comparison.json`` / ``comparison.md``, the other
+entries run, and ``--resume`` retries the failed entries (a failed attempt without a usable checkpoint
+is moved aside as ``seedN.failed-K``, never deleted) and continues the interrupted ones.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from metagate import report
+from metagate.config import ConfigError, apply_overrides, config_from_dict, find_config, read_yaml
+from metagate.runs import CheckpointError, RunDir, RunFolderBusy, RunFolderError, atomic_write_json, atomic_write_text
+from metagate.schema import ExperimentConfig
+from metagate.train import Trainer, TrainingDiverged, describe_difference, run_identity
+
+REFERENCE_DIR = "reference"
+PER_TASK = "per_task.md"
+SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+# What a run can fail with that is the user's to fix (printed as one line, not a traceback).
+RunProblem = (ConfigError, RunFolderError, CheckpointError, TrainingDiverged, ValueError)
+
+Echo = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Prepared:
+    """A run whose config, machine, data and folder have all been checked: ready to train."""
+
+    cfg: ExperimentConfig
+    trainer: Trainer
+    run: RunDir
+    resume: bool
+
+
+def prepare(cfg: ExperimentConfig, folder: Path, resume: bool = False) -> Prepared:
+    """Check everything a run needs before anything is written: the folder, the machine (device,
+    memory), the data, the method's fit to the stream. Only then is a new folder created (and locked)."""
+    if resume:
+        run = RunDir.open_for_resume(folder)
+    else:
+        RunDir.check_new(folder)
+    trainer = Trainer(cfg)  # builds the stream and the method: refuses what does not fit
+    if not resume:
+        run = RunDir.create(folder)
+    trainer.run = run
+    return Prepared(cfg, trainer, run, resume)
+
+
+def train(prepared: Prepared) -> dict[str, Any]:
+    """Train a prepared run to the end; the folder's lock is released afterwards."""
+    try:
+        return prepared.trainer.fit(resume=prepared.resume)
+    finally:
+        prepared.run.unlock()
+
+
+def finished_results(cfg: ExperimentConfig, folder: Path) -> dict[str, Any]:
+    """The results of a finished run in ``folder``, if it is a run of ``cfg``; else a clear error."""
+    saved = RunDir(folder).read_config()
+    if run_identity(saved) != run_identity(cfg.to_dict()):
+        raise RunFolderError(
+            f"{folder} holds a finished run of another config ({describe_difference(saved, cfg.to_dict())}); "
+            "delete it, or use another --out, to run this one"
+        )
+    return RunDir(folder).read_results()
+
+
+def _move_aside(folder: Path, why: str) -> Path:
+    """Rename ``folder`` to the first free ``<name>.<why>-K`` beside it (nothing is deleted)."""
+    k = 1
+    while (aside := folder.with_name(f"{folder.name}.{why}-{k}")).exists():
+        k += 1
+    folder.rename(aside)
+    return aside
+
+
+def run_or_reuse(cfg: ExperimentConfig, folder: Path, resume: bool, echo: Echo = _quiet) -> dict[str, Any]:
+    """Train ``cfg`` into ``folder``. With ``resume``: reuse a finished run of the same config, continue
+    an interrupted one from its checkpoint, and retry a failed one (from its checkpoint when it has one
+    of the same config, else afresh, its old folder moved aside)."""
+    run = RunDir(folder)
+    if resume and run.has_results():
+        return finished_results(cfg, folder)
+    if resume and folder.is_dir() and any(folder.iterdir()):
+        failed = run.file(RunDir.ERROR).is_file()
+        usable = run.checkpoint_path.is_file() and (
+            not failed or run_identity(run.load_checkpoint().get("config", {})) == run_identity(cfg.to_dict())
+        )
+        if usable:
+            echo(f"resuming {folder} from its last checkpoint" + (" (it failed before)" if failed else ""))
+            return _train_with_table(prepare(cfg, folder, resume=True))
+        if failed or not run.checkpoint_path.is_file():
+            RunDir(folder).lock().unlock()  # refuses a folder another process is using
+            aside = _move_aside(folder, "failed" if failed else "interrupted")
+            echo(f"{folder} {'had failed' if failed else 'stopped before its first checkpoint'}: kept as {aside}, running it afresh")
+    return _train_with_table(prepare(cfg, folder))
+
+
+def _train_with_table(prepared: Prepared) -> dict[str, Any]:
+    results = train(prepared)
+    atomic_write_text(prepared.run.file(PER_TASK), report.per_task_table(results) + "\n")
+    return results
+
+
+def run_with_reference(
+    cfg: ExperimentConfig, out: Path, resume: bool, echo: Echo = _quiet, on_ready: Callable[[Prepared], None] | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``metagate run``: the method into ``out``, then the config's reference (if any) into
+    ``out/reference``, and ``per_task.md`` with both. ``on_ready`` sees the prepared run before it trains."""
+    run = RunDir(out)
+    if resume and run.has_results():
+        results = finished_results(cfg, out)
+    else:
+        prepared = prepare(cfg, out, resume)
+        if on_ready is not None:
+            on_ready(prepared)
+        results = train(prepared)
+    reference = None
+    ref_cfg = cfg.reference_config()
+    if ref_cfg is not None:
+        echo(f"reference: {ref_cfg.method.name} on the same stream and seed -> {out / REFERENCE_DIR}")
+        reference = run_or_reuse(ref_cfg, out / REFERENCE_DIR, resume, echo)
+    atomic_write_text(out / PER_TASK, report.per_task_table(results, reference) + "\n")
+    return results, reference
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+@dataclass
+class ComparePlan:
+    """Every (label, seed) config of a comparison, validated before anything runs."""
+
+    root: Path
+    labels: list[str]
+    seeds: list[int]
+    configs: dict[tuple[str, int], ExperimentConfig]
+
+    def folder(self, label: str, seed: int) -> Path:
+        return self.root / label / f"seed{seed}"
+
+
+@dataclass
+class CompareOutcome:
+    plan: ComparePlan
+    results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    failures: dict[tuple[str, int], str] = field(default_factory=dict)
+    table: str = ""
+
+
+def parse_entries(methods: str) -> dict[str, str]:
+    """``"finetune,strong=ewc"`` -> ``{"finetune": "finetune", "strong": "ewc"}``; labels become folder
+    names, so only letters, digits, '.', '_' and '-' (not first) are allowed."""
+    entries = [m.strip() for m in methods.split(",") if m.strip()]
+    if not entries:
+        raise ConfigError("--methods is empty; name at least one method, e.g. --methods finetune,ewc")
+    method_of: dict[str, str] = {}
+    for entry in entries:
+        label, _, method = entry.partition("=")
+        label, method = label.strip(), (method.strip() or label.strip())
+        if not SAFE_LABEL.fullmatch(label) or label in (".", ".."):
+            raise ConfigError(
+                f"label {label!r} in --methods is not a safe folder name; use letters, digits, '.', '_' and '-' "
+                f"(e.g. {re.sub(r'[^A-Za-z0-9._-]+', '-', label).strip('.-') or 'variant'}={method})"
+            )
+        if label in method_of:
+            raise ConfigError(f"--methods names the label {label!r} twice")
+        method_of[label] = method
+    return method_of
+
+
+def plan_compare(
+    config: str | None, overrides: list[str], methods: str, seeds: int, out: Path | None, resume: bool, default_root: Callable[[str, int], Path]
+) -> ComparePlan:
+    """Validate every (label, seed) config before anything is trained or written."""
+    method_of = parse_entries(methods)
+    general = [o for o in overrides if ":" not in o.split("=", 1)[0]]
+    specific: dict[str, list[str]] = {}
+    for o in overrides:
+        if o not in general:
+            label, _, rest = o.partition(":")
+            specific.setdefault(label, []).append(rest)
+    unknown = sorted(set(specific) - set(method_of))
+    if unknown:
+        raise ConfigError(f"overrides for {', '.join(unknown)}, which --methods does not name")
+    base = apply_overrides(read_yaml(find_config(config)), general)
+    base_seed = config_from_dict(base).seed
+    seed_list = [base_seed + k for k in range(seeds)]
+    configs = {
+        (label, seed): config_from_dict(
+            base, [f"method.name={method}", f"seed={seed}", "reference=null", *specific.get(label, [])]
+        )
+        for label, method in method_of.items()
+        for seed in seed_list
+    }
+    from metagate.runtime import check_machine
+
+    for cfg in configs.values():
+        check_machine(cfg)
+    first = configs[(next(iter(method_of)), base_seed)]
+    root = out or default_root(first.benchmark.name, base_seed)
+    if root.exists() and not root.is_dir():
+        raise RunFolderError(f"{root} is a file, not a folder; nothing was written. Choose another --out.")
+    if root.exists() and any(root.iterdir()) and not resume:
+        raise RunFolderError(f"{root} already exists and is not empty; nothing was written. Pass --resume or another --out.")
+    return ComparePlan(root, list(method_of), seed_list, configs)
+
+
+def _record_failure(folder: Path, error: BaseException) -> str:
+    """Write ``error.txt`` (message and traceback) into the entry's folder; returns the one-line message."""
+    line = f"{type(error).__name__}: {error}".splitlines()[0] if not isinstance(error, RunProblem) else str(error).splitlines()[0]
+    # never write into a folder another process holds, nor into a finished run
+    if not isinstance(error, RunFolderBusy) and not RunDir(folder).has_results():
+        text = f"{line}\n\n{''.join(traceback.format_exception(type(error), error, error.__traceback__))}"
+        try:
+            atomic_write_text(folder / RunDir.ERROR, text)
+        except RunFolderError:
+            pass
+    return line
+
+
+def run_compare(plan: ComparePlan, resume: bool, echo: Echo = _quiet) -> CompareOutcome:
+    """Run every entry; a failing entry is recorded and the others go on. Writes ``comparison.json``
+    and ``comparison.md`` for what finished (failed entries marked as such)."""
+    plan.root.mkdir(parents=True, exist_ok=True)
+    outcome = CompareOutcome(plan, {label: [] for label in plan.labels})
+    for (label, seed), cfg in plan.configs.items():
+        folder = plan.folder(label, seed)
+        echo(f"== {label}, seed {seed} -> {folder}")
+        try:
+            outcome.results[label].append(run_or_reuse(cfg, folder, resume, echo))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001  (any failure of one entry must not stop the others)
+            outcome.failures[(label, seed)] = _record_failure(folder, e)
+            echo(f"   failed: {outcome.failures[(label, seed)]}")
+    summary = {label: report.aggregate(outcome.results[label], len(plan.seeds)) for label in plan.labels}
+    failed = {label: [s for (lab, s) in outcome.failures if lab == label] for label in plan.labels}
+    atomic_write_json(
+        plan.root / "comparison.json",
+        {
+            "benchmark": next(iter(plan.configs.values())).benchmark.name,
+            "seeds": plan.seeds,
+            "methods": {
+                label: {
+                    "summary": summary[label],
+                    "runs": [str(plan.folder(label, r["seed"])) for r in outcome.results[label]],
+                    "failed": {str(s): outcome.failures[(label, s)] for s in failed[label]},
+                }
+                for label in plan.labels
+            },
+        },
+    )
+    outcome.table = report.comparison_table(summary, {label: len(f) for label, f in failed.items()})
+    atomic_write_text(plan.root / "comparison.md", outcome.table + "\n")
+    return outcome

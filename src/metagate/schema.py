@@ -1,0 +1,93 @@
+"""The config schema: typed sections every other module builds on (a leaf: imports no registry).
+
+A config has ``seed``, ``benchmark`` (``name`` + the benchmark's fields), ``method`` (``name`` + its
+hyperparameters), ``trainer`` and optionally ``reference`` (a second method, run on the same stream and
+seed). Benchmarks and methods subclass :class:`BenchmarkConfig` / :class:`MethodConfig` next to their
+code; :mod:`metagate.config` (the loader) resolves ``name`` through the registries and validates.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says what to change."""
+
+
+class Section(BaseModel):
+    """Base of every config section: strict about unknown keys, checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class BenchmarkConfig(Section):
+    name: str
+
+    def memory_estimate(self) -> int:
+        """Bytes the built stream holds in memory (an estimate made before building it; 0 = unknown)."""
+        return 0
+
+
+class MethodConfig(Section):
+    name: str
+
+
+def default_threads() -> int:
+    """Torch intra-op threads for small models: half the cores, at most 4, at least 1. Small MLPs gain
+    little from more threads, and a thread per core slows to a crawl when another process is busy
+    (the default run: 16 s with 1 thread, 375-428 s with torch's default 2 on a loaded 2-core machine)."""
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+class TrainerConfig(Section):
+    epochs: int = Field(3, ge=1, description="passes over each task's training data")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto (cuda when available)")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads, set once at the start of a run; none = half the cores, at most 4"
+    )
+    eval_batch_size: int = Field(2048, ge=1)
+    log_every: int = Field(0, ge=0, description="steps between loss records in metrics.jsonl; 0 = once per epoch")
+    curve_every: int = Field(
+        0, ge=0, description="steps between evaluations of the current task (learning curves, steps_to_90); 0 = off"
+    )
+    progress: bool = Field(True, description="report progress: bars on a terminal, one line per epoch in a log")
+    checkpoint: bool = Field(True, description="write a checkpoint after every task")
+    divergence_factor: float = Field(
+        1e4, gt=1, description="stop as diverged when an epoch's mean loss exceeds this multiple of the run's first loss"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("must be cpu, cuda, cuda:N, mps or auto")
+        return value
+
+    def resolved_threads(self) -> int:
+        return self.threads if self.threads is not None else default_threads()
+
+
+class ExperimentConfig(Section):
+    seed: int = 0
+    benchmark: SerializeAsAny[BenchmarkConfig]
+    method: SerializeAsAny[MethodConfig]
+    trainer: TrainerConfig = TrainerConfig()
+    reference: SerializeAsAny[MethodConfig] | None = None
+
+    def reference_config(self) -> "ExperimentConfig | None":
+        """The config of the reference run: this one with ``reference`` as its method."""
+        if self.reference is None:
+            return None
+        return self.model_copy(update={"method": self.reference, "reference": None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
