@@ -179,3 +179,143 @@ def test_device_this_machine_lacks_is_refused_before_writing(tmp_path: Path) -> 
     res = runner.invoke(app, ["run", *FAST, "trainer.device=gpu", "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "trainer.device" in res.output
     assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- runs you can trust
+
+
+def test_compare_keeps_going_records_the_failure_and_resume_retries_it(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    args = ["compare", *FAST, "--methods", "bad=finetune,si", "--seeds", "1", "--out", str(out)]
+    res = runner.invoke(app, [*args, "bad:trainer.lr=1e30"])
+    assert res.exit_code == 1, res.output
+    assert "failed: bad, seed 0: loss = nan" in res.output and "--resume" in res.output
+    assert (out / "si" / "seed0" / "results.json").is_file() and (out / "si" / "seed0" / "per_task.md").is_file()
+    error = (out / "bad" / "seed0" / "error.txt").read_text()
+    assert error.startswith("loss = nan") and "Traceback" in error
+    comp = json.loads((out / "comparison.json").read_text())
+    assert comp["methods"]["bad"]["failed"] == {"0": error.splitlines()[0]} and comp["methods"]["bad"]["summary"]["acc"]["n"] == 0
+    assert "| bad | n/a |" in (out / "comparison.md").read_text() and "failed runs" in (out / "comparison.md").read_text()
+    # the cause fixed, --resume retries the failed entry, keeps its old attempt, reuses the finished one
+    si_before = (out / "si" / "seed0" / "results.json").read_bytes()
+    res = runner.invoke(app, [*args, "bad:trainer.lr=0.001", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert (out / "bad" / "seed0" / "results.json").is_file() and (out / "bad" / "seed0.failed-1" / "error.txt").is_file()
+    assert (out / "si" / "seed0" / "results.json").read_bytes() == si_before
+    assert "failed runs" not in (out / "comparison.md").read_text()
+
+
+def test_compare_labels_cannot_escape_the_output_folder(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["compare", *FAST, "--methods", "../escaped=si", "--seeds", "1", "--out", str(tmp_path / "c" / "out")])
+    assert res.exit_code == 2 and "not a safe folder name" in res.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_impossible_backbone_is_refused_before_training(tmp_path: Path) -> None:
+    for method in ("xdg", "metagate"):
+        res = runner.invoke(app, ["run", *FAST, f"method.name={method}", "method.backbone.hidden=[]", "--out", str(tmp_path / "r")])
+        assert res.exit_code == 2 and "has no hidden layer" in res.output, res.output
+    res = runner.invoke(app, ["run", *FAST, "method.backbone.hidden=[0]", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "method.backbone.hidden.0" in res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_that_is_a_file_or_read_only_is_a_one_line_error(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "afile").write_text("mine")
+    res = runner.invoke(app, ["run", *FAST, "reference=null", "--out", str(tmp_path / "afile")])
+    assert res.exit_code == 2 and "is a file, not a folder" in res.output and "Traceback" not in res.output
+    assert (tmp_path / "afile").read_text() == "mine"
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o555)
+        res = runner.invoke(app, ["run", *FAST, "reference=null", "--out", str(tmp_path / "ro" / "r")])
+        assert res.exit_code == 2 and "not writable" in res.output
+
+
+def test_a_full_disk_is_a_one_line_error_and_the_checkpoint_survives(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import errno
+    import os
+
+    from metagate import runs
+
+    out = tmp_path / "r"
+    assert runner.invoke(app, ["run", *FAST, "reference=null", "--out", str(out)]).exit_code == 0
+    (out / "results.json").unlink()
+    good = (out / "checkpoints" / "last.pt").read_bytes()
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs.os, "fsync", full)
+    res = runner.invoke(app, ["run", "--out", str(out), "--resume"])
+    assert res.exit_code == 2 and "the disk is full" in res.output and "Traceback" not in res.output
+    assert (out / "checkpoints" / "last.pt").read_bytes() == good
+    assert not [p for p in out.rglob("*.tmp")]
+    assert os.path.exists(out / "config.yaml")
+
+
+def test_resume_with_another_config_names_the_keys_that_differ(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    assert runner.invoke(app, ["run", *FAST, "reference=null", "--out", str(out)]).exit_code == 0
+    (out / "results.json").unlink()
+    res = runner.invoke(app, ["run", "--out", str(out), "--resume", "trainer.lr=0.5", "method.c=2"])
+    assert res.exit_code == 2 and "run folder:" not in res.output
+    assert "another config (method.c: 1.0 there vs 2.0 here; trainer.lr: 0.001 there vs 0.5 here)" in res.output
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from metagate.methods.base import Method
+
+    original = Method.before_task
+
+    def interrupt_at_task_1(self, task):  # noqa: ANN001, ANN202
+        if task.index == 1:
+            raise KeyboardInterrupt
+        return original(self, task)
+
+    monkeypatch.setattr(Method, "before_task", interrupt_at_task_1)
+    out = tmp_path / "r"
+    res = runner.invoke(app, ["run", *FAST, "reference=null", "--out", str(out)])
+    assert res.exit_code == 130 and f"continue with: metagate run --resume --out {out}" in res.output
+    res = runner.invoke(app, ["run", *FAST, "reference=null", "trainer.checkpoint=false", "--out", str(tmp_path / "n")])
+    assert res.exit_code == 130 and "cannot be resumed" in res.output
+
+
+def test_run_prints_the_device_chosen_and_the_data_after_validation(tmp_path: Path) -> None:
+    import torch
+
+    res = runner.invoke(app, ["run", *FAST, "reference=null", "trainer.device=auto", "--out", str(tmp_path / "r")])
+    chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    assert res.exit_code == 0 and f"device {chosen}," in res.output and "device auto" not in res.output
+    assert "data: generated by gated_teacher (seed 0)" in res.output
+    res = runner.invoke(app, ["run", "split-fmnist", "benchmark.dataset=digits", "method.name=xdg", "benchmark.scenario=class", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "not 'class'" in res.output and "run folder:" not in res.output  # refused before announced
+    assert not (tmp_path / "s").exists()
+
+
+def test_one_figure_without_a_value_has_no_unit() -> None:
+    from metagate.report import summary_line
+
+    line = summary_line({"acc": 0.5, "bwt": None, "fwt": None, "forgetting": None, "train_seconds": 1.0, "train_samples_per_second": None})
+    assert "BWT n/a  FWT n/a" in line and "n/a pt" not in line
+
+
+def test_list_shows_plain_first_sentences_matching_the_registries() -> None:
+    from metagate import catalog
+    from metagate.data import BENCHMARKS
+    from metagate.methods import METHODS
+
+    assert list(catalog.registered("METHODS")) == METHODS.names()
+    assert list(catalog.registered("BENCHMARKS")) == BENCHMARKS.names()
+    res = runner.invoke(app, ["list", "methods"])
+    assert res.exit_code == 0 and "``" not in res.output and ":class:" not in res.output
+    assert catalog.first_sentence("Uses ``x`` and :class:`Foo`. More here.") == "Uses x and Foo."
+
+
+def test_the_cli_starts_without_importing_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; from metagate.cli import app; from metagate import catalog; catalog.registered('METHODS'); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -54,6 +54,13 @@ def prepare(cfg: ExperimentConfig, folder: Path, resume: bool = False) -> Prepar
     memory), the data, the method's fit to the stream. Only then is a new folder created (and locked)."""
     if resume:
         run = RunDir.open_for_resume(folder)
+        saved = run.read_config()
+        if run_identity(saved) != run_identity(cfg.to_dict()):
+            run.unlock()
+            raise CheckpointError(
+                f"{folder} holds a run of another config ({describe_difference(saved, cfg.to_dict())}); "
+                "resume with the run's own config.yaml (no overrides), or start a new run in another --out"
+            )
     else:
         RunDir.check_new(folder)
     trainer = Trainer(cfg)  # builds the stream and the method: refuses what does not fit
