@@ -65,7 +65,8 @@ def test_permuted_contexts_deterministic_per_seed_and_differ_across_seeds(sklear
 def test_caps_limit_samples_without_changing_permutations(sklearn: None) -> None:
     full = stream("permuted", dataset="digits", num_tasks=2)
     capped = stream("permuted", dataset="digits", num_tasks=2, train_per_task=100, test_per_task=50)
-    assert [t.num_train for t in capped.tasks] == [100, 100] and [t.num_test for t in capped.tasks] == [50, 50]
+    assert [t.num_train for t in capped.tasks] == [90, 90] and [t.num_test for t in capped.tasks] == [50, 50]
+    assert [t.num_val for t in capped.tasks] == [10, 10]
     perm = Permuted.permutations(Permuted.Config(num_tasks=2), 0, 64)[1]
     # the capped task-1 images are a subset of the full task-1 images, with the same permutation
     first = capped.tasks[1].x_train[0].flatten()
@@ -119,7 +120,8 @@ def test_split_tasks_are_disjoint_and_cover_the_classes(sklearn: None, scenario:
     for t in s.tasks:
         assert t.classes == (2 * t.index, 2 * t.index + 1)
         assert set(t.y_train.unique().tolist()) == set(t.classes) == set(t.y_test.unique().tolist())
-    assert sum(t.num_train for t in s.tasks) == 1433 and sum(t.num_test for t in s.tasks) == 364
+    assert sum(t.num_train + t.num_val for t in s.tasks) == 1433 and sum(t.num_test for t in s.tasks) == 364
+    assert sum(t.num_val for t in s.tasks) == round(0.1 * 1433)
 
 
 def test_split_class_order_and_prototype_contexts_fixed_by_seed(sklearn: None) -> None:
@@ -254,6 +256,30 @@ def test_real_fashion_mnist_streams(monkeypatch: pytest.MonkeyPatch) -> None:
     assert data.x_train.shape == (60000, 1, 28, 28) and data.x_test.shape == (10000, 1, 28, 28)
     assert data.y_train.bincount().tolist() == [6000] * 10 and data.y_test.bincount().tolist() == [1000] * 10
     split = build_stream(load_config("split-fmnist").benchmark, 0)
-    assert [t.num_train for t in split.tasks] == [12000] * 5 and [t.num_test for t in split.tasks] == [2000] * 5
+    assert sum(t.num_train for t in split.tasks) == 54000 and [t.num_test for t in split.tasks] == [2000] * 5
+    assert sum(t.num_val for t in split.tasks) == 6000
     perm = build_stream(load_config("permuted-fmnist", ["benchmark.num_tasks=2", "benchmark.train_per_task=1000"]).benchmark, 0)
-    assert perm.input_shape == (1, 28, 28) and perm.tasks[1].num_train == 1000 and perm.tasks[1].num_test == 10000
+    assert perm.input_shape == (1, 28, 28) and perm.tasks[1].num_train == 900 and perm.tasks[1].num_test == 10000
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+@pytest.mark.parametrize("name", ["permuted", "rotated", "split"])
+def test_validation_images_are_never_trained_on_in_any_task(sklearn: None, name: str) -> None:
+    fields = {"permuted": {"identity_first": True}, "rotated": {"num_tasks": 3, "heldout_inside": 0, "heldout_outside": 0}, "split": {}}[name]
+    s = stream(name, dataset="digits", normalize=False, **fields)
+    # undo each task's transform by matching raw rows: a validation image must not equal any training image
+    raw = lambda x: {tuple(r.tolist()) for r in x.flatten(1).sort(dim=1).values}  # noqa: E731  (sorted pixels: permutation-proof)
+    train = set().union(*(raw(t.x_train) for t in s.tasks)) if name != "rotated" else raw(s.tasks[0].x_train)
+    val = set().union(*(raw(t.x_val) for t in s.tasks)) if name != "rotated" else raw(s.tasks[0].x_val)
+    assert val and not (val & train)
+    assert all(t.num_val > 0 for t in s.tasks)
+    again, other = stream(name, dataset="digits", normalize=False, **fields), stream(name, 1, dataset="digits", normalize=False, **fields)
+    assert torch.equal(again.tasks[0].x_val, s.tasks[0].x_val) and not torch.equal(other.tasks[0].x_val, s.tasks[0].x_val)
+
+
+def test_val_fraction_sets_the_validation_size_and_zero_turns_it_off(sklearn: None) -> None:
+    s = stream("permuted", dataset="digits", num_tasks=2, train_per_task=200, val_fraction=0.25)
+    assert [(t.num_train, t.num_val) for t in s.tasks] == [(150, 50), (150, 50)]
+    assert [t.num_val for t in stream("permuted", dataset="digits", num_tasks=2, val_fraction=0).tasks] == [0, 0]

@@ -80,7 +80,7 @@ def test_folded_ewc_penalty_equals_the_sum_of_per_task_penalties() -> None:
 
 
 def test_fisher_matches_a_per_sample_loop() -> None:
-    raw = {"benchmark": {**STREAM, "train_per_task": 40}, "method": {"name": "ewc", "backbone": {"hidden": [8]}}}
+    raw = {"benchmark": {**STREAM, "train_per_task": 40, "val_fraction": 0}, "method": {"name": "ewc", "backbone": {"hidden": [8]}}}
     cfg = config_from_dict(raw)
     stream = build_stream(cfg.benchmark, 0)
     method = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))

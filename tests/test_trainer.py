@@ -288,3 +288,12 @@ def test_a_stream_larger_than_free_memory_is_refused_before_it_is_built(small, m
     monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 10 * 2**20)  # 10 MiB free
     with pytest.raises(ConfigError, match="needs about .* GiB, more than the 0.0 GiB free.*lower benchmark.num_tasks"):
         Trainer(config_from_dict(small(benchmark={"num_tasks": 50, "train_per_task": 20000})))
+
+
+def test_the_trainer_fills_a_validation_matrix_beside_the_test_matrix(small) -> None:  # noqa: ANN001
+    res = fit(small())
+    t = res["num_tasks"]
+    assert len(res["val_acc_matrix"]) == t and all(len(row) == t for row in res["val_acc_matrix"])
+    assert res["val_acc"] == pytest.approx(sum(res["val_acc_matrix"][-1]) / t) and res["val_acc_matrix"] != res["acc_matrix"]
+    off = fit(small(benchmark={"val_fraction": 0}))
+    assert off["val_acc_matrix"][0] == [None] * t and "val_acc" not in off

@@ -27,6 +27,9 @@ class Section(BaseModel):
 
 class BenchmarkConfig(Section):
     name: str
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of each task's training data held out as its validation split (fixed by the seed)"
+    )
 
     def memory_estimate(self) -> int:
         """Bytes the built stream holds in memory (an estimate made before building it; 0 = unknown)."""

@@ -80,23 +80,25 @@ def task_seed(seed: int, task_index: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(method: Method, tasks: list[Task], batch_size: int) -> list[float]:
-    """Accuracy on each task's test set (one host sync for all tasks)."""
+def evaluate(method: Method, tasks: list[Task], batch_size: int, split: str = "test") -> list[float]:
+    """Accuracy on each task's ``test`` (or ``val``) split, one host sync for all tasks; ``None`` for
+    a task without data in that split."""
     if not tasks:
         return []
     was_training = method.training
     method.eval()
     correct = []
     for task in tasks:
-        hits = torch.zeros((), dtype=torch.long, device=task.y_test.device)
-        for start in range(0, task.num_test, batch_size):
-            x = task.x_test[start : start + batch_size]
-            y = task.y_test[start : start + batch_size]
+        xs, ys = task.split(split)
+        hits = torch.zeros((), dtype=torch.long, device=ys.device)
+        for start in range(0, len(ys), batch_size):
+            x = xs[start : start + batch_size]
+            y = ys[start : start + batch_size]
             hits += (method.predict(x, task).argmax(dim=1) == y).sum()
         correct.append(hits)
     method.train(was_training)
     counts = torch.stack(correct).cpu().tolist()
-    return [c / t.num_test for c, t in zip(counts, tasks)]
+    return [c / len(t.split(split)[1]) if len(t.split(split)[1]) else None for c, t in zip(counts, tasks)]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -128,6 +130,8 @@ class Trainer:
             "heldout_rows": [],
             "initial_acc": evaluate(self.method, self.stream.tasks, self.cfg.trainer.eval_batch_size),
             "initial_heldout": evaluate(self.method, self.stream.heldout, self.cfg.trainer.eval_batch_size),
+            "val_rows": [],
+            "initial_val": evaluate(self.method, self.stream.tasks, self.cfg.trainer.eval_batch_size, "val"),
             "train_seconds": 0.0,
             "samples_seen": 0,
             "steps": 0,
@@ -262,11 +266,13 @@ class Trainer:
 
             row = evaluate(method, tasks, tc.eval_batch_size)
             held = evaluate(method, self.stream.heldout, tc.eval_batch_size)
+            val = evaluate(method, tasks, tc.eval_batch_size, "val")
             state["curves"].append(curve)
             state["acc_rows"].append(row)
+            state["val_rows"].append(val)
             state["heldout_rows"].append(held)
             state["next_task"] = t + 1
-            self._log({"type": "eval", "task": t, "step": state["steps"], "acc": row, "heldout_acc": held})
+            self._log({"type": "eval", "task": t, "step": state["steps"], "acc": row, "heldout_acc": held, "val_acc": val})
             self._save_state(state)
             bar.set_postfix(acc=f"{np.mean(row[: t + 1]):.3f}")
             bar.update()
@@ -318,6 +324,7 @@ class Trainer:
             "acc_matrix": acc,
             "initial_acc": state["initial_acc"],
             **metrics.summary(acc, state["initial_acc"]),
+            **self._validation(state),
             "zero_shot_acc": metrics.zero_shot(acc, state["initial_acc"]),
             "learning_curves": state["curves"],
             "steps_to_90": [metrics.steps_to_fraction(c, 0.9) for c in state["curves"]],
@@ -333,6 +340,18 @@ class Trainer:
             "data": self.stream.provenance,
             **self.method.extra_results(),
             **self._mask_figures(),
+        }
+
+    def _validation(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The validation matrix (like ``acc_matrix``, on each task's validation split) and its summary
+        as ``val_acc``, ``val_bwt``, ... (choose hyperparameters on these, report the test figures)."""
+        rows = state.get("val_rows") or []
+        if not rows or any(v is None for v in rows[-1]):
+            return {"val_acc_matrix": rows or None}
+        return {
+            "val_acc_matrix": rows,
+            "initial_val_acc": state["initial_val"],
+            **{f"val_{k}": v for k, v in metrics.summary(rows, state["initial_val"]).items()},
         }
 
     def _mask_figures(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -38,7 +39,6 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from metagate.schema import BenchmarkConfig
 from metagate.data import BENCHMARKS
 from metagate.data.angles import AngleFields, angle_schedule
 from metagate.data.sources import (
@@ -51,6 +51,7 @@ from metagate.data.sources import (
 )
 from metagate.data.provenance import fingerprint_files, fingerprint_tensors
 from metagate.data.stream import Stream, Task
+from metagate.schema import BenchmarkConfig
 
 
 def generator(seed: int, purpose: str, index: int = 0) -> torch.Generator:
@@ -66,7 +67,7 @@ class ImageBenchmarkConfig(BenchmarkConfig):
     emnist_split: EmnistSplit = Field("balanced", description="EMNIST split (dataset=emnist only)")
     root: str | None = Field(None, description="folder searched first for the data files")
     download: bool = Field(False, description="fetch a missing data set with torchvision")
-    train_per_task: int | None = Field(None, ge=1, description="cap on training samples per task: a seeded random subset per task (null: all)")
+    train_per_task: int | None = Field(None, ge=1, description="cap on training samples per task, val_fraction of them held out for validation: a seeded random subset per task (null: all)")
     test_per_task: int | None = Field(None, ge=1, description="cap on test samples per task: a seeded random subset per task (null: all)")
     normalize: bool = Field(True, description="standardise inputs per channel with the training set's mean and std")
 
@@ -88,6 +89,26 @@ def provenance(data: ImageData) -> dict[str, object]:
     """Where ``data`` was read from and the fingerprint of the files read (or of the generated tensors)."""
     print_ = fingerprint_files(data.files) if data.files else fingerprint_tensors((data.x_train, data.y_train, data.x_test, data.y_test))
     return {"dataset": data.name, "location": data.location, "found_via": data.found_via, **print_}
+
+
+def carve_validation(
+    data: ImageData, cfg: ImageBenchmarkConfig, seed: int
+) -> tuple[ImageData, Tensor, Tensor, int | None, int | None]:
+    """Split the data set's training images once, by the seed, into a training pool and a validation
+    pool (``val_fraction`` of them): every task's training data come from the first, its validation
+    data from the second, so no image is both trained on and validated on, in any task.
+
+    Returns the data with the training pool as its train split, the validation pool, and the caps on
+    training and validation samples per task: ``train_per_task`` is split like the data set, as the
+    synthetic streams split theirs (``None``: the whole pool)."""
+    n_val = round(cfg.val_fraction * len(data.y_train))
+    order = torch.randperm(len(data.y_train), generator=generator(seed, "validation-pool"))
+    val, train = order[:n_val].sort().values, order[n_val:].sort().values
+    pool = replace(data, x_train=data.x_train[train], y_train=data.y_train[train])
+    if cfg.train_per_task is None:
+        return pool, data.x_train[val], data.y_train[val], None, None
+    val_cap = round(cfg.val_fraction * cfg.train_per_task)
+    return pool, data.x_train[val], data.y_train[val], cfg.train_per_task - val_cap, val_cap
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,14 +169,19 @@ class Permuted:
 
     @staticmethod
     def build(cfg: "Permuted.Config", seed: int) -> Stream:  # type: ignore[override]
-        data = load(cfg)
+        full = load(cfg)
+        data, x_val, y_val, train_cap, val_cap = carve_validation(full, cfg, seed)
         c, h, w = data.input_shape
         stats = channel_stats(data.x_train) if cfg.normalize else None
         contexts = Permuted.contexts(cfg, seed)
         tasks = []
         for t, perm in enumerate(Permuted.permutations(cfg, seed, h * w)):
             splits = []
-            for split, x, y, cap in (("train", data.x_train, data.y_train, cfg.train_per_task), ("test", data.x_test, data.y_test, cfg.test_per_task)):
+            for split, x, y, cap in (
+                ("train", data.x_train, data.y_train, train_cap),
+                ("test", data.x_test, data.y_test, cfg.test_per_task),
+                ("val", x_val, y_val, val_cap),
+            ):
                 idx = subset(len(y), cap, generator(seed, f"{split}-subset", t))
                 xs = standardized(_take(x, idx), stats).flatten(2)[:, :, perm].reshape(-1, c, h, w)
                 splits += [xs, _take(y, idx).clone()]
@@ -164,9 +190,10 @@ class Permuted:
                     index=t, name=f"perm-{t}", x_train=splits[0], y_train=splits[1], x_test=splits[2], y_test=splits[3],
                     context=contexts[t].clone(), classes=tuple(range(data.num_classes)),
                     info={"dataset": data.name, "identity": int(t == 0 and cfg.identity_first)},
+                    x_val=splits[4], y_val=splits[5],
                 )
             )
-        return Stream(f"permuted-{data.name}", tasks, (c, h, w), data.num_classes, "domain", contexts.shape[1], provenance=provenance(data))
+        return Stream(f"permuted-{data.name}", tasks, (c, h, w), data.num_classes, "domain", contexts.shape[1], provenance=provenance(full))
 
 
 # --------------------------------------------------------------------------- rotated
@@ -209,7 +236,8 @@ class Rotated:
 
     @staticmethod
     def build(cfg: "Rotated.Config", seed: int) -> Stream:  # type: ignore[override]
-        data = load(cfg)
+        full = load(cfg)
+        data, x_val, y_val, train_cap, val_cap = carve_validation(full, cfg, seed)
         c, h, w = data.input_shape
         if h != w:
             raise ValueError(f"rotated needs square images, {data.name} has {h}x{w}")
@@ -218,8 +246,12 @@ class Rotated:
 
         def make(index: int, angle: float, name: str, heldout: bool) -> Task:
             parts = []
-            for split, x, y, cap in (("train", data.x_train, data.y_train, cfg.train_per_task), ("test", data.x_test, data.y_test, cfg.test_per_task)):
-                if heldout and split == "train":  # held-out angles are never trained on: no training data
+            for split, x, y, cap in (
+                ("train", data.x_train, data.y_train, train_cap),
+                ("test", data.x_test, data.y_test, cfg.test_per_task),
+                ("val", x_val, y_val, val_cap),
+            ):
+                if heldout and split != "test":  # held-out angles are never trained on: no training data
                     parts += [data.x_train[:0].clone(), data.y_train[:0].clone()]
                     continue
                 idx = subset(len(y), cap, generator(seed, f"{split}-subset", index))
@@ -228,12 +260,12 @@ class Rotated:
             return Task(
                 index=index, name=name, x_train=parts[0], y_train=parts[1], x_test=parts[2], y_test=parts[3],
                 context=torch.tensor([math.cos(rad), math.sin(rad)]), classes=tuple(range(data.num_classes)),
-                info={"dataset": data.name, "angle": angle},
+                info={"dataset": data.name, "angle": angle}, x_val=parts[4], y_val=parts[5],
             )
 
         tasks = [make(i, a, f"rot-{a:g}", False) for i, a in enumerate(train_angles)]
         heldout = [make(cfg.num_tasks + i, a, f"heldout-rot-{a:g}", True) for i, a in enumerate(heldout_angles)]
-        return Stream(f"rotated-{data.name}", tasks, (c, h, w), data.num_classes, "domain", 2, heldout, provenance(data))
+        return Stream(f"rotated-{data.name}", tasks, (c, h, w), data.num_classes, "domain", 2, heldout, provenance(full))
 
 
 # --------------------------------------------------------------------------- split
@@ -272,7 +304,8 @@ class Split:
 
     @staticmethod
     def build(cfg: "Split.Config", seed: int) -> Stream:  # type: ignore[override]
-        data = load(cfg)
+        full = load(cfg)
+        data, x_val, y_val, train_cap, val_cap = carve_validation(full, cfg, seed)
         groups = Split.class_order(cfg, seed, data.num_classes)
         k = len(groups[0])
         stats = channel_stats(data.x_train) if cfg.normalize else None
@@ -285,7 +318,11 @@ class Split:
         for t, group in enumerate(groups):
             classes = torch.tensor(group)
             parts = []
-            for split, x, y, cap in (("train", data.x_train, data.y_train, cfg.train_per_task), ("test", data.x_test, data.y_test, cfg.test_per_task)):
+            for split, x, y, cap in (
+                ("train", data.x_train, data.y_train, train_cap),
+                ("test", data.x_test, data.y_test, cfg.test_per_task),
+                ("val", x_val, y_val, val_cap),
+            ):
                 members = torch.isin(y, classes).nonzero().squeeze(1)
                 idx = subset(len(members), cap, generator(seed, f"{split}-subset", t))
                 members = _take(members, idx)
@@ -300,9 +337,9 @@ class Split:
             tasks.append(
                 Task(
                     index=t, name=f"split-{t}", x_train=parts[0], y_train=parts[1], x_test=parts[2], y_test=parts[3],
-                    context=torch.cat(prototypes), classes=tuple(range(t * k, (t + 1) * k)),
+                    context=torch.cat(prototypes), classes=tuple(range(t * k, (t + 1) * k)), x_val=parts[4], y_val=parts[5],
                     info={"dataset": data.name, "labels": ",".join(map(str, group)), "class_names": ",".join(data.class_names[c] for c in group)},
                 )
             )
         stream_name = f"split-{data.name}"
-        return Stream(stream_name, tasks, data.input_shape, k * cfg.num_tasks, cfg.scenario, k * cfg.prototype_dim, provenance=provenance(data))
+        return Stream(stream_name, tasks, data.input_shape, k * cfg.num_tasks, cfg.scenario, k * cfg.prototype_dim, provenance=provenance(full))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -18,7 +18,9 @@ class Task:
     ``classes`` are the output units the task uses (its labels live in the stream's shared output
     space). ``context`` is a fixed-length float vector describing the task. Synthetic families also
     record the ``oracle_mask`` (one bool tensor per gated layer of the generator) the task was made
-    from, so that mask recovery can be measured.
+    from, so that mask recovery can be measured. ``x_val`` / ``y_val`` are the validation split,
+    carved from the training data (never overlapping it): hyperparameters are chosen on it, figures
+    are reported on test.
     """
 
     index: int
@@ -31,6 +33,8 @@ class Task:
     classes: tuple[int, ...]
     oracle_mask: list[Tensor] | None = None
     info: dict[str, float | int | str] = field(default_factory=dict)
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -39,6 +43,27 @@ class Task:
     @property
     def num_test(self) -> int:
         return int(self.y_test.shape[0])
+
+    @property
+    def num_val(self) -> int:
+        return 0 if self.y_val is None else int(self.y_val.shape[0])
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` of ``"train"``, ``"val"`` or ``"test"`` (an empty validation split when there is none)."""
+        if name == "val" and self.x_val is None:
+            return self.x_test[:0], self.y_test[:0]
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    def with_validation(self, fraction: float, gen: torch.Generator) -> "Task":
+        """The task with a random ``fraction`` of its training data moved to its validation split."""
+        n_val = round(fraction * self.num_train)
+        if n_val == 0 or self.x_val is not None:
+            return self
+        order = torch.randperm(self.num_train, generator=gen)
+        val, train = order[:n_val].sort().values, order[n_val:].sort().values
+        return replace(
+            self, x_train=self.x_train[train], y_train=self.y_train[train], x_val=self.x_train[val], y_val=self.y_train[val]
+        )
 
     def to(self, device: torch.device | str) -> "Task":
         """The same task with its tensors on ``device`` (a no-op when they already are)."""
@@ -54,6 +79,8 @@ class Task:
             classes=self.classes,
             oracle_mask=None if self.oracle_mask is None else [move(m) for m in self.oracle_mask],
             info=dict(self.info),
+            x_val=None if self.x_val is None else move(self.x_val),
+            y_val=None if self.y_val is None else move(self.y_val),
         )
 
 

@@ -60,7 +60,7 @@ class _TeacherFamilyConfig(BenchmarkConfig):
     input_dim: int = Field(16, ge=2)
     hidden_units: int = Field(64, ge=2, description="teacher hidden units")
     num_classes: int = Field(4, ge=2)
-    train_per_task: int = Field(4000, ge=1)
+    train_per_task: int = Field(4000, ge=1, description="training samples per task, val_fraction of them held out for validation")
     test_per_task: int = Field(1000, ge=1)
     label_noise: float = Field(0.0, ge=0, le=1, description="fraction of labels replaced by random ones")
 
