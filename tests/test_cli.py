@@ -114,7 +114,8 @@ def test_resume_of_an_interrupted_run_from_its_folder(tmp_path: Path) -> None:
 def test_compare_writes_comparison_and_a_markdown_table(tmp_path: Path) -> None:
     res = runner.invoke(app, ["compare", *FAST, "--methods", "finetune,ewc", "--seeds", "2", "--out", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
-    assert "| method | ACC (%) | BWT (pt) | FWT (pt) | forgetting (pt) | time (s) |" in res.output
+    assert "| method | uses at test | scenario | ACC (%) | BWT (pt) | FWT (pt) | forgetting (pt) | time (s) |" in res.output
+    assert "| ewc | nothing | domain |" in res.output and "Not like for like" not in res.output
     comp = json.loads((tmp_path / "c" / "comparison.json").read_text())
     assert set(comp["methods"]) == {"finetune", "ewc"} and comp["seeds"] == [0, 1]
     acc = comp["methods"]["ewc"]["summary"]["acc"]
@@ -319,3 +320,14 @@ def test_the_cli_starts_without_importing_torch() -> None:
 
     code = "import sys; from metagate.cli import app; from metagate import catalog; catalog.registered('METHODS'); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_a_table_mixing_task_aware_and_task_agnostic_methods_says_so(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app, ["compare", *FAST, "multi:method.heads=per_task", "--methods", "si,multi=si,xdg", "--seeds", "1", "--out", str(tmp_path / "c")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "| si | nothing | domain |" in res.output and "| multi | task identity | domain |" in res.output
+    assert "| xdg | task identity | domain |" in res.output and "Not like for like" in res.output
+    saved = json.loads((tmp_path / "c" / "multi" / "seed0" / "results.json").read_text())
+    assert (saved["test_time_info"], saved["scenario"]) == ("task_id", "domain")

@@ -104,3 +104,19 @@ def test_task_incremental_prediction_uses_only_the_task_classes() -> None:
     for task in stream.tasks:
         pred = method.predict(task.x_test, task).argmax(1)
         assert set(pred.unique().tolist()) <= set(task.classes)
+
+
+def test_per_task_heads_give_each_task_its_own_output_layer_and_forget_less() -> None:
+    raw = {"benchmark": {**STREAM, "train_per_task": 600}, "method": {"name": "finetune", "backbone": {"hidden": [32]}},
+           "trainer": {"epochs": 2, "progress": False}}
+    shared = Trainer(config_from_dict(raw)).fit()
+    per_task = Trainer(config_from_dict(raw, ["method.heads=per_task"])).fit()
+    assert (shared["test_time_info"], per_task["test_time_info"]) == ("none", "task_id")
+    assert per_task["forgetting"] < shared["forgetting"]
+    method = Trainer(config_from_dict(raw, ["method.heads=per_task"])).method
+    x = method.stream.tasks[0].x_test[:4]
+    t0, t1 = method.stream.tasks[0], method.stream.tasks[1]
+    full = method.model(x).view(4, method.num_heads, -1)
+    assert torch.equal(method(x, t1), full[:, 1]) and torch.equal(method(x, t0, torch.tensor([1, 0, 1, 0])), full[[0, 1, 2, 3], [1, 0, 1, 0]])
+    with pytest.raises(ValueError, match="heads=per_task is for domain-incremental"):
+        Trainer(config_from_dict({**raw, "benchmark": {"name": "gated_teacher", "scenario": "task"}}, ["method.heads=per_task"]))

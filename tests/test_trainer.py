@@ -297,3 +297,20 @@ def test_the_trainer_fills_a_validation_matrix_beside_the_test_matrix(small) -> 
     assert res["val_acc"] == pytest.approx(sum(res["val_acc_matrix"][-1]) / t) and res["val_acc_matrix"] != res["acc_matrix"]
     off = fit(small(benchmark={"val_fraction": 0}))
     assert off["val_acc_matrix"][0] == [None] * t and "val_acc" not in off
+
+
+def test_peak_memory_is_each_runs_own_not_the_process_maximum() -> None:
+    from metagate.runtime import PeakMemory
+
+    big = PeakMemory(torch.device("cpu"), interval=0.001).start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    block += 1
+    import time
+
+    time.sleep(0.05)
+    big_peak = big.stop()
+    del block
+    small = PeakMemory(torch.device("cpu"), interval=0.001).start()
+    time.sleep(0.02)
+    small_peak = small.stop()
+    assert big_peak - small_peak > 32 and small.stop() == small_peak

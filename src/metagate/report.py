@@ -63,8 +63,10 @@ def with_unit(x: float | None, unit: str) -> str:
 
 def summary_line(results: dict[str, Any]) -> str:
     speed = results.get("train_samples_per_second")
+    info = results.get("test_time_info")
     return (
-        f"ACC {with_unit(results['acc'], '%')}  BWT {with_unit(results['bwt'], ' pt')}  FWT {with_unit(results['fwt'], ' pt')}  "
+        (f"[{results.get('scenario')}-incremental, uses {uses_at_test(info)} at test]  " if info else "")
+        + f"ACC {with_unit(results['acc'], '%')}  BWT {with_unit(results['bwt'], ' pt')}  FWT {with_unit(results['fwt'], ' pt')}  "
         f"forgetting {with_unit(results['forgetting'], ' pt')}  ({results['train_seconds']:.1f} s training"
         + (f", {speed:,.0f} samples/s)" if speed else ")")
     )
@@ -85,8 +87,21 @@ COMPARED = ("acc", "bwt", "fwt", "forgetting", "train_seconds")
 
 
 def aggregate(runs: Sequence[dict[str, Any]], planned: int | None = None) -> dict[str, Any]:
-    """Mean and (sample) standard deviation over seeds of each compared figure, with its count."""
-    return {k: mean_std([r.get(k) for r in runs], planned or len(runs)) for k in COMPARED}
+    """Mean and (sample) standard deviation over seeds of each compared figure, with its count, and
+    what the runs used at test time in which scenario (so a table can say so beside the figures)."""
+    out: dict[str, Any] = {k: mean_std([r.get(k) for r in runs], planned or len(runs)) for k in COMPARED}
+    for key in ("test_time_info", "scenario"):
+        values = sorted({str(r.get(key)) for r in runs if r.get(key) is not None})
+        out[key] = "/".join(values) if values else None
+    return out
+
+
+TEST_TIME_LABELS = {"none": "nothing", "task_id": "task identity", "context": "context"}
+
+
+def uses_at_test(info: str | None) -> str:
+    """``task_id`` -> ``task identity``: what a method used at test time, for tables."""
+    return "n/a" if info is None else "/".join(TEST_TIME_LABELS.get(i, i) for i in info.split("/"))
 
 
 def fmt_stat(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
@@ -102,12 +117,22 @@ def fmt_stat(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str
 def comparison_table(summary: dict[str, dict[str, Any]], failed: dict[str, int] | None = None) -> str:
     """One row per method: mean ± std over seeds; a ``failed`` column when some runs failed."""
     failed = failed or {}
-    header = ["method", "ACC (%)", "BWT (pt)", "FWT (pt)", "forgetting (pt)", "time (s)"]
+    header = ["method", "uses at test", "scenario", "ACC (%)", "BWT (pt)", "FWT (pt)", "forgetting (pt)", "time (s)"]
     rows = [
-        [m, fmt_stat(s["acc"]), fmt_stat(s["bwt"]), fmt_stat(s["fwt"]), fmt_stat(s["forgetting"]), fmt_stat(s["train_seconds"], 1.0)]
+        [
+            m, uses_at_test(s.get("test_time_info")), s.get("scenario") or "n/a",
+            fmt_stat(s["acc"]), fmt_stat(s["bwt"]), fmt_stat(s["fwt"]), fmt_stat(s["forgetting"]), fmt_stat(s["train_seconds"], 1.0),
+        ]
         for m, s in summary.items()
     ]
     if any(failed.values()):
         header.append("failed runs")
         rows = [[*row, str(failed.get(m, 0))] for row, m in zip(rows, summary)]
-    return markdown_table(header, rows)
+    table = markdown_table(header, rows)
+    infos = {s.get("test_time_info") for s in summary.values() if s.get("test_time_info")}
+    if len(infos) > 1:
+        table += (
+            "\n\nNot like for like: these methods use different information at test time "
+            f"({', '.join(sorted(uses_at_test(i) for i in infos))}); compare within the same 'uses at test'."
+        )
+    return table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -72,3 +73,61 @@ def check_machine(cfg: ExperimentConfig) -> torch.device:
     device = resolve_device(cfg.trainer.device)
     check_memory(cfg.benchmark.memory_estimate(), device if device.type == "cuda" else torch.device("cpu"), f"the {cfg.benchmark.name} stream")
     return device
+
+
+class PeakMemory:
+    """A run's own peak memory, not the process's running maximum (which, in ``compare``, would give
+    every run after the first the largest peak so far). CUDA: torch's peak allocation since
+    :meth:`start` (peak statistics reset there). CPU: the process's resident set, sampled by a
+    background thread every ``interval`` seconds between :meth:`start` and :meth:`stop` (Linux
+    ``/proc/self/statm``; elsewhere the process's lifetime maximum from ``getrusage``)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.01) -> None:
+        self.device, self.interval = device, interval
+        self.peak_bytes = 0
+        self.start_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._result: float | None = None
+
+    @staticmethod
+    def resident_bytes() -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def start(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+            return self
+        self.start_bytes = self.peak_bytes = self.resident_bytes() or 0
+        if self.resident_bytes() is not None:
+            self._thread = threading.Thread(target=self._sample, name="metagate-peak-memory", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_bytes = max(self.peak_bytes, self.resident_bytes() or 0)
+
+    def stop(self) -> float:
+        """The peak in MiB since :meth:`start` (the same value on every later call)."""
+        if self._result is None:
+            self._result = self._measure()
+        return self._result
+
+    def _measure(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self.peak_bytes = max(self.peak_bytes, self.resident_bytes() or 0)
+            return self.peak_bytes / 2**20
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-import resource
 import sys
 import time
 from typing import Any
@@ -22,7 +21,7 @@ from metagate.data import build_stream
 from metagate.data.stream import Stream, Task
 from metagate.methods import Batch, Method, create_method
 from metagate.runs import CheckpointError, RunDir, environment
-from metagate.runtime import check_machine, configure_threads, resolve_device
+from metagate.runtime import PeakMemory, check_machine, configure_threads, resolve_device
 from metagate.schema import ExperimentConfig
 
 __all__ = ["Trainer", "TrainingDiverged", "differing_keys", "evaluate", "resolve_device", "run_identity"]
@@ -101,13 +100,6 @@ def evaluate(method: Method, tasks: list[Task], batch_size: int, split: str = "t
     return [c / len(t.split(split)[1]) if len(t.split(split)[1]) else None for c, t in zip(counts, tasks)]
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory: bytes allocated by torch on a CUDA device, or the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 class Trainer:
     """Drives one method through one stream for one config, writing into ``run`` (if given)."""
 
@@ -183,13 +175,17 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train the stream (from the last checkpoint with ``resume``), holding the run folder's lock."""
-        if self.run is None:
-            return self._fit(resume)
-        self.run.lock()
+        self.memory = PeakMemory(self.device).start()
         try:
-            return self._fit(resume)
+            if self.run is None:
+                return self._fit(resume)
+            self.run.lock()
+            try:
+                return self._fit(resume)
+            finally:
+                self.run.unlock()
         finally:
-            self.run.unlock()
+            self.memory.stop()
 
     def _fit(self, resume: bool) -> dict[str, Any]:
         cfg, tc, method = self.cfg, self.cfg.trainer, self.method
@@ -318,6 +314,7 @@ class Trainer:
             "method": cfg.method.name,
             "benchmark": cfg.benchmark.name,
             "scenario": self.stream.scenario,
+            "test_time_info": self.method.test_time_info(),
             "seed": cfg.seed,
             "num_tasks": self.stream.num_tasks,
             "task_names": [t.name for t in self.stream.tasks],
@@ -334,7 +331,7 @@ class Trainer:
             "train_seconds": secs,
             "train_samples_per_second": state["samples_seen"] / secs if secs > 0 else None,
             "train_steps": state["steps"],
-            "peak_memory_mb": peak_memory_mb(self.device),
+            "peak_memory_mb": self.memory.stop(),
             "device": str(self.device),
             "threads": self.threads,
             "data": self.stream.provenance,

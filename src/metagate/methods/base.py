@@ -13,7 +13,7 @@ of the same config, and the optimiser state rides along as the module's extra st
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,17 @@ class TrainingData(NamedTuple):
     task_ids: Tensor | None = None
 
 
+TestTimeInfo = Literal["none", "task_id", "context"]
+
+
 class BaseMethodConfig(MethodConfig):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     reset_optimizer: bool = Field(True, description="fresh optimiser state at every task")
+    heads: Literal["shared", "per_task"] = Field(
+        "shared",
+        description="shared: one output layer; per_task: an output layer per task, chosen by the task's identity at test "
+        "(domain-incremental streams: the task-aware counterpart of a task-agnostic method)",
+    )
 
 
 class Method(nn.Module):
@@ -77,7 +85,15 @@ class Method(nn.Module):
         self.trainer_cfg = trainer
         self.stream = stream
         self.device = device
-        self.model = build_backbone(cfg.backbone, stream.input_shape, stream.num_outputs)
+        self.num_heads = 1
+        if cfg.heads == "per_task":
+            if stream.scenario != "domain":
+                raise ValueError(
+                    f"method.heads=per_task is for domain-incremental streams ({stream.name} is {stream.scenario}-incremental: "
+                    "task-incremental streams already restrict each task to its own outputs); use method.heads=shared"
+                )
+            self.num_heads = stream.num_tasks + len(stream.heldout)  # a head for every task that is ever evaluated
+        self.model = build_backbone(cfg.backbone, stream.input_shape, stream.num_outputs * self.num_heads)
         self.register_buffer("class_mask", stream.class_mask(), persistent=False)
         self.label_masking = stream.scenario == "task"
         self.stabilizer: Stabilizer | None = None  # set by methods that protect weights (EWC, SI, ...)
@@ -113,8 +129,21 @@ class Method(nn.Module):
         row[list(task.classes)] = True
         return row
 
+    def test_time_info(self) -> TestTimeInfo:
+        """What the method uses at test time besides the input: ``task_id`` when it predicts a task
+        through the task's identity (label masking, a head or a mask per task), else ``none``.
+        (``context``: a method that predicts from the task's context vector alone.)"""
+        return "task_id" if self.gates or self.label_masking or self.num_heads > 1 else "none"
+
     def mask_logits(self, logits: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
-        """Task-incremental label masking: outputs of other tasks get ``-inf``."""
+        """The task's own head (``heads=per_task``), then task-incremental label masking: outputs of
+        other tasks get ``-inf``."""
+        if self.num_heads > 1:
+            per_head = logits.view(logits.shape[0], self.num_heads, -1)
+            if task_ids is None:
+                logits = per_head[:, task.index]
+            else:
+                logits = per_head.gather(1, task_ids.view(-1, 1, 1).expand(-1, 1, per_head.shape[2])).squeeze(1)
         if not self.label_masking:
             return logits
         allowed = self.class_mask[task_ids] if task_ids is not None else self.class_row(task)
