@@ -331,3 +331,25 @@ def test_a_table_mixing_task_aware_and_task_agnostic_methods_says_so(tmp_path: P
     assert "| xdg | task identity | domain |" in res.output and "Not like for like" in res.output
     saved = json.loads((tmp_path / "c" / "multi" / "seed0" / "results.json").read_text())
     assert (saved["test_time_info"], saved["scenario"]) == ("task_id", "domain")
+
+
+def test_tune_chooses_on_validation_and_reports_fresh_seeds(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    res = runner.invoke(
+        app,
+        ["tune", *FAST, "--methods", "finetune", "--grid", "finetune:trainer.lr=0.00001,0.01", "--tuning-seeds", "1", "--seeds", "2", "--out", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    saved = json.loads((out / "tuning.json").read_text())
+    assert saved["chosen"] == {"finetune": ["trainer.lr=0.01"]} and saved["tuning_seeds"] == [1000] and saved["final_seeds"] == [0, 1]
+    final = yaml.safe_load((out / "final" / "finetune" / "seed1" / "config.yaml").read_text())
+    assert final["trainer"]["lr"] == 0.01 and final["seed"] == 1
+
+
+def test_the_choice_never_reads_test_accuracy() -> None:
+    from metagate.orchestrate import choose_on_validation
+
+    runs = {"a": [{"val_acc": 0.9, "acc": 0.1}], "b": [{"val_acc": 0.5, "acc": 0.99}]}
+    assert choose_on_validation(runs, {"m": ["a", "b"]})[0] == {"m": "a"}
+    runs["a"][0]["acc"] = 0.0  # test accuracy changes nothing
+    assert choose_on_validation(runs, {"m": ["a", "b"]})[0] == {"m": "a"}

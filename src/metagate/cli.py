@@ -149,6 +149,41 @@ def compare(
         )
 
 
+@app.command()
+def tune(
+    config: Optional[str] = typer.Argument(None, help=CONFIG_HELP, show_default=False),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    methods: str = typer.Option(..., "--methods", help="comma-separated method names or label=method variants"),
+    grid: list[str] = typer.Option(..., "--grid", help="label:key=v1,v2,... (repeat for more keys; the grid is their product)"),
+    tuning_seeds: int = typer.Option(2, "--tuning-seeds", min=1, help="seeds per grid point for choosing (from 1000)"),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="fresh seeds for the chosen settings (the config's seed, +1, ...)"),
+    out: Path = typer.Option(..., "--out", help="folder for tuning/, final/ and tuning.json"),
+    resume: bool = typer.Option(False, "--resume", help="reuse finished runs in --out, resume or retry the others"),
+) -> None:
+    """Choose on validation, report test: run every grid point on tuning seeds, pick each method's best
+    by validation accuracy, rerun the chosen settings on fresh seeds and print their test figures.
+
+    Example: ``metagate tune gated-teacher-task --methods si,ewc --grid si:method.c=0.1,1,10 --grid ewc:method.lambda=10,100 --out runs/tune``"""
+    from metagate import orchestrate
+
+    config, overrides = _split(config, overrides)
+    try:
+        outcome = orchestrate.run_tune(config, overrides, methods, grid, tuning_seeds, seeds, out, resume, typer.echo)
+    except KeyboardInterrupt:
+        _interrupted(out, True, "the same command with --resume")
+    except orchestrate.RunProblem as e:
+        _fail(str(e))
+    typer.echo("")
+    typer.echo("chosen on validation accuracy (tuning seeds):")
+    for label, chosen in outcome.chosen.items():
+        typer.echo(f"  {label}: {' '.join(chosen) or '(the config as it is)'}")
+    typer.echo(f"test figures of the chosen settings on fresh seeds {outcome.final.plan.seeds} ({out / 'final' / 'comparison.json'}):")
+    typer.echo(outcome.final.table)
+    failures = {**outcome.tuning.failures, **outcome.final.failures}
+    if failures:
+        _fail(f"{len(failures)} runs failed (see error.txt in their folders); rerun the same command with --resume", code=1)
+
+
 @app.command("list")
 def list_(what: str = typer.Argument(..., help="methods | benchmarks | configs")) -> None:
     """List registered methods, benchmarks or ready configs."""

@@ -278,3 +278,107 @@ def run_compare(plan: ComparePlan, resume: bool, echo: Echo = _quiet) -> Compare
     outcome.table = report.comparison_table(summary, {label: len(f) for label, f in failed.items()})
     atomic_write_text(plan.root / "comparison.md", outcome.table + "\n")
     return outcome
+
+
+# --------------------------------------------------------------------------- choose on validation, report test
+
+
+TUNING_SEED_BASE = 1000  # tuning seeds never overlap the reporting seeds (0, 1, 2, ...)
+
+
+@dataclass
+class TuneOutcome:
+    chosen: dict[str, list[str]]  # method label -> the overrides chosen on validation
+    tuning: CompareOutcome
+    final: CompareOutcome
+    scores: dict[str, dict[str, Any]]  # variant label -> its validation figures
+
+
+def parse_grid(grid: list[str], labels: list[str]) -> dict[str, list[list[str]]]:
+    """``["si:method.c=0.1,1", "si:method.xi=0.01,0.1"]`` -> per label, every combination as overrides."""
+    axes: dict[str, list[list[str]]] = {label: [] for label in labels}
+    for item in grid:
+        label, sep, rest = item.partition(":")
+        key, eq, values = rest.partition("=")
+        if not sep or not eq or not key or not values:
+            raise ConfigError(f"--grid {item!r} is not of the form label:key=v1,v2,... (e.g. si:method.c=0.1,1,10)")
+        if label not in axes:
+            raise ConfigError(f"--grid {item!r} names {label!r}, which --methods does not name")
+        axes[label].append([f"{key}={v.strip()}" for v in values.split(",") if v.strip()])
+    combos: dict[str, list[list[str]]] = {}
+    for label, lists in axes.items():
+        out: list[list[str]] = [[]]
+        for values in lists:
+            out = [[*prefix, v] for prefix in out for v in values]
+        combos[label] = out
+    return combos
+
+
+def variant_label(label: str, overrides: list[str]) -> str:
+    """A safe folder name for a grid point: ``si`` + ``method.c=0.1`` -> ``si_c-0.1``."""
+    parts = [o.split("=", 1)[0].split(".")[-1] + "-" + o.split("=", 1)[1] for o in overrides]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join([label, *parts]))
+
+
+def choose_on_validation(results: dict[str, list[dict[str, Any]]], candidates: dict[str, list[str]]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Per method, the variant with the highest mean validation accuracy (``val_acc``) over its tuning
+    runs. Reads nothing but validation figures: test accuracy never takes part in the choice."""
+    scores = {v: report.mean_std([r.get("val_acc") for r in runs]) for v, runs in results.items()}
+    chosen = {}
+    for method, variants in candidates.items():
+        scored = [(scores[v]["mean"], v) for v in variants if scores[v]["mean"] is not None]
+        if not scored:
+            raise RunFolderError(f"no tuning run of {method} finished with a validation accuracy; nothing to choose from")
+        chosen[method] = max(scored)[1]
+    return chosen, scores
+
+
+def run_tune(
+    config: str | None, overrides: list[str], methods: str, grid: list[str], tuning_seeds: int, seeds: int,
+    out: Path, resume: bool, echo: Echo = _quiet,
+) -> TuneOutcome:
+    """The protocol in one command: every grid point of every method on ``tuning_seeds`` seeds from
+    :data:`TUNING_SEED_BASE` (into ``out/tuning``), the best per method chosen on validation accuracy,
+    then the chosen ones on ``seeds`` fresh seeds (into ``out/final``), whose test figures are reported."""
+    method_of = parse_entries(methods)
+    combos = parse_grid(grid, list(method_of))
+    entries, specific, candidates = [], [], {}
+    for label, points in combos.items():
+        candidates[label] = []
+        for point in points:
+            v = variant_label(label, point)
+            candidates[label].append(v)
+            entries.append(f"{v}={method_of[label]}")
+            specific += [f"{v}:{o}" for o in point]
+    general = [o for o in overrides if ":" not in o.split("=", 1)[0]]
+    per_label = [o for o in overrides if o not in general]
+    for o in per_label:  # label:key=value applies to each of that method's variants
+        label, _, rest = o.partition(":")
+        specific += [f"{v}:{rest}" for v in candidates.get(label, [])]
+    tuning_plan = plan_compare(
+        config, [*general, f"seed={TUNING_SEED_BASE}", *specific], ",".join(entries), tuning_seeds, out / "tuning", resume,
+        lambda b, s: out / "tuning",
+    )
+    echo(f"tuning: {len(entries)} variants x {tuning_seeds} seeds (from {TUNING_SEED_BASE}), chosen on validation accuracy")
+    tuning = run_compare(tuning_plan, resume, echo)
+    picked, scores = choose_on_validation(tuning.results, candidates)
+    chosen = {label: combos[label][candidates[label].index(v)] for label, v in picked.items()}
+    final_specific = [f"{label}:{o}" for label, ovs in chosen.items() for o in ovs]
+    final_specific += [o for o in per_label if o.partition(":")[0] in method_of]
+    final_plan = plan_compare(
+        config, [*general, *final_specific], methods, seeds, out / "final", resume, lambda b, s: out / "final"
+    )
+    echo(f"final: the chosen variants on {seeds} fresh seeds; test figures reported")
+    final = run_compare(final_plan, resume, echo)
+    atomic_write_json(
+        out / "tuning.json",
+        {
+            "protocol": "each variant on tuning seeds, chosen by mean val_acc; chosen variants rerun on fresh seeds, test reported",
+            "tuning_seeds": tuning_plan.seeds,
+            "final_seeds": final_plan.seeds,
+            "candidates": {label: dict(zip(candidates[label], combos[label])) for label in candidates},
+            "validation": {v: {"mean": s["mean"], "std": s["std"], "n": s["n"]} for v, s in scores.items()},
+            "chosen": chosen,
+        },
+    )
+    return TuneOutcome(chosen, tuning, final, scores)
