@@ -1,7 +1,9 @@
 """Regenerate the measured figures in README.md (between the ``figures`` markers).
 
-Runs each comparison below with the installed ``metagate`` and the speed benchmark, then rewrites
-the README section with the tables and the exact commands. Nothing in that section is typed by hand.
+Runs each comparison below with the installed ``metagate`` (``metagate tune``: every method's
+strength chosen on validation accuracy over tuning seeds, the chosen setting reported on test over
+fresh seeds) and the speed benchmark, then rewrites the README section with the tables and the exact
+commands. Nothing in that section is typed by hand.
 
     .venv/bin/python scripts/update_readme.py [--seeds 3] [--skip-speed] [--xdg DIR ...] [--metagate DIR ...]
 """
@@ -28,14 +30,18 @@ FIGURES = ROOT / "docs" / "figures"
 START, END = "<!-- figures:start -->", "<!-- figures:end -->"
 BIN = Path(sys.executable).parent
 
+GRID = [
+    "--grid", "ewc:method.lambda=10,100,1000", "--grid", "online_ewc:method.lambda=10,100,1000",
+    "--grid", "si:method.c=0.1,1,10",
+]
 COMPARISONS = [
     (
         "Gated teacher, task-incremental (5 tasks, `configs/gated-teacher-task.yaml`)",
-        ["gated-teacher-task", "--methods", "finetune,ewc,online_ewc,si,joint", "ewc:method.lambda=100", "online_ewc:method.lambda=100"],
+        ["gated-teacher-task", "--methods", "finetune,ewc,online_ewc,si,joint", *GRID],
     ),
     (
         "Rotated teacher, domain-incremental (5 angles, `configs/rotated-teacher.yaml`)",
-        ["rotated-teacher", "--methods", "finetune,ewc,online_ewc,si,joint", "si:method.c=10", "online_ewc:method.lambda=100"],
+        ["rotated-teacher", "--methods", "finetune,ewc,online_ewc,si,joint", *GRID],
     ),
 ]
 
@@ -48,6 +54,7 @@ def run(cmd: list[str]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--tuning-seeds", type=int, default=2)
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--xdg", type=Path, nargs="*", default=[], help="finished experiments/xdg_permuted.py --out folders whose tables to include")
     p.add_argument("--metagate", type=Path, nargs="*", default=[], help="finished experiments/metagate_benchmarks.py --out folders (tables and plots)")
@@ -61,13 +68,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (title, cargs) in enumerate(COMPARISONS):
             out = Path(tmp) / f"c{i}"
-            cmd = [str(BIN / "metagate"), "compare", *cargs, "--seeds", str(args.seeds), "--out", str(out), "trainer.progress=false"]
+            seeds = ["--tuning-seeds", str(args.tuning_seeds), "--seeds", str(args.seeds)]
+            cmd = [str(BIN / "metagate"), "tune", *cargs, *seeds, "--out", str(out), "trainer.progress=false"]
             run(cmd)
-            table = (out / "comparison.md").read_text().strip()
-            shown = " ".join(["metagate", "compare", *cargs, "--seeds", str(args.seeds)])
-            parts += [f"**{title}**, mean ± std over {args.seeds} seeds:", "", f"    {shown}", "", table, ""]
-            summary = json.loads((out / "comparison.json").read_text())
-            print(json.dumps({m: v["summary"]["acc"]["mean"] for m, v in summary["methods"].items()}))
+            table = (out / "final" / "comparison.md").read_text().strip()
+            tuning = json.loads((out / "tuning.json").read_text())
+            chosen = "; ".join(f"{m}: {' '.join(o)}" for m, o in tuning["chosen"].items() if o)
+            shown = " ".join(["metagate", "tune", *cargs, *seeds, "--out", "DIR"])
+            parts += [
+                f"**{title}**, test figures, mean ± std over seeds {tuning['final_seeds']}; strengths chosen on validation "
+                f"accuracy over tuning seeds {tuning['tuning_seeds']} ({chosen}):",
+                "", f"    {shown}", "", table, "",
+            ]
     for folder in args.xdg:
         parts += ["**XdG on permuted Fashion-MNIST** (`experiments/xdg_permuted.py`):", "",
                   (folder / "table.md").read_text().strip(), ""]

@@ -159,6 +159,7 @@ def tune(
     seeds: int = typer.Option(3, "--seeds", min=1, help="fresh seeds for the chosen settings (the config's seed, +1, ...)"),
     out: Path = typer.Option(..., "--out", help="folder for tuning/, final/ and tuning.json"),
     resume: bool = typer.Option(False, "--resume", help="reuse finished runs in --out, resume or retry the others"),
+    choose_only: bool = typer.Option(False, "--choose-only", help="stop after the choice (tuning.json), without the final runs"),
 ) -> None:
     """Choose on validation, report test: run every grid point on tuning seeds, pick each method's best
     by validation accuracy, rerun the chosen settings on fresh seeds and print their test figures.
@@ -168,7 +169,7 @@ def tune(
 
     config, overrides = _split(config, overrides)
     try:
-        outcome = orchestrate.run_tune(config, overrides, methods, grid, tuning_seeds, seeds, out, resume, typer.echo)
+        outcome = orchestrate.run_tune(config, overrides, methods, grid, tuning_seeds, seeds, out, resume, typer.echo, choose_only)
     except KeyboardInterrupt:
         _interrupted(out, True, "the same command with --resume")
     except orchestrate.RunProblem as e:
@@ -177,9 +178,10 @@ def tune(
     typer.echo("chosen on validation accuracy (tuning seeds):")
     for label, chosen in outcome.chosen.items():
         typer.echo(f"  {label}: {' '.join(chosen) or '(the config as it is)'}")
-    typer.echo(f"test figures of the chosen settings on fresh seeds {outcome.final.plan.seeds} ({out / 'final' / 'comparison.json'}):")
-    typer.echo(outcome.final.table)
-    failures = {**outcome.tuning.failures, **outcome.final.failures}
+    if outcome.final is not None:
+        typer.echo(f"test figures of the chosen settings on fresh seeds {outcome.final.plan.seeds} ({out / 'final' / 'comparison.json'}):")
+        typer.echo(outcome.final.table)
+    failures = {**outcome.tuning.failures, **(outcome.final.failures if outcome.final else {})}
     if failures:
         _fail(f"{len(failures)} runs failed (see error.txt in their folders); rerun the same command with --resume", code=1)
 

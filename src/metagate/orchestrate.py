@@ -19,6 +19,7 @@ from typing import Any, Callable
 from metagate import report
 from metagate.config import ConfigError, apply_overrides, config_from_dict, find_config, read_yaml
 from metagate.runs import CheckpointError, RunDir, RunFolderBusy, RunFolderError, atomic_write_json, atomic_write_text
+from metagate.runtime import check_machine
 from metagate.schema import ExperimentConfig
 from metagate.train import Trainer, TrainingDiverged, describe_difference, run_identity
 
@@ -217,8 +218,6 @@ def plan_compare(
         for label, method in method_of.items()
         for seed in seed_list
     }
-    from metagate.runtime import check_machine
-
     for cfg in configs.values():
         check_machine(cfg)
     first = configs[(next(iter(method_of)), base_seed)]
@@ -290,7 +289,7 @@ TUNING_SEED_BASE = 1000  # tuning seeds never overlap the reporting seeds (0, 1,
 class TuneOutcome:
     chosen: dict[str, list[str]]  # method label -> the overrides chosen on validation
     tuning: CompareOutcome
-    final: CompareOutcome
+    final: CompareOutcome | None  # None with choose_only
     scores: dict[str, dict[str, Any]]  # variant label -> its validation figures
 
 
@@ -335,11 +334,12 @@ def choose_on_validation(results: dict[str, list[dict[str, Any]]], candidates: d
 
 def run_tune(
     config: str | None, overrides: list[str], methods: str, grid: list[str], tuning_seeds: int, seeds: int,
-    out: Path, resume: bool, echo: Echo = _quiet,
+    out: Path, resume: bool, echo: Echo = _quiet, choose_only: bool = False,
 ) -> TuneOutcome:
     """The protocol in one command: every grid point of every method on ``tuning_seeds`` seeds from
     :data:`TUNING_SEED_BASE` (into ``out/tuning``), the best per method chosen on validation accuracy,
-    then the chosen ones on ``seeds`` fresh seeds (into ``out/final``), whose test figures are reported."""
+    then the chosen ones on ``seeds`` fresh seeds (into ``out/final``), whose test figures are reported
+    (``choose_only``: stop after the choice, for experiments that run the chosen settings themselves)."""
     method_of = parse_entries(methods)
     combos = parse_grid(grid, list(method_of))
     entries, specific, candidates = [], [], {}
@@ -363,6 +363,17 @@ def run_tune(
     tuning = run_compare(tuning_plan, resume, echo)
     picked, scores = choose_on_validation(tuning.results, candidates)
     chosen = {label: combos[label][candidates[label].index(v)] for label, v in picked.items()}
+    record = {
+        "protocol": "each variant on tuning seeds, chosen by mean val_acc; chosen variants rerun on fresh seeds, test reported",
+        "tuning_seeds": tuning_plan.seeds,
+        "final_seeds": None,
+        "candidates": {label: dict(zip(candidates[label], combos[label])) for label in candidates},
+        "validation": {v: {"mean": s["mean"], "std": s["std"], "n": s["n"]} for v, s in scores.items()},
+        "chosen": chosen,
+    }
+    atomic_write_json(out / "tuning.json", record)
+    if choose_only:
+        return TuneOutcome(chosen, tuning, None, scores)
     final_specific = [f"{label}:{o}" for label, ovs in chosen.items() for o in ovs]
     final_specific += [o for o in per_label if o.partition(":")[0] in method_of]
     final_plan = plan_compare(
@@ -370,15 +381,6 @@ def run_tune(
     )
     echo(f"final: the chosen variants on {seeds} fresh seeds; test figures reported")
     final = run_compare(final_plan, resume, echo)
-    atomic_write_json(
-        out / "tuning.json",
-        {
-            "protocol": "each variant on tuning seeds, chosen by mean val_acc; chosen variants rerun on fresh seeds, test reported",
-            "tuning_seeds": tuning_plan.seeds,
-            "final_seeds": final_plan.seeds,
-            "candidates": {label: dict(zip(candidates[label], combos[label])) for label in candidates},
-            "validation": {v: {"mean": s["mean"], "std": s["std"], "n": s["n"]} for v, s in scores.items()},
-            "chosen": chosen,
-        },
-    )
+    atomic_write_json(out / "tuning.json", {**record, "final_seeds": final_plan.seeds})
     return TuneOutcome(chosen, tuning, final, scores)
+
