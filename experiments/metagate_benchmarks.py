@@ -16,6 +16,12 @@ Per stream it writes ``<out>/<stream>/`` (the ``compare`` folder) and three plot
 accuracy by task, the learning curve of a new task (mean over the later tasks), and mask overlap
 against context similarity (every pair of tasks, seed 0); ``<out>/table.md`` gathers the tables.
 
+Hyperparameters are chosen on validation, never on the reported test figures: per stream, SI's
+strength ``c`` (shared by every variant) is chosen for XdG + SI from ``c_grid``, then metagate's
+``prior`` from ``PRIOR_GRID`` with that ``c``, each by mean validation accuracy over tuning seeds
+1000, 1001 (``metagate tune --choose-only``, into ``<out>/<stream>-tuning-c`` and ``-tuning-prior``);
+the table's runs use fresh seeds 0, 1, 2 and report test.
+
 Zero-shot quality ``Q = (zs - zs_xdg) / (final - zs_xdg)`` uses means over the later tasks (from
 task ``T // 2``: after at least half the stream has shaped the agent): ``zs`` the accuracy on a task
 before training it, ``final`` the accuracy right after training it, ``zs_xdg`` XdG's zero-shot
@@ -57,7 +63,7 @@ class Stream:
     title: str
     config: str
     common: list[str]
-    c: float  # SI strength and damping, the same for every variant
+    c_grid: list[float]  # SI strengths to choose from on validation (the same c for every variant)
     xi: float
     variants: dict[str, tuple[str, list[str]]] = field(
         default_factory=lambda: {
@@ -73,7 +79,7 @@ STREAMS = {
         "Gated teacher (domain-incremental, 10 tasks, MLP 256)",
         "default",
         [*MLP, "method.backbone.hidden=[256]"],
-        1.0,
+        [0.1, 1.0, 10.0],
         0.01,
         {
             "xdg": ("xdg", XDG),
@@ -88,30 +94,65 @@ STREAMS = {
         "Rotated Fashion-MNIST (10 angles in [0, 180], 2 + 2 held out, 6000 images per task, MLP 256)",
         "rotated-fmnist",
         [*FMNIST, *MLP, "method.backbone.hidden=[256]", "benchmark.train_per_task=6000", "benchmark.test_per_task=2000"],
-        30.0,
+        [3.0, 30.0, 300.0],
         0.1,
     ),
     "split": Stream(
         "Split Fashion-MNIST (5 x 2 classes, task-incremental, prototype contexts, MLP 256)",
         "split-fmnist",
         [*FMNIST, *MLP, "method.backbone.hidden=[256]"],
-        100.0,
+        [10.0, 100.0, 1000.0],
         0.1,
     ),
     "permuted": Stream(
         "Permuted Fashion-MNIST (10 tasks x 6000 images, random contexts, MLP 2 x 400)",
         "xdg-small",
         [*FMNIST, *MLP, "method.backbone.hidden=[400,400]"],
-        30.0,
+        [3.0, 30.0, 300.0],
         0.1,
         {"xdg": ("xdg", XDG), "metagate": ("metagate", [])},
     ),
 }
 
 
-def run_compare(stream: Stream, out: Path, seeds: int, extra: list[str]) -> list[str]:
+PRIOR_GRID = [0.5, 1.0, 2.0]
+
+
+def metagate_cmd() -> str:
+    return str(Path(sys.executable).parent / "metagate")
+
+
+def choose(stream: Stream, out: Path, method: str, grid: str, fixed: list[str], extra: list[str], tuning_seeds: int) -> str:
+    """One value chosen on validation (``metagate tune --choose-only``); returns the chosen override."""
+    cmd = [
+        metagate_cmd(), "tune", stream.config, *stream.common, "reference=null", "trainer.progress=false",
+        *[f"{method}:{o}" for o in fixed], *extra, "--methods", method, "--grid", f"{method}:{grid}",
+        "--tuning-seeds", str(tuning_seeds), "--choose-only", "--out", str(out), "--resume",
+    ]
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    chosen = json.loads((out / "tuning.json").read_text())["chosen"][method]
+    return chosen[0]
+
+
+def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tuning_seeds: int) -> tuple[float, float]:
+    """SI's c (for XdG + SI), then metagate's prior with that c, both chosen on validation."""
+    c_grid = ",".join(str(c) for c in stream.c_grid)
+    c = float(choose(stream, root / f"{name}-tuning-c", "xdg", f"method.c={c_grid}", [*XDG, f"method.xi={stream.xi}"], extra, tuning_seeds).split("=")[1])
+    prior_grid = ",".join(str(p) for p in PRIOR_GRID)
+    fixed = [f"method.c={c}", f"method.xi={stream.xi}"]
+    prior = float(choose(stream, root / f"{name}-tuning-prior", "metagate", f"method.prior={prior_grid}", fixed, extra, tuning_seeds).split("=")[1])
+    return c, prior
+
+
+def run_compare(stream: Stream, out: Path, seeds: int, extra: list[str], c: float, prior: float) -> list[str]:
     entries = ",".join(f"{k}={m}" for k, (m, _) in stream.variants.items())
-    specific = [f"{k}:{o}" for k, (_, opts) in stream.variants.items() for o in [*opts, f"method.c={stream.c}", f"method.xi={stream.xi}"]]
+    chosen = [f"method.c={c}", f"method.xi={stream.xi}"]
+    specific = [
+        f"{k}:{o}"
+        for k, (m, opts) in stream.variants.items()
+        for o in [*opts, *chosen, *([f"method.prior={prior}"] if m == "metagate" else [])]
+    ]
     cmd = [
         str(Path(sys.executable).parent / "metagate"), "compare", stream.config, *stream.common, "reference=null",
         "trainer.progress=false", *specific, *extra, "--methods", entries, "--seeds", str(seeds), "--out", str(out), "--resume",
@@ -230,6 +271,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--streams", default="gated,rotated,split,permuted", help=f"comma-separated, of {', '.join(STREAMS)}")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--tuning-seeds", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = p.parse_args()
     names = [s.strip() for s in args.streams.split(",") if s.strip()]
@@ -238,14 +280,17 @@ def main() -> None:
         p.error(f"unknown stream(s) {', '.join(unknown)}; choose from {', '.join(STREAMS)}")
     for name in names:
         stream, out = STREAMS[name], args.out / name
-        cmd = run_compare(stream, out, args.seeds, args.overrides)
+        c, prior = chosen_values(stream, name, args.out, args.overrides, args.tuning_seeds)
+        cmd = run_compare(stream, out, args.seeds, args.overrides, c, prior)
         runs = load_runs(out)
         short = stream.title.split(" (")[0]
         plot_zero_shot(runs, f"{short}: zero-shot accuracy", out / "zero_shot.png")
         plot_curves(runs, f"{short}: learning curve of a new task", out / "learning_curves.png")
         plot_overlap(runs, f"{short}: mask overlap vs context", out / "overlap_vs_context.png")
-        text = (f"### {stream.title}\n\nSeeds {sorted(runs['xdg'])}; zero-shot, just trained, Q and steps over tasks "
-                f"T/2..T-1.\n\n    {shlex.join(['metagate', *cmd[1:]])}\n\n{table(stream, runs)}\n")
+        text = (f"### {stream.title}\n\nTest figures over seeds {sorted(runs['xdg'])}; zero-shot, just trained, Q and steps "
+                f"over tasks T/2..T-1. Chosen on validation (tuning seeds 1000-{999 + args.tuning_seeds}): SI c = {c:g} "
+                f"from {stream.c_grid} (XdG + SI), metagate prior = {prior:g} from {PRIOR_GRID}.\n\n"
+                f"    {shlex.join(['metagate', *cmd[1:]])}\n\n{table(stream, runs)}\n")
         (out / "table.md").write_text(text)
         print(text, flush=True)
     # The gathered table holds every stream finished in --out, also by earlier calls.

@@ -3,9 +3,10 @@ on permuted Fashion-MNIST, over seeds; plus XdG's capacity (fraction of units pe
 
 Every method uses the same stream and the same MLP (``configs/xdg-small.yaml``: 10 tasks x 6000
 images, 2 x 400, no dropout, 2 epochs, Adam 1e-3, batch 256), so the rows differ only by gating and
-stabiliser. Stabiliser strengths: those tuned for plain SI (c = 30, xi = 0.1) and EWC (lambda = 3)
-on this stream (``configs/permuted-fmnist.yaml``), used unchanged with gating; one more row runs
-XdG + SI with the paper's own SI setting (c = 0.035, xi = 0.01).
+stabiliser. Stabiliser strengths are chosen on validation for plain SI (``c`` from ``SI_GRID``, xi =
+0.1) and plain EWC (``lambda`` from ``EWC_GRID``) over tuning seeds 1000, 1001 (``metagate tune
+--choose-only`` into ``<out>-tuning``), and used unchanged with gating; one more row runs XdG + SI with
+the paper's own SI setting (c = 0.035, xi = 0.01). The table's runs use fresh seeds and report test.
 
     .venv/bin/python experiments/xdg_permuted.py --out runs/xdg-permuted [--seeds 3]
 
@@ -22,16 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = {
-    "finetune": ["method.name=finetune"],
-    "ewc": ["ewc:method.lambda=3"],
-    "si": ["si:method.c=30", "si:method.xi=0.1"],
-    "joint": [],
-    "xdg": ["xdg:method.stabilizer=none"],
-    "xdg-si": ["xdg-si:method.stabilizer=si"],
-    "xdg-ewc": ["xdg-ewc:method.stabilizer=ewc", "xdg-ewc:method.ewc_lambda=3"],
-    "xdg-si-paper": ["xdg-si-paper:method.c=0.035", "xdg-si-paper:method.xi=0.01"],
-}
+SI_GRID = "3,30,300"
+EWC_GRID = "0.3,3,30"
+
+
+def variants(c: float, lam: float) -> dict[str, list[str]]:
+    return {
+        "finetune": ["method.name=finetune"],
+        "ewc": [f"ewc:method.lambda={lam}"],
+        "si": [f"si:method.c={c}", "si:method.xi=0.1"],
+        "joint": [],
+        "xdg": ["xdg:method.stabilizer=none"],
+        "xdg-si": ["xdg-si:method.stabilizer=si", f"xdg-si:method.c={c}", "xdg-si:method.xi=0.1"],
+        "xdg-ewc": ["xdg-ewc:method.stabilizer=ewc", f"xdg-ewc:method.ewc_lambda={lam}"],
+        "xdg-si-paper": ["xdg-si-paper:method.c=0.035", "xdg-si-paper:method.xi=0.01"],
+    }
 METHOD_OF = {"xdg": "xdg", "xdg-si": "xdg", "xdg-ewc": "xdg", "xdg-si-paper": "xdg"}
 
 
@@ -40,12 +46,25 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--config", default="xdg-small")
+    p.add_argument("--tuning-seeds", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = p.parse_args()
+    metagate = str(Path(sys.executable).parent / "metagate")
+    tuning = args.out.with_name(args.out.name + "-tuning")
+    tune = [
+        metagate, "tune", args.config, *args.overrides, "trainer.progress=false", "si:method.xi=0.1", "--methods", "si,ewc",
+        "--grid", f"si:method.c={SI_GRID}", "--grid", f"ewc:method.lambda={EWC_GRID}",
+        "--tuning-seeds", str(args.tuning_seeds), "--choose-only", "--out", str(tuning), "--resume",
+    ]
+    print("+", " ".join(tune), flush=True)
+    subprocess.run(tune, check=True)
+    chosen = json.loads((tuning / "tuning.json").read_text())["chosen"]
+    c, lam = float(chosen["si"][0].split("=")[1]), float(chosen["ewc"][0].split("=")[1])
+    VARIANTS = variants(c, lam)
     entries = ",".join(f"{k}={METHOD_OF[k]}" if k in METHOD_OF else k for k in VARIANTS)
     specific = [o for k, os_ in VARIANTS.items() for o in os_ if ":" in o]
     cmd = [
-        str(Path(sys.executable).parent / "metagate"), "compare", args.config, *specific, *args.overrides,
+        metagate, "compare", args.config, *specific, *args.overrides,
         "--methods", entries, "--seeds", str(args.seeds), "--out", str(args.out), "--resume", "trainer.progress=false",
     ]
     print("+", " ".join(cmd), flush=True)
@@ -65,7 +84,9 @@ def main() -> None:
         rows.append(f"| {label} | {fmt('acc')} | {fmt('bwt')} | {fmt('forgetting')} | {cap[0]} | {cap[1]} |")
     table = "\n".join(rows)
     header = (
-        f"Permuted Fashion-MNIST ({args.config}), mean ± std over seeds {comp['seeds']}.\n"
+        f"Permuted Fashion-MNIST ({args.config}), test figures, mean ± std over seeds {comp['seeds']}; "
+        f"SI c = {c:g} (from {SI_GRID}) and EWC lambda = {lam:g} (from {EWC_GRID}) chosen on validation accuracy "
+        f"over tuning seeds 1000-{999 + args.tuning_seeds}, for plain SI and EWC, used unchanged with gating.\n"
         f"Command: `python experiments/xdg_permuted.py --out {args.out} --seeds {args.seeds}"
         f"{''.join(' ' + repr(o) for o in args.overrides)}`\n\n"
     )
