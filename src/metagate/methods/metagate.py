@@ -139,6 +139,7 @@ class MetaGate(Method):
         gen = torch.Generator().manual_seed(torch.initial_seed() + 104729)
         self.register_buffer("prior_scores", torch.randn(len(tasks), num_units, generator=gen).to(self.device))
         self.slot = {t.index: i for i, t in enumerate(tasks)}
+        self.register_buffer("slot_ids", torch.arange(len(tasks), device=self.device), persistent=False)
         self.agent = MetaAgent(given.shape[1], num_units, cfg.agent_hidden).to(self.device)
         self.agent_optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.agent_lr)
         self.scores = nn.Parameter(torch.zeros(num_units, device=self.device))
@@ -146,9 +147,13 @@ class MetaGate(Method):
         self.register_buffer("trained", torch.zeros(stream.num_tasks, dtype=torch.bool))
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.current: int | None = None
+        # Host-side caches of the stored masks, rebuilt when they change (after_task, load_state_dict):
+        # each trained task's unpacked mask, and the regression's slots and targets, so that a training
+        # step neither unpacks bits nor reads ``trained`` back from the device.
         self._dense: dict[int, Tensor] = {}
+        self._targets: tuple[Tensor, Tensor] | None = None
         self.set_stabilizer(SIStabilizer(self.model, cfg.c, cfg.xi, omega_rule="masse"))
-        self.register_load_state_dict_post_hook(lambda module, _: module._dense.clear())
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_masks())
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The base optimiser, plus the free mask scores (at ``mask_lr``) when they adapt."""
@@ -169,9 +174,23 @@ class MetaGate(Method):
         parts = [(c - c.mean(-1, keepdim=True)) / c.std(-1, keepdim=True).clamp_min(1e-6) for c in z.split(self.widths, dim=-1)]
         return torch.cat(parts, dim=-1) + self.cfg.prior * self.prior_scores[slots]
 
+    def slots(self, task: Task) -> Tensor:
+        """The task's row of ``contexts`` as a one-element index tensor on the device (no copy)."""
+        i = self.slot[task.index]
+        return self.slot_ids[i : i + 1]
+
     def generated_mask(self, task: Task) -> Tensor:
-        slot = torch.tensor([self.slot[task.index]], device=self.device)
-        return topk_mask(self.logits(slot)[0], self.widths, self.cfg.density)
+        return topk_mask(self.logits(self.slots(task))[0], self.widths, self.cfg.density)
+
+    def _refresh_masks(self) -> None:
+        """Rebuild the caches from ``trained`` and ``stored`` (one device read; never inside a step)."""
+        trained = [i for i, done in enumerate(self.trained.tolist()) if done]
+        self._dense = {i: self.stored[i].float() for i in trained}
+        if trained:
+            slots = self.slot_ids[[self.slot[i] for i in trained]]
+            self._targets = (slots, torch.stack([self._dense[i] for i in trained]))
+        else:
+            self._targets = None
 
     def mask_for(self, task: Task) -> Tensor:
         """The flat unit mask used for ``task`` now (differentiable while the task trains)."""
@@ -182,9 +201,7 @@ class MetaGate(Method):
                 return self.generated_mask(task)
             with torch.no_grad():
                 return self.generated_mask(task)
-        if task.index < len(self.stored) and bool(self.trained[task.index]):
-            if task.index not in self._dense:
-                self._dense[task.index] = self.stored[task.index].float()
+        if task.index in self._dense:  # a trained task: its stored mask
             return self._dense[task.index]
         with torch.no_grad():
             return self.generated_mask(task)
@@ -204,34 +221,45 @@ class MetaGate(Method):
         self.current = task.index
         if self.cfg.adapt and not self.cfg.meta_learning:
             with torch.no_grad():
-                self.scores.copy_(self.logits(torch.tensor([self.slot[task.index]], device=self.device))[0])
+                self.scores.copy_(self.logits(self.slots(task))[0])
 
     def _regression_loss(self) -> Tensor | None:
         """BCE between the agent's logits for every stored task's context and its stored mask."""
-        idx = self.trained.nonzero().squeeze(1)
-        if idx.numel() == 0:
+        if self._targets is None:
             return None
-        targets = torch.stack([self.stored[i].float() for i in idx.tolist()])
-        slots = torch.tensor([self.slot[i] for i in idx.tolist()], device=self.device)
+        slots, targets = self._targets
         return F.binary_cross_entropy_with_logits(self.logits(slots), targets)
 
     def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
+        """One step without host syncs. With ``meta_learning``, one agent forward gives the current
+        task's mask logits and the stored tasks' (for the regulariser), and the task loss and the
+        regulariser share one backward pass: the regulariser reaches the agent only, so the target
+        network's gradient is the task loss's alone when SI reads it; then the SI penalty's backward."""
         assert self.stabilizer is not None
         meta = self.cfg.adapt and self.cfg.meta_learning
         self.optimizer.zero_grad(set_to_none=True)
         self.agent_optimizer.zero_grad(set_to_none=True)
-        loss = self.task_loss(batch, task)
-        loss.backward()
+        reg = None
+        if meta:
+            stored = self._targets is not None
+            slots = torch.cat([self.slots(task), self._targets[0]]) if stored else self.slots(task)  # type: ignore[index]
+            z = self.logits(slots)
+            mask = topk_mask(z[0], self.widths, self.cfg.density)
+            if stored:
+                reg = F.binary_cross_entropy_with_logits(z[1:], self._targets[1])  # type: ignore[index]
+            logits = self.model(batch.x, unit_masks=list(mask.split(self.widths)))
+            loss = F.cross_entropy(self.mask_logits(logits, task, batch.task_ids), batch.y)
+        else:
+            loss = self.task_loss(batch, task)
+        (loss if reg is None else loss + self.cfg.beta * reg).backward()
         self.stabilizer.after_backward()
         penalty = self.stabilizer.penalty()
         if penalty is not None:
             penalty.backward()
         out = {"loss": loss.detach(), "penalty": loss.new_zeros(()) if penalty is None else penalty.detach()}
+        if reg is not None:
+            out["mask_reg"] = reg.detach()
         if meta:
-            reg = self._regression_loss()
-            if reg is not None:
-                (self.cfg.beta * reg).backward()
-                out["mask_reg"] = reg.detach()
             self.agent_optimizer.step()
         self.optimizer.step()
         self.stabilizer.after_step()
@@ -243,7 +271,7 @@ class MetaGate(Method):
         self.current = None
         self.stored[task.index] = BitMask(final).to(self.device)
         self.trained[task.index] = True
-        self._dense.pop(task.index, None)
+        self._refresh_masks()
         for _ in range(self.cfg.consolidation_steps):
             self.agent_optimizer.zero_grad(set_to_none=True)
             loss = self._regression_loss()
@@ -264,7 +292,7 @@ class MetaGate(Method):
         ious = []
         with torch.no_grad():
             for t in self.stream.tasks:
-                if bool(self.trained[t.index]):
+                if t.index in self._dense:
                     a, b = self.generated_mask(t).bool(), self.stored[t.index].bool()
                     ious.append(float((a & b).sum() / (a | b).sum().clamp_min(1)))
         return {"agent_mask_reproduction": ious}

@@ -12,6 +12,7 @@ from metagate.data.stream import Task
 from metagate.methods.base import METHODS, BaseMethodConfig, Method
 from metagate.methods.stabilizers import EWCStabilizer, SIStabilizer
 from metagate.nn.backbones import BackboneConfig
+from metagate.nn.dropout import Dropout
 from metagate.nn.gates import BitMask, random_unit_masks
 
 
@@ -70,7 +71,7 @@ class XdG(Method):
                     module.bias.zero_()
         self.model.head.bias.requires_grad_(False)
         self.optimizer = self.make_optimizer(self.model.parameters())
-        self.input_dropout = nn.Dropout(cfg.input_dropout) if cfg.input_dropout > 0 else nn.Identity()
+        self.input_dropout = Dropout(cfg.input_dropout) if cfg.input_dropout > 0 else nn.Identity()  # cheap CPU draw
         # One mask per task (training and held-out), from a per-task generator seeded off the run's RNG.
         self.register_buffer("mask_seed", torch.randint(2**62, ()), persistent=True)
         tasks = [*self.stream.tasks, *self.stream.heldout]
