@@ -114,7 +114,10 @@ class Method(nn.Module):
         # The fused kernel: one pass per tensor, and on CPU it avoids the foreach path's slow sqrt of
         # zero moments (gating leaves most units' Adam state at exactly zero, which doubled its time).
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
-        return torch.optim.Adam(params, lr=t.lr, fused=fused or None)
+        try:
+            return torch.optim.Adam(params, lr=t.lr, fused=fused or None)
+        except RuntimeError:  # torch < 2.4 has no fused Adam on CPU: the same update, computed per tensor
+            return torch.optim.Adam(params, lr=t.lr)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}
