@@ -148,6 +148,13 @@ def test_ewc_skips_the_fisher_after_the_last_training_task() -> None:
     assert calls == [t.index for t in stream.tasks[:-1]]
 
 
+def test_si_keeps_adams_state_across_tasks_by_default_as_the_permuted_mnist_notebook() -> None:
+    from metagate.methods.si import SI
+
+    assert SI.Config().reset_optimizer is False
+    assert METHODS.get("ewc").Config().reset_optimizer is True
+
+
 def test_task_incremental_prediction_uses_only_the_task_classes() -> None:
     raw = {"benchmark": {"name": "gated_teacher", "num_tasks": 3, "scenario": "task", "train_per_task": 50}, "method": {"name": "finetune"}}
     cfg = config_from_dict(raw)
