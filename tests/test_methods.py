@@ -96,6 +96,65 @@ def test_fisher_matches_a_per_sample_loop() -> None:
     assert all(torch.allclose(fast[n], slow[n], rtol=1e-4, atol=1e-7) for n in slow)
 
 
+@pytest.mark.parametrize("method_cfg", [
+    {"name": "ewc", "backbone": {"hidden": [16, 8]}},
+    {"name": "xdg", "gate_fraction": 0.5, "input_dropout": 0.0, "backbone": {"hidden": [16, 8], "dropout": 0.0}},
+])
+@pytest.mark.parametrize("labels", ["true", "sampled"])
+def test_closed_form_fisher_of_linear_layers_equals_the_vmap_fisher(method_cfg: dict, labels: str) -> None:
+    raw = {"benchmark": {"name": "gated_teacher", "num_tasks": 3, "scenario": "task", "train_per_task": 60}, "method": method_cfg}
+    cfg = config_from_dict(raw)
+    stream = build_stream(cfg.benchmark, 0)
+    method = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
+    task = stream.tasks[1]  # label-masked to its own classes; for xdg, gated by its mask
+    torch.manual_seed(1)
+    closed = fisher_diagonal(method, method.model, task, 50, labels, chunk=7)  # type: ignore[arg-type]
+    torch.manual_seed(1)
+    per_sample = fisher_diagonal(method, method.model, task, 50, labels, chunk=7, closed_form=False)  # type: ignore[arg-type]
+    assert set(closed) == set(per_sample)
+    assert all(torch.allclose(closed[n], per_sample[n], rtol=1e-4, atol=1e-7) for n in per_sample)
+
+
+def test_online_ewc_weighs_the_penalty_by_gamma_times_the_running_fisher() -> None:
+    # Schwarz et al., eq. 8-9, by hand: F*_1 = F_1; F*_2 = g F*_1 + F_2; penalty while training task 3
+    # is lambda/2 * g * F*_2 (theta - theta*_2)^2.
+    from metagate.methods.stabilizers import EWCStabilizer
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    stab = EWCStabilizer(model, model, lambda_=4.0, online=True, gamma=0.5)
+    fishers = iter([{"weight": torch.tensor([[1.0, 2.0]])}, {"weight": torch.tensor([[3.0, 0.0]])}])
+    stab.fisher = lambda task: next(fishers)  # type: ignore[method-assign]
+    stab.after_task(None)  # type: ignore[arg-type]
+    stab.after_task(None)  # type: ignore[arg-type]
+    anchor = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(torch.tensor([[1.0, 1.0]]))
+    running = 0.5 * torch.tensor([1.0, 2.0]) + torch.tensor([3.0, 0.0])  # F*_2 = [3.5, 1]
+    expected = 4.0 / 2 * 0.5 * (running * (model.weight.detach() - anchor)[0] ** 2).sum()  # 2 * 0.5 * 4.5
+    assert torch.allclose(stab.penalty(), expected)
+    assert expected.item() == 4.5
+
+
+def test_ewc_skips_the_fisher_after_the_last_training_task() -> None:
+    raw = {"benchmark": {**STREAM, "train_per_task": 40}, "method": {"name": "ewc", "backbone": {"hidden": [8]}}}
+    cfg = config_from_dict(raw)
+    stream = build_stream(cfg.benchmark, 0)
+    method = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
+    calls = []
+    real = method.stabilizer.fisher
+    method.stabilizer.fisher = lambda task: calls.append(task.index) or real(task)  # type: ignore[method-assign]
+    for task in stream.tasks:
+        method.after_task(task)
+    assert calls == [t.index for t in stream.tasks[:-1]]
+
+
+def test_si_keeps_adams_state_across_tasks_by_default_as_the_permuted_mnist_notebook() -> None:
+    from metagate.methods.si import SI
+
+    assert SI.Config().reset_optimizer is False
+    assert METHODS.get("ewc").Config().reset_optimizer is True
+
+
 def test_task_incremental_prediction_uses_only_the_task_classes() -> None:
     raw = {"benchmark": {"name": "gated_teacher", "num_tasks": 3, "scenario": "task", "train_per_task": 50}, "method": {"name": "finetune"}}
     cfg = config_from_dict(raw)

@@ -59,7 +59,85 @@ def test_a_gated_off_unit_gets_no_gradient() -> None:
     assert torch.all(w2.weight.grad[~second.bool()] == 0)
     assert torch.all(w2.weight.grad[:, ~first.bool()] == 0)  # nor do weights leaving a gated-off unit
     assert w1.weight.grad[first.bool()].abs().sum() > 0
-    assert method.model.head.bias.grad is None  # the output bias is fixed at zero, as in the paper's code
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_the_output_bias_starts_at_zero_and_trains_unless_frozen(freeze: bool) -> None:
+    # The XdG code zeroes every bias at the start and trains all of them (model.py:75, 152).
+    method, stream = build({"backbone": {"hidden": [32], "dropout": 0.0}, "stabilizer": "si", "freeze_output_bias": freeze})
+    task = stream.tasks[0]
+    bias = method.model.head.bias
+    assert torch.equal(bias, torch.zeros_like(bias))
+    method.before_task(task)
+    for _ in range(3):
+        method.train_step(Batch(task.x_train[:64], task.y_train[:64]), task)
+    assert torch.equal(bias, torch.zeros_like(bias)) == freeze
+    assert ("head.bias" in method.stabilizer.quadratic.names) != freeze  # stabilised when it trains
+
+
+def test_the_ewc_fisher_is_the_codes_mean_over_sampled_labels_with_dropout_on() -> None:
+    # The code (model.py:246-266, 397-401): one dropped-out forward per batch, labels sampled from that
+    # forward's output, per-input squared gradients of log p(label), summed and divided by the number
+    # of inputs. Reproduced here literally (same random draws), against the stabiliser's Fisher.
+    method, stream = build(
+        {"backbone": {"hidden": [24, 16], "dropout": 0.5}, "input_dropout": 0.2, "gate_fraction": 0.5,
+         "stabilizer": "ewc", "fisher_samples": 40},
+        train_per_task=40,
+    )
+    task = stream.tasks[1]
+    torch.manual_seed(3)
+    fisher = method.stabilizer.fisher(task)
+
+    torch.manual_seed(3)
+    idx = torch.randperm(task.num_train)[:40]
+    method.train()
+    logits = method(task.x_train[idx], task)  # dropout on, each input its own dropout mask
+    labels = torch.multinomial(torch.softmax(logits.detach(), 1), 1).squeeze(1)
+    logp = torch.log_softmax(logits, 1)
+    params = dict(method.model.named_parameters())
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(40):
+        grads = torch.autograd.grad(logp[i, labels[i]], list(params.values()), retain_graph=True)
+        for n, g in zip(params, grads):
+            expected[n] += g**2 / 40
+    assert set(fisher) == set(expected)
+    assert all(torch.allclose(fisher[n], expected[n], rtol=1e-4, atol=1e-8) for n in expected)
+    off = ~method.task_masks(task)[0].bool()
+    assert torch.all(fisher["hidden.0.weight"][off] == 0)  # gated-off units carry no information
+
+
+def test_xdg_ewc_strength_default_is_the_codes_omega_c() -> None:
+    # code: omega_c * sum F (theta - theta*)^2 with omega_c = 10; here lambda/2 * sum F (...)^2
+    method, _ = build({"stabilizer": "ewc"})
+    assert method.stabilizer.strength() == 10.0
+    assert method.cfg.fisher_samples == 256 * 32
+
+
+def test_masse_adam_option_reproduces_the_codes_update_for_two_steps() -> None:
+    method, stream = build(
+        {"backbone": {"hidden": [16], "dropout": 0.0}, "input_dropout": 0.0, "stabilizer": "none", "adam_variant": "masse"}
+    )
+    task = stream.tasks[0]
+    method.before_task(task)
+    params = [p for p in method.model.parameters()]
+    theta = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    lr_t = 1e-3 * (1 - 0.999) ** 0.5 / (1 - 0.9)  # AdamOpt.py:53 at t = 1, as the graph keeps it
+    for step in range(2):
+        batch = Batch(task.x_train[64 * step : 64 * step + 64], task.y_train[64 * step : 64 * step + 64])
+        with torch.no_grad():
+            for p, t in zip(params, theta):
+                p.copy_(t)  # hand computation and optimiser start from the same point each step
+        loss = torch.nn.functional.cross_entropy(method(batch.x, task), batch.y)
+        grads = torch.autograd.grad(loss, params)
+        for i, g in enumerate(grads):
+            m[i] = 0.9 * m[i] + 0.1 * g
+            v[i] = 0.999 * v[i] + 0.001 * g * g
+            d = -lr_t * m[i] / (v[i].sqrt() + 1e-8)
+            theta[i] = theta[i] + d * min(1.0, 1.0 / d.norm().item())
+        method.train_step(batch, task)
+        assert all(torch.allclose(p, t, atol=1e-7) for p, t in zip(params, theta))
 
 
 def test_training_one_task_leaves_gated_off_units_of_that_task_unchanged() -> None:

@@ -192,7 +192,11 @@ class Method(nn.Module):
 
     def after_task(self, task: Task) -> None:
         if self.stabilizer is not None:
-            self.stabilizer.after_task(task)
+            self.stabilizer.after_task(task, final=self.is_final(task))
+
+    def is_final(self, task: Task) -> bool:
+        """Whether ``task`` is the stream's last training task (held-out tasks are never trained)."""
+        return task.index == self.stream.tasks[-1].index
 
     @torch.no_grad()
     def predict(self, x: Tensor, task: Task) -> Tensor:

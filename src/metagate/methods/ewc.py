@@ -14,14 +14,16 @@ from metagate.methods.stabilizers import EWCStabilizer
 class EWC(Method):
     """EWC: after each task t, the diagonal Fisher ``F_t`` at the task's solution ``theta*_t``;
     while training later tasks the loss is ``L + lambda/2 * sum_t sum_k F_t,k (theta_k - theta*_t,k)^2``
-    (paper, eq. 3, one penalty per past task).
+    (paper, eq. 3, with one penalty per past task as the paper describes for a third task).
 
-    Fisher from labels sampled from the model's predictive distribution (the true Fisher, as in the
-    paper), estimated on ``fisher_samples`` training inputs with per-sample gradients. The per-task
-    penalties are folded into one importance/anchor pair with an exact constant (same value and
-    gradient, constant memory). The paper tunes ``lambda`` per problem and gives no universal value:
-    the default here was chosen on metagate's synthetic streams (see the README's figures).
-    Supports task-, domain- and class-incremental streams.
+    The Fisher is the plain mean over ``fisher_samples`` training inputs of squared per-sample
+    gradients of ``log p(y|x)``, with ``y`` drawn from the model's predictive distribution (the Fisher
+    information as the paper defines it) or, with ``fisher_labels="true"``, the true label (empirical
+    Fisher); dropout is off while it is estimated. The per-task penalties are folded into one
+    importance/anchor pair with an exact constant (same value and gradient, constant memory; the paper
+    notes that a sum of quadratic penalties is itself one). The paper gives no code and tunes
+    ``lambda`` per problem: the default here was chosen on metagate's synthetic streams. Supports
+    task-, domain- and class-incremental streams.
     """
 
     class Config(BaseMethodConfig):

@@ -87,6 +87,80 @@ class QuadraticPenalty(nn.Module):
         return total
 
 
+def _linear_layers(model: nn.Module) -> dict[str, nn.Linear] | None:
+    """``model``'s linear layers by name if they hold all its trainable parameters, else ``None``."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    owned = {
+        f"{name}.{kind}" if name else kind
+        for name, m in layers.items()
+        for kind in ("weight", "bias")
+        if getattr(m, kind) is not None and getattr(m, kind).requires_grad
+    }
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return layers if trainable == owned else None
+
+
+def _dropout_only_train(method: nn.Module) -> None:
+    """Eval mode everywhere but on dropout (batch norm keeps its running statistics untouched)."""
+    method.eval()
+    for m in method.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.train()
+
+
+def _closed_form_chunk(
+    method: nn.Module, layers: dict[str, nn.Linear], x: Tensor, y_true: Tensor, task: Task, sampled: bool
+) -> dict[str, Tensor] | None:
+    """Sum over the chunk of per-sample squared gradients of ``log p(y|x)``, for linear layers only.
+
+    A linear layer ``o = W a + b`` has per-sample gradient ``g a^T`` (``g = d log p / d o``), so
+    ``sum_i (g_i a_i^T)^2 = (g^2)^T (a^2)`` and the bias term is ``sum_i g_i^2``: one forward and one
+    backward of the summed log-likelihood, no per-sample weight gradients. Masks, label masking and
+    dropout act inside the forward, so ``a`` and ``g`` already carry them. ``None`` if a layer sees a
+    non-2-D input or runs twice in the forward (then the closed form does not hold).
+    """
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+    valid = True
+
+    def capture(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            nonlocal valid
+            if name in inputs or args[0].ndim != 2:
+                valid = False
+            inputs[name], outputs[name] = args[0].detach(), out
+
+        return hook
+
+    handles = [m.register_forward_hook(capture(name)) for name, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            logits = method(x, task)
+            if not valid:
+                return None
+            if sampled:
+                y = torch.multinomial(torch.softmax(logits.detach(), dim=1), 1).squeeze(1)
+            else:
+                y = y_true
+            total = torch.log_softmax(logits, dim=1).gather(1, y.unsqueeze(1)).sum()
+            names = [n for n in layers if n in outputs and outputs[n].requires_grad]
+            grads = torch.autograd.grad(total, [outputs[n] for n in names], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, Tensor] = {}
+    for name, g in zip(names, grads):
+        if g is None:
+            continue
+        layer, g2 = layers[name], g.detach().pow(2)
+        prefix = f"{name}." if name else ""
+        if layer.weight.requires_grad:
+            out[f"{prefix}weight"] = g2.T @ inputs[name].pow(2)
+        if layer.bias is not None and layer.bias.requires_grad:
+            out[f"{prefix}bias"] = g2.sum(0)
+    return out
+
+
 def fisher_diagonal(
     method: nn.Module,
     model: nn.Module,
@@ -94,19 +168,64 @@ def fisher_diagonal(
     num_samples: int,
     labels: Literal["sampled", "true"] = "sampled",
     chunk: int | None = None,
+    dropout: bool = False,
+    closed_form: bool = True,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher information of ``model``'s parameters on ``task``'s training inputs.
 
-    ``E_x E_{y ~ p(y|x)} [(d log p(y|x) / d theta)^2]`` with per-sample gradients (``vmap``), labels
-    drawn from the model's own predictive distribution (Kirkpatrick et al. 2017) or, with
-    ``labels="true"``, the empirical Fisher. ``method(x, task)`` must give the (masked) logits and
-    ``model`` be the sub-module holding the parameters.
+    ``E_x E_{y ~ p(y|x)} [(d log p(y|x) / d theta)^2]``, the plain mean over ``num_samples`` inputs
+    (at most the task's training set, drawn without replacement), with labels drawn from the model's
+    own predictive distribution (Kirkpatrick et al. 2017) or, with ``labels="true"``, the empirical
+    Fisher. ``method(x, task)`` must give the (masked) logits and ``model`` be the sub-module holding
+    the parameters.
+
+    ``dropout``: run dropout as in training (each input its own dropout mask, the label drawn from
+    that same dropped-out output; Masse et al.'s XdG code does this); otherwise eval mode.
+    ``closed_form``: when every trainable parameter belongs to an ``nn.Linear`` used once on 2-D
+    inputs, per-sample squared gradients come in closed form from each layer's input and output
+    gradient (see :func:`_closed_form_chunk`); otherwise per-sample gradients with ``vmap`` (with
+    dropout on, the vmap path draws the label from a separate dropped-out forward).
     """
     was_training = method.training
-    method.eval()
+    if dropout:
+        _dropout_only_train(method)
+    else:
+        method.eval()
     n = min(num_samples, task.num_train)
     idx = torch.randperm(task.num_train, device=task.x_train.device)[:n]
     xs, ys_true = task.x_train[idx], task.y_train[idx]
+    try:
+        layers = _linear_layers(model) if closed_form else None
+        if layers is not None:
+            fisher = {k: torch.zeros_like(v) for k, v in model.named_parameters() if v.requires_grad}
+            step = chunk or 1024
+            for start in range(0, n, step):
+                part = _closed_form_chunk(
+                    method, layers, xs[start : start + step], ys_true[start : start + step], task, labels == "sampled"
+                )
+                if part is None:  # a layer the closed form does not cover: start again with vmap
+                    layers = None
+                    break
+                for k, v in part.items():
+                    fisher[k] += v
+        if layers is None:
+            fisher = _vmap_fisher_sum(method, model, task, xs, ys_true, labels, chunk, dropout)
+    finally:
+        method.train(was_training)
+    return {k: v / n for k, v in fisher.items()}
+
+
+def _vmap_fisher_sum(
+    method: nn.Module,
+    model: nn.Module,
+    task: Task,
+    xs: Tensor,
+    ys_true: Tensor,
+    labels: Literal["sampled", "true"],
+    chunk: int | None,
+    dropout: bool,
+) -> dict[str, Tensor]:
+    """Sum over ``xs`` of per-sample squared gradients of ``log p(y|x)``, by ``vmap`` over ``grad``."""
     prefix = next(k for k, m in method.named_modules() if m is model)
     params = {f"{prefix}.{k}": v.detach() for k, v in model.named_parameters() if v.requires_grad}
     frozen = {f"{prefix}.{k}": v.detach() for k, v in model.named_parameters() if not v.requires_grad}
@@ -116,11 +235,11 @@ def fisher_diagonal(
         logits = functional_call(method, (p, buffers), (x.unsqueeze(0), task))
         return torch.log_softmax(logits, dim=1)[0].gather(0, y.unsqueeze(0)).squeeze(0)
 
-    per_sample = vmap(grad(log_lik), in_dims=(None, 0, 0))
+    per_sample = vmap(grad(log_lik), in_dims=(None, 0, 0), randomness="different" if dropout else "error")
     numel = sum(v.numel() for v in params.values())
     chunk = chunk or max(1, min(256, int(3e7 // max(numel, 1))))
     fisher = {k: torch.zeros_like(v) for k, v in params.items()}
-    for start in range(0, n, chunk):
+    for start in range(0, xs.shape[0], chunk):
         x = xs[start : start + chunk]
         if labels == "sampled":
             with torch.no_grad():
@@ -131,5 +250,4 @@ def fisher_diagonal(
         grads = per_sample(params, x, y)
         for k in fisher:
             fisher[k] += grads[k].pow(2).sum(0)
-    method.train(was_training)
-    return {k[len(prefix) + 1 :]: v / n for k, v in fisher.items()}
+    return {k[len(prefix) + 1 :]: v for k, v in fisher.items()}

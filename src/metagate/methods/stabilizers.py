@@ -7,7 +7,9 @@ Masse et al. 2018). The owning method calls, per training step::
     loss.backward(); stab.after_backward(); stab.penalty() -> backward; optimizer.step(); stab.after_step()
 
 and ``before_task`` / ``after_task`` around each task. ``after_backward`` sees the gradient of the
-unregularised task loss (SI's path integral needs exactly that).
+unregularised task loss (SI's path integral needs exactly that). ``after_task(task, final=True)`` after
+the stream's last training task: nothing trains after it, so a stabiliser may skip work whose only use
+is a later task's penalty (EWC skips its Fisher there).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Stabilizer(nn.Module):
     def after_step(self) -> None:
         pass
 
-    def after_task(self, task: Task) -> None:
+    def after_task(self, task: Task, final: bool = False) -> None:
         pass
 
     def strength(self) -> float:
@@ -57,14 +59,21 @@ class Stabilizer(nn.Module):
 
 class EWCStabilizer(Stabilizer):
     """Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017) and its online variant
-    (Schwarz et al., ICML 2018). Penalty ``lambda/2 * sum_k F_k (theta_k - theta*_k)^2``.
+    (Schwarz et al., ICML 2018).
 
-    * ``online=False``: one term per past task with its own Fisher and anchor (paper, eq. 3), folded
-      exactly into one importance/anchor pair (see :meth:`QuadraticPenalty.add_anchored`).
-    * ``online=True``: ``F~ = gamma * F~ + F_t`` and the anchor at the latest task's solution.
+    * ``online=False``: ``lambda/2 * sum_t sum_k F_t,k (theta_k - theta*_t,k)^2``, one term per past
+      task with its own Fisher and anchor (Kirkpatrick et al., eq. 3 summed over tasks), folded exactly
+      into one importance/anchor pair (see :meth:`QuadraticPenalty.add_anchored`).
+    * ``online=True``: ``lambda/2 * gamma * sum_k F*_k (theta_k - theta*_k)^2`` with the running Fisher
+      ``F* <- gamma F* + F_t`` and the anchor at the latest task's solution (Schwarz et al., eq. 8-9:
+      the penalty is weighted by ``gamma F*_{t-1}``, so even the latest task's Fisher is decayed once).
+      ``gamma = 1`` is plain accumulation.
 
-    ``logits(x, task)`` gives the (masked) logits the Fisher is taken of; ``owner`` is the module
-    whose ``forward(x, task)`` that is (used with ``torch.func`` for per-sample gradients).
+    The Fisher (:func:`fisher_diagonal`): plain mean over ``fisher_samples`` training inputs of the
+    squared per-sample gradient of ``log p(y|x)``, ``y`` drawn from the model (``"sampled"``) or the
+    true label; with ``fisher_dropout`` the forward keeps dropout on, as Masse et al.'s XdG code does.
+    Not computed after the stream's last training task (``final``), where no penalty follows.
+    ``owner(x, task)`` gives the (masked) logits the Fisher is taken of.
     """
 
     def __init__(
@@ -76,21 +85,28 @@ class EWCStabilizer(Stabilizer):
         fisher_labels: Literal["sampled", "true"] = "sampled",
         online: bool = False,
         gamma: float = 1.0,
+        fisher_dropout: bool = False,
     ) -> None:
         super().__init__(model)
         self.owner = [owner]
         self.lambda_, self.fisher_samples, self.fisher_labels = lambda_, fisher_samples, fisher_labels
-        self.online, self.gamma = online, gamma
+        self.online, self.gamma, self.fisher_dropout = online, gamma, fisher_dropout
 
     def strength(self) -> float:
-        return 0.5 * self.lambda_
+        # online: the penalty's Fisher is gamma * F*_{t-1} (Schwarz et al., eq. 8); the buffers hold F*
+        return 0.5 * self.lambda_ * (self.gamma if self.online else 1.0)
 
     def fisher(self, task: Task) -> dict[str, Tensor]:
-        return fisher_diagonal(self.owner[0], self.net, task, self.fisher_samples, self.fisher_labels)
+        return fisher_diagonal(
+            self.owner[0], self.net, task, self.fisher_samples, self.fisher_labels, dropout=self.fisher_dropout
+        )
 
-    def after_task(self, task: Task) -> None:
+    def after_task(self, task: Task, final: bool = False) -> None:
+        if final:
+            return  # no task trains after this one: its Fisher would never enter a penalty
         new = self.fisher(task)
         if self.online:
+            # F*_t = gamma F*_{t-1} + F_t (Schwarz et al., eq. 9), anchored at theta*_t
             running = {n: self.gamma * self.quadratic.importance(n) + f for n, f in new.items()}
             self.quadratic.set(self.net, running)
         else:
@@ -143,7 +159,7 @@ class SIStabilizer(Stabilizer):
         torch._foreach_sub_(self._list("path"), delta)  # w_k -= g_k * (theta_after - theta_before)
 
     @torch.no_grad()
-    def after_task(self, task: Task) -> None:
+    def after_task(self, task: Task, final: bool = False) -> None:
         names = [n for n, p in self.net.named_parameters() if p.requires_grad]
         omega = {}
         for n, p, w, start in zip(names, self.params, self._list("path"), self._list("start")):
