@@ -83,6 +83,7 @@ def test_the_ewc_fisher_is_the_codes_mean_over_sampled_labels_with_dropout_on() 
         {"backbone": {"hidden": [24, 16], "dropout": 0.5}, "input_dropout": 0.2, "gate_fraction": 0.5,
          "stabilizer": "ewc", "fisher_samples": 40},
         train_per_task=40,
+        val_fraction=0,
     )
     task = stream.tasks[1]
     torch.manual_seed(3)
