@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metagate.data.stream import Task
+from metagate.nn.dropout import Dropout
 
 
 def _key(name: str) -> str:
@@ -104,7 +105,7 @@ def _dropout_only_train(method: nn.Module) -> None:
     """Eval mode everywhere but on dropout (batch norm keeps its running statistics untouched)."""
     method.eval()
     for m in method.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
+        if isinstance(m, (nn.modules.dropout._DropoutNd, Dropout)):
             m.train()
 
 
