@@ -179,3 +179,21 @@ def test_per_task_heads_give_each_task_its_own_output_layer_and_forget_less() ->
     assert torch.equal(method(x, t1), full[:, 1]) and torch.equal(method(x, t0, torch.tensor([1, 0, 1, 0])), full[[0, 1, 2, 3], [1, 0, 1, 0]])
     with pytest.raises(ValueError, match="heads=per_task is for domain-incremental"):
         Trainer(config_from_dict({**raw, "benchmark": {"name": "gated_teacher", "scenario": "task"}}, ["method.heads=per_task"]))
+
+
+def test_the_penalty_gradient_added_directly_equals_autograds() -> None:
+    raw = {"benchmark": {**STREAM, "train_per_task": 200}, "method": {"name": "ewc", "backbone": {"hidden": [16]}}, "trainer": {"epochs": 1, "progress": False}}
+    trainer = Trainer(config_from_dict(raw))
+    trainer.fit()
+    stab, model = trainer.method.stabilizer, trainer.method.model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # away from the anchor
+    model.zero_grad()
+    value = stab.penalty()
+    value.backward()
+    autograd = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    direct = stab.add_penalty_grad()
+    assert torch.allclose(direct, value.detach(), rtol=1e-5)
+    assert all(torch.allclose(p.grad, g, rtol=1e-5, atol=1e-9) for p, g in zip(model.parameters(), autograd))

@@ -183,9 +183,7 @@ class Method(nn.Module):
             self.optimizer.step()
             return {"loss": loss.detach()}
         self.stabilizer.after_backward()
-        penalty = self.stabilizer.penalty()
-        if penalty is not None:
-            penalty.backward()
+        penalty = self.stabilizer.add_penalty_grad()  # the penalty's gradient, added without autograd
         self.optimizer.step()
         self.stabilizer.after_step()
         return {"loss": loss.detach(), "penalty": loss.new_zeros(()) if penalty is None else penalty.detach()}

@@ -253,9 +253,7 @@ class MetaGate(Method):
             loss = self.task_loss(batch, task)
         (loss if reg is None else loss + self.cfg.beta * reg).backward()
         self.stabilizer.after_backward()
-        penalty = self.stabilizer.penalty()
-        if penalty is not None:
-            penalty.backward()
+        penalty = self.stabilizer.add_penalty_grad()  # the penalty's gradient, added without autograd
         out = {"loss": loss.detach(), "penalty": loss.new_zeros(()) if penalty is None else penalty.detach()}
         if reg is not None:
             out["mask_reg"] = reg.detach()

@@ -87,6 +87,26 @@ class QuadraticPenalty(nn.Module):
             total = total + (self.importance(n) * (params[n] - self.anchor(n)) ** 2).sum()
         return total
 
+    @torch.no_grad()
+    def add_grad_(self, model: nn.Module, scale: float) -> Tensor:
+        """Add ``scale`` times this penalty's gradient, ``2 F (theta - a)``, to every parameter's
+        ``.grad`` in place and return ``scale`` times its value: the same as ``(scale * self(model)).backward()``
+        up to rounding, without building an autograd graph (a handful of fused per-tensor ops)."""
+        named = dict(model.named_parameters())
+        params = [named[n] for n in self.names]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if not hasattr(self, "_diff") or len(self._diff) != len(params):
+            self._diff = [torch.empty_like(p) for p in params]
+        diff = self._diff
+        torch._foreach_copy_(diff, params)
+        torch._foreach_sub_(diff, [self.anchor(n) for n in self.names])  # theta - a
+        torch._foreach_mul_(diff, [self.importance(n) for n in self.names])  # F (theta - a)
+        torch._foreach_add_([p.grad for p in params], diff, alpha=2.0 * scale)
+        value = torch.stack([(d * (p - self.anchor(n))).sum() for d, p, n in zip(diff, params, self.names)]).sum()
+        return scale * (value + self.offset)
+
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Linear] | None:
     """``model``'s linear layers by name if they hold all its trainable parameters, else ``None``."""

@@ -4,7 +4,7 @@ A stabiliser protects the parameters that earlier tasks rely on with a quadratic
 component, not a method, so that gating methods can combine with it (XdG + SI, XdG + EWC, as in
 Masse et al. 2018). The owning method calls, per training step::
 
-    loss.backward(); stab.after_backward(); stab.penalty() -> backward; optimizer.step(); stab.after_step()
+    loss.backward(); stab.after_backward(); stab.add_penalty_grad(); optimizer.step(); stab.after_step()
 
 and ``before_task`` / ``after_task`` around each task. ``after_backward`` sees the gradient of the
 unregularised task loss (SI's path integral needs exactly that). ``after_task(task, final=True)`` after
@@ -55,6 +55,14 @@ class Stabilizer(nn.Module):
         if not self.quadratic.active:
             return None
         return self.strength() * self.quadratic(self.net)
+
+    def add_penalty_grad(self) -> Tensor | None:
+        """Add the scaled penalty's gradient to the parameters' ``.grad`` directly (what
+        ``penalty().backward()`` would add, without autograd) and return its value, detached; ``None``
+        before any task has been consolidated."""
+        if not self.quadratic.active:
+            return None
+        return self.quadratic.add_grad_(self.net, self.strength())
 
 
 class EWCStabilizer(Stabilizer):
@@ -154,9 +162,8 @@ class SIStabilizer(Stabilizer):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        delta = torch._foreach_sub([p.detach() for p in self.params], self._before)
-        torch._foreach_mul_(delta, self._grads)
-        torch._foreach_sub_(self._list("path"), delta)  # w_k -= g_k * (theta_after - theta_before)
+        torch._foreach_sub_(self._before, [p.detach() for p in self.params])  # now theta_before - theta_after
+        torch._foreach_addcmul_(self._list("path"), self._before, self._grads)  # w_k -= g_k * (theta_after - theta_before)
 
     @torch.no_grad()
     def after_task(self, task: Task, final: bool = False) -> None:
