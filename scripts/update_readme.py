@@ -98,6 +98,10 @@ def main() -> None:
         bench = run([str(BIN / "python"), "benchmarks/trainer_speed.py"])
         parts += ["**Trainer throughput against a bare PyTorch loop** (MLP 784-400-400-10, Adam):", "",
                   "    python benchmarks/trainer_speed.py", "", *[l for l in bench.splitlines() if l.startswith("|")], ""]
+        speed = run([str(BIN / "python"), "benchmarks/method_speed.py"])
+        lines = [l for l in speed.splitlines() if l.startswith(("|", "stream:", "xdg /", "metagate step", "joint", "  "))]
+        parts += ["**Each method against a bare loop** (ratios measured in one run; targets in `benchmarks/method_speed.py`):", "",
+                  "    python benchmarks/method_speed.py", "", *[l if l.startswith("|") else f"{l}  " for l in lines], ""]
     parts.append(END)
     text = README.read_text()
     if START not in text or END not in text:

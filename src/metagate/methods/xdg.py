@@ -58,7 +58,11 @@ class XdG(Method):
       clipped to norm 1 per tensor). On ``xdg-small`` (10 tasks, SI, seeds 0-2) it lifts ACC from
       69.2 / 70.2 / 71.1% to 72.3 / 73.9 / 73.7%; the clip never binds there (largest per-tensor update
       0.39), and torch's Adam at the code's asymptotic rate (0.316 x 1e-3) gets 59.5 / 58.9 / 58.5%, so
-      the gain comes from the frozen correction's schedule (larger steps early, smaller later).
+      the gain comes from the frozen correction's schedule (larger steps early, smaller later)
+      (measured at commit fddc09d, before the faster dropout draw and fused Adam below).
+    * The input dropout is drawn by :class:`~metagate.nn.dropout.Dropout` on CPU (the same inverted
+      dropout, keep probability exact to 2^-31, half the random-number calls of ``nn.Dropout``), and
+      torch's Adam runs its fused kernel: both change numbers by other random draws and rounding only.
     * The Fisher's log-probability has no ``+ 1e-6`` inside the log (``model.py:248``), and its inputs
       are drawn without replacement from the task's training set (at most all of it), where the code
       draws random batches.
