@@ -29,22 +29,28 @@ def list_ready_configs() -> dict[str, str]:
     return out
 
 
-def first_sentence(doc: str | None) -> str:
-    """A docstring's first sentence as plain text (RST roles and literals unwrapped)."""
+def first_sentence(doc: str | None, limit: int = 160) -> str:
+    """A docstring's first sentence as plain text (RST roles and literals unwrapped), cut at ``limit``."""
     text = " ".join((doc or "").strip().split("\n\n")[0].split())
     text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)  # :class:`X` -> X
     text = re.sub(r"``([^`]+)``", r"\1", text)  # ``x`` -> x
     text = re.sub(r"`([^`]+)`_?", r"\1", text)
     text = text.replace("**", "").replace("\\", "")
-    match = re.match(r"(.+?[.!?])(\s|$)", text)
-    return match.group(1) if match else text
+    # a sentence ends at . ! ? before a capital letter or the end, not after an abbreviation (eq., e.g., al.)
+    match = re.match(r"(.+?(?<!\beq)(?<!\be\.g)(?<!\bi\.e)(?<!\bal)(?<!\bcf)[.!?])(\s+(?=[A-Z(])|$)", text)
+    sentence = match.group(1) if match else text
+    return sentence if len(sentence) <= limit else sentence[: limit - 1].rsplit(" ", 1)[0] + " …"
 
 
 def registered(registry: str) -> dict[str, str]:
-    """``registry`` (``METHODS`` or ``BENCHMARKS``): name -> first docstring sentence of the entry."""
+    """``registry`` (``METHODS`` or ``BENCHMARKS``): name -> the first docstring sentence of the module
+    that registers it when the module registers one entry (a method's file names its paper there),
+    else of the entry's class."""
     found: dict[str, str] = {}
     for path in sorted((PACKAGE_DIR / _REGISTRIES[registry]).glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        here: dict[str, str] = {}
+        for node in ast.walk(tree):
             if not isinstance(node, ast.ClassDef):
                 continue
             for deco in node.decorator_list:
@@ -57,5 +63,8 @@ def registered(registry: str) -> dict[str, str]:
                     and deco.args
                     and isinstance(deco.args[0], ast.Constant)
                 ):
-                    found[str(deco.args[0].value)] = first_sentence(ast.get_docstring(node))
+                    here[str(deco.args[0].value)] = first_sentence(ast.get_docstring(node))
+        if len(here) == 1 and ast.get_docstring(tree):
+            here = {name: first_sentence(ast.get_docstring(tree)) for name in here}
+        found.update(here)
     return dict(sorted(found.items()))

@@ -115,12 +115,12 @@ def compare(
         False, "--resume", help="reuse finished runs in --out, resume interrupted ones, retry failed ones"
     ),
 ) -> None:
-    """Run several methods over several seeds; print a Markdown table of mean ± std (a config's
-    ``reference`` is not run: every method here is one). A failing run is recorded and the others go
-    on; the exit code is 1 when some failed.
+    """Run several methods over several seeds; print a Markdown table of mean ± std.
 
-    An override prefixed by a label applies to that entry only: ``si:method.c=10``. An entry
-    ``label=method`` runs a variant under its own label: ``--methods xdg,xdg-si=xdg xdg-si:method.stabilizer=si``."""
+    A config's reference is not run (every method here is one). A failing run is recorded and the
+    others go on; the exit code is 1 when some failed. An override prefixed by a label applies to that
+    entry only: si:method.c=10. An entry label=method runs a variant under its own label:
+    --methods xdg,xdg-si=xdg xdg-si:method.stabilizer=si"""
     from metagate import orchestrate
     from metagate.runs import default_run_dir
 
@@ -161,10 +161,11 @@ def tune(
     resume: bool = typer.Option(False, "--resume", help="reuse finished runs in --out, resume or retry the others"),
     choose_only: bool = typer.Option(False, "--choose-only", help="stop after the choice (tuning.json), without the final runs"),
 ) -> None:
-    """Choose on validation, report test: run every grid point on tuning seeds, pick each method's best
-    by validation accuracy, rerun the chosen settings on fresh seeds and print their test figures.
+    """Choose on validation, report test: every grid point on tuning seeds, the best by validation.
 
-    Example: ``metagate tune gated-teacher-task --methods si,ewc --grid si:method.c=0.1,1,10 --grid ewc:method.lambda=10,100 --out runs/tune``"""
+    Each method's best grid point is chosen by mean validation accuracy over tuning seeds (1000, ...);
+    the chosen settings are rerun on fresh seeds and their test figures printed. Example:
+    metagate tune gated-teacher-task --methods si,ewc --grid si:method.c=0.1,1,10 --grid ewc:method.lambda=10,100 --out runs/tune"""
     from metagate import orchestrate
 
     config, overrides = _split(config, overrides)
