@@ -48,10 +48,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 
 from metagate.config import config_from_dict  # noqa: E402
 from metagate.data import build_stream  # noqa: E402
+from metagate.runs import RunDir  # noqa: E402
 
 XDG = ["method.input_dropout=0.0", "method.gate_fraction=0.8"]
 MLP = ["method.backbone.kind=mlp", "method.backbone.dropout=0.0"]
@@ -254,7 +254,7 @@ def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], title: str, path: Pa
 
 def plot_overlap(runs: dict[str, dict[int, dict[str, Any]]], title: str, path: Path) -> None:
     seed = min(next(iter(runs.values())))
-    cfg = config_from_dict(yaml.safe_load((Path(runs["xdg"][seed]["folder"]) / "config.yaml").read_text()))
+    cfg = config_from_dict(RunDir(Path(runs["xdg"][seed]["folder"])).read_config())  # the config without its provenance record
     ctx = build_stream(cfg.benchmark, seed).contexts().float()
     ctx = ctx / ctx.norm(dim=1, keepdim=True).clamp_min(1e-12)
     sim = (ctx @ ctx.T).numpy()
