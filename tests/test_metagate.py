@@ -59,6 +59,7 @@ def test_context_controls() -> None:
     assert torch.equal(given.contexts[:3], ctx)
     rows = {tuple(r.tolist()) for r in shuffled.contexts[:3]}
     assert rows == {tuple(r.tolist()) for r in ctx}  # the same contexts, reassigned
+    assert not any(torch.equal(shuffled.contexts[i], ctx[i]) for i in range(3))  # none keeps its own
     assert torch.equal(onehot.contexts, torch.eye(3))
 
 
@@ -108,3 +109,13 @@ def test_shuffled_contexts_lose_the_zero_shot_gain_on_the_gated_teacher() -> Non
     assert given - random_masks > 0.025, (given, random_masks)
     assert shuffled - random_masks < 0.04, (shuffled, random_masks)
     assert given - shuffled > 0.02, (given, shuffled)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shuffled_contexts_are_a_derangement_no_task_keeps_its_own(seed: int) -> None:
+    from metagate.methods.metagate import derangement
+
+    torch.manual_seed(seed)
+    for n in (2, 3, 5, 10):
+        perm = derangement(n)
+        assert sorted(perm.tolist()) == list(range(n)) and all(perm[i] != i for i in range(n))

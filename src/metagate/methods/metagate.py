@@ -48,6 +48,17 @@ def topk_mask(logits: Tensor, widths: list[int], density: float) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def derangement(n: int) -> Tensor:
+    """A uniformly random permutation of ``range(n)`` with no fixed point (``n >= 2``; rejection
+    sampling from the global generator: a permutation is redrawn while any element stays in place)."""
+    if n < 2:
+        return torch.arange(n)
+    while True:
+        perm = torch.randperm(n)
+        if bool((perm != torch.arange(n)).all()):
+            return perm
+
+
 @METHODS.register("metagate")
 class MetaGate(Method):
     """metagate: gating masks generated from task context by a meta-agent.
@@ -89,7 +100,7 @@ class MetaGate(Method):
     (68.3% without; XdG + SI 69.9%) with more zero-shot accuracy (45.6% vs 43.8%).
 
     Controls: ``context_mode=shuffled`` gives every training task another task's context (a fixed
-    seeded permutation; each task keeps its own random score); ``context_mode=onehot`` gives the task
+    seeded derangement: no task keeps its own; each task keeps its own random score); ``context_mode=onehot`` gives the task
     index (nothing to transfer).
     Ablations: ``meta_learning=false``, ``adapt=false`` (keep the zero-shot mask, train weights only).
     Supports task- and domain-incremental streams.
@@ -127,8 +138,7 @@ class MetaGate(Method):
         tasks = [*stream.tasks, *stream.heldout]
         given = torch.stack([t.context for t in tasks]).float()
         if cfg.context_mode == "shuffled":
-            perm = torch.randperm(stream.num_tasks)
-            given[: stream.num_tasks] = given[perm]
+            given[: stream.num_tasks] = given[derangement(stream.num_tasks)]
         elif cfg.context_mode == "onehot":
             given = torch.zeros(len(tasks), stream.num_tasks)
             given[torch.arange(stream.num_tasks), torch.arange(stream.num_tasks)] = 1.0
