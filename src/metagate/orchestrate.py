@@ -64,7 +64,12 @@ def prepare(cfg: ExperimentConfig, folder: Path, resume: bool = False) -> Prepar
             )
     else:
         RunDir.check_new(folder)
-    trainer = Trainer(cfg)  # builds the stream and the method: refuses what does not fit
+    try:
+        trainer = Trainer(cfg)  # builds the stream and the method: refuses what does not fit
+    except BaseException:
+        if resume:
+            run.unlock()
+        raise
     if not resume:
         run = RunDir.create(folder)
     trainer.run = run
