@@ -287,7 +287,8 @@ def main() -> None:
         plot_zero_shot(runs, f"{short}: zero-shot accuracy", out / "zero_shot.png")
         plot_curves(runs, f"{short}: learning curve of a new task", out / "learning_curves.png")
         plot_overlap(runs, f"{short}: mask overlap vs context", out / "overlap_vs_context.png")
-        text = (f"### {stream.title}\n\nTest figures over seeds {sorted(runs['xdg'])}; zero-shot, just trained, Q and steps "
+        text = (f"### {stream.title}\n\nEvery variant predicts a trained task with that task's own mask (task identity at test); "
+                f"test figures over seeds {sorted(runs['xdg'])}; zero-shot, just trained, Q and steps "
                 f"over tasks T/2..T-1. Chosen on validation (tuning seeds 1000-{999 + args.tuning_seeds}): SI c = {c:g} "
                 f"from {stream.c_grid} (XdG + SI), metagate prior = {prior:g} from {PRIOR_GRID}.\n\n"
                 f"    {shlex.join(['metagate', *cmd[1:]])}\n\n{table(stream, runs)}\n")
