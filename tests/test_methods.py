@@ -197,3 +197,20 @@ def test_the_penalty_gradient_added_directly_equals_autograds() -> None:
     direct = stab.add_penalty_grad()
     assert torch.allclose(direct, value.detach(), rtol=1e-5)
     assert all(torch.allclose(p.grad, g, rtol=1e-5, atol=1e-9) for p, g in zip(model.parameters(), autograd))
+
+
+def test_context_input_appends_the_tasks_context_and_is_recorded() -> None:
+    raw = {"benchmark": {**STREAM, "train_per_task": 300}, "method": {"name": "finetune", "backbone": {"hidden": [16]}},
+           "trainer": {"epochs": 1, "progress": False}}
+    trainer = Trainer(config_from_dict(raw, ["method.context_input=concat"]))
+    method = trainer.method
+    assert method.model.hidden[0].in_features == method.stream.input_dim + method.stream.context_dim
+    t1 = method.stream.tasks[1]
+    x = t1.x_test[:3]
+    assert torch.equal(method.model_input(x, t1)[:, -2:], t1.context.expand(3, -1))
+    ids = torch.tensor([0, 2, 1])
+    assert torch.equal(method.model_input(x, t1, ids)[:, -2:], method.stream.contexts()[ids])
+    res = trainer.fit()
+    assert res["test_time_info"] == "context"
+    with pytest.raises(Exception, match="context through its masks"):
+        config_from_dict(raw, ["method.name=xdg", "method.context_input=concat"])

@@ -49,6 +49,11 @@ TestTimeInfo = Literal["none", "task_id", "context"]
 class BaseMethodConfig(MethodConfig):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     reset_optimizer: bool = Field(True, description="fresh optimiser state at every task")
+    context_input: Literal["none", "concat"] = Field(
+        "none",
+        description="concat: the task's context vector is appended to every input (the baseline that sees the context "
+        "without gating; MLP backbones)",
+    )
     heads: Literal["shared", "per_task"] = Field(
         "shared",
         description="shared: one output layer; per_task: an output layer per task, chosen by the task's identity at test "
@@ -72,6 +77,10 @@ class Method(nn.Module):
                 f"{cls.name} gates hidden units, but the {cfg.backbone.kind} backbone has no hidden layer "
                 "(method.backbone.hidden=[]): give it at least one, e.g. method.backbone.hidden=[256]"
             )
+        if cfg.context_input != "none" and cls.gates:
+            return f"{cls.name} uses the context through its masks; context_input is for methods without gating (finetune, si, ewc, joint, ...)"
+        if cfg.context_input == "concat" and cfg.backbone.kind != "mlp":
+            return f"context_input=concat appends the context to a flat input: it needs backbone.kind=mlp, not {cfg.backbone.kind}"
         return None
 
     def __init__(self, cfg: BaseMethodConfig, stream: Stream, trainer: TrainerConfig, device: torch.device) -> None:
@@ -93,7 +102,15 @@ class Method(nn.Module):
                     "task-incremental streams already restrict each task to its own outputs); use method.heads=shared"
                 )
             self.num_heads = stream.num_tasks + len(stream.heldout)  # a head for every task that is ever evaluated
-        self.model = build_backbone(cfg.backbone, stream.input_shape, stream.num_outputs * self.num_heads)
+        input_shape: tuple[int, ...] = stream.input_shape
+        if cfg.context_input == "concat":
+            input_shape = (stream.input_dim + stream.context_dim,)
+            tasks = [*stream.tasks, *stream.heldout]
+            rows = torch.zeros(max(t.index for t in tasks) + 1, stream.context_dim)
+            for t in tasks:
+                rows[t.index] = t.context.float().cpu()
+            self.register_buffer("task_contexts", rows, persistent=False)  # by task index
+        self.model = build_backbone(cfg.backbone, input_shape, stream.num_outputs * self.num_heads)
         self.register_buffer("class_mask", stream.class_mask(), persistent=False)
         self.label_masking = stream.scenario == "task"
         self.stabilizer: Stabilizer | None = None  # set by methods that protect weights (EWC, SI, ...)
@@ -139,7 +156,9 @@ class Method(nn.Module):
         """What the method uses at test time besides the input: ``task_id`` when it predicts a task
         through the task's identity (label masking, a head or a mask per task), else ``none``.
         (``context``: a method that predicts from the task's context vector alone.)"""
-        return "task_id" if self.gates or self.label_masking or self.num_heads > 1 else "none"
+        if self.gates or self.label_masking or self.num_heads > 1:
+            return "task_id"
+        return "context" if self.cfg.context_input != "none" else "none"
 
     def mask_logits(self, logits: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
         """The task's own head (``heads=per_task``), then task-incremental label masking: outputs of
@@ -155,9 +174,16 @@ class Method(nn.Module):
         allowed = self.class_mask[task_ids] if task_ids is not None else self.class_row(task)
         return logits.masked_fill(~allowed, float("-inf"))
 
+    def model_input(self, x: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
+        """What the backbone sees: ``x``, with ``context_input=concat`` followed by the task's context."""
+        if self.cfg.context_input == "none":
+            return x
+        ctx = self.task_contexts[task_ids] if task_ids is not None else self.task_contexts[task.index].expand(x.shape[0], -1)
+        return torch.cat([x.flatten(1), ctx.to(x.dtype)], dim=1)
+
     def forward(self, x: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
         """Logits for inputs of ``task`` (or of the per-sample ``task_ids``), label-masked."""
-        return self.mask_logits(self.model(x), task, task_ids)
+        return self.mask_logits(self.model(self.model_input(x, task, task_ids)), task, task_ids)
 
     # ---------------------------------------------------------------- hooks
 
