@@ -104,8 +104,13 @@ def main() -> None:
                   "    python benchmarks/trainer_speed.py", "", *[l for l in bench.splitlines() if l.startswith("|")], ""]
         speed = run([str(BIN / "python"), "benchmarks/method_speed.py"])
         lines = [l for l in speed.splitlines() if l.startswith(("|", "stream:", "xdg /", "metagate step", "joint", "  "))]
+        block: list[str] = []
+        for prev, line in zip(["", *lines], lines):  # tables set off by blank lines; other lines end in a line break
+            if line.startswith("|") != prev.startswith("|") and block:
+                block.append("")
+            block.append(line if line.startswith("|") else f"{line.strip()}  ")
         parts += ["**Each method against a bare loop** (ratios measured in one run; targets in `benchmarks/method_speed.py`):", "",
-                  "    python benchmarks/method_speed.py", "", *[l if l.startswith("|") else f"{l}  " for l in lines], ""]
+                  "    python benchmarks/method_speed.py", "", *block, ""]
     parts.append(END)
     text = README.read_text()
     if START not in text or END not in text:
