@@ -44,7 +44,7 @@ SHARED = ["reference=null", "trainer.progress=false", "trainer.checkpoint=false"
 # Changing method.name starts the method section afresh, so the SI setting every variant shares is
 # restated after it (without this, xdg and nearest_context trained with XdG's default c = 0.035 while
 # the oracle kept the config's c = 1.0: the "drift" between oracle and nearest_context).
-SI = ["method.c=1.0", "method.xi=0.01"]
+# --c / --xi (default: the config's method section) set SI for every variant
 
 
 def run(config: str, overrides: list[str], out: Path, label: str) -> dict[str, Any]:
@@ -80,10 +80,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/composed-probe"))
     p.add_argument("--window", type=int, default=10, help="the last tasks over which Q is computed")
     p.add_argument("--alone", type=int, default=3, help="window tasks trained alone for the budget check (0: skip)")
+    p.add_argument("--c", type=float, default=None, help="SI strength for every variant (default: the config's)")
+    p.add_argument("--xi", type=float, default=None, help="SI damping for every variant (default: the config's)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    runs = {k: run(a.config, [*a.overrides, *v, *SI], a.out, k) for k, v in VARIANTS.items()}
+    own = load_config(a.config, a.overrides).method
+    a.c = own.c if a.c is None else a.c  # type: ignore[attr-defined]
+    a.xi = own.xi if a.xi is None else a.xi  # type: ignore[attr-defined]
+    si = [f"method.c={a.c}", f"method.xi={a.xi}"]
+    runs = {k: run(a.config, [*a.overrides, *v, *si], a.out, k) for k, v in VARIANTS.items()}
     n = runs["xdg"]["num_tasks"]
     win = list(range(n - a.window, n))
     zs = {k: np.array(r["zero_shot_acc"]) for k, r in runs.items()}
@@ -115,7 +121,7 @@ def main() -> None:
         print(f"| {iou:.2f} | {len(ts)} | " + " | ".join(f"{100 * zs[k][ts].mean():.1f}" for k in runs) + " |")
     if a.alone:
         ts = win[-a.alone :]
-        acc = alone(a.config, a.overrides, ts)
+        acc = alone(a.config, [*a.overrides, f"method.c={a.c}", f"method.xi={a.xi}"], ts)
         print("\nbudget check (oracle mask, same budget): task, trained alone from scratch, trained in the stream (just trained)")
         for t, x in zip(ts, acc):
             print(f"  task {t}: {100 * x:.1f} vs {100 * fin['oracle'][t]:.1f}")
