@@ -98,7 +98,7 @@ STREAMS = {
         0.1,
     ),
     "split": Stream(
-        "Split Fashion-MNIST (5 x 2 classes, task-incremental, prototype contexts, MLP 256)",
+        "Split Fashion-MNIST (5 x 2 classes, task-incremental, 5-shot prototype contexts, MLP 256)",
         "split-fmnist",
         [*FMNIST, *MLP, "method.backbone.hidden=[256]"],
         [10.0, 100.0, 1000.0],

@@ -119,3 +119,21 @@ def test_shuffled_contexts_are_a_derangement_no_task_keeps_its_own(seed: int) ->
     for n in (2, 3, 5, 10):
         perm = derangement(n)
         assert sorted(perm.tolist()) == list(range(n)) and all(perm[i] != i for i in range(n))
+
+
+def test_the_zero_shot_masks_are_recorded_before_adaptation_with_their_own_correlation() -> None:
+    from metagate.train import Trainer
+
+    trainer = Trainer(config_from_dict({"benchmark": BENCH, "method": {"name": "metagate", "consolidation_steps": 10}, "trainer": {"epochs": 1, "progress": False}}))
+    seen = []
+    original = trainer.method.before_task
+
+    def watch(task):  # noqa: ANN001, ANN202
+        expected = trainer.method.generated_mask(task).bool().clone()
+        original(task)
+        seen.append(torch.equal(trainer.method.zero_shot[task.index], expected))
+
+    trainer.method.before_task = watch  # type: ignore[method-assign]
+    res = trainer.fit()
+    assert seen == [True] * len(seen) and len(seen) == res["num_tasks"]
+    assert "zero_shot_context_mask_correlation" in res and res["zero_shot_mask_overlap_mean"] is not None

@@ -18,7 +18,9 @@
   by *prototypes*: for each class (in output-unit order) the mean of ``prototype_shots`` training
   images of the task, standardised and flattened to ``D = C*H*W`` values, times a fixed random
   projection ``P`` of shape ``[D, prototype_dim]`` with entries ``N(0, 1/D)``; the ``k`` projected
-  prototypes are concatenated (``context_dim = k * prototype_dim``).
+  prototypes are concatenated (``context_dim = k * prototype_dim``). Since it is built from labelled
+  training images of the task itself, it is a *few-shot* context (5-shot by default), not a
+  description given before any data: tables call it so.
 
 Randomness: every draw comes from its own generator seeded by (run seed, purpose, index), so the
 permutations, the class order, the angle order, the projection and the prototype images are fixed
@@ -273,7 +275,7 @@ class Rotated:
 
 @BENCHMARKS.register("split")
 class Split:
-    """Split images: disjoint class groups per task, task- or class-incremental, prototype contexts."""
+    """Split images: disjoint class groups per task, task- or class-incremental, 5-shot prototype contexts."""
 
     class Config(ImageBenchmarkConfig):
         name: Literal["split"] = "split"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from metagate import metrics
 from metagate.data.stream import Task
 from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method
 from metagate.methods.stabilizers import SIStabilizer
@@ -155,6 +156,8 @@ class MetaGate(Method):
         self.scores = nn.Parameter(torch.zeros(num_units, device=self.device))
         self.stored = nn.ModuleList(BitMask(torch.zeros(num_units, dtype=torch.bool)).to(self.device) for _ in stream.tasks)
         self.register_buffer("trained", torch.zeros(stream.num_tasks, dtype=torch.bool))
+        # each task's zero-shot mask: what the agent generated from its context just before it trained
+        self.register_buffer("zero_shot", torch.zeros(stream.num_tasks, num_units, dtype=torch.bool, device=self.device))
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.current: int | None = None
         # Host-side caches of the stored masks, rebuilt when they change (after_task, load_state_dict):
@@ -228,6 +231,8 @@ class MetaGate(Method):
 
     def before_task(self, task: Task) -> None:
         super().before_task(task)
+        with torch.no_grad():
+            self.zero_shot[task.index] = self.generated_mask(task).bool()
         self.current = task.index
         if self.cfg.adapt and not self.cfg.meta_learning:
             with torch.no_grad():
@@ -303,4 +308,11 @@ class MetaGate(Method):
                 if t.index in self._dense:
                     a, b = self.generated_mask(t).bool(), self.stored[t.index].bool()
                     ious.append(float((a & b).sum() / (a | b).sum().clamp_min(1)))
-        return {"agent_mask_reproduction": ious}
+        # the same structure figures as the adapted masks', for the zero-shot ones (before adaptation): these
+        # measure how the context shapes masks, the adapted ones also what training found
+        zs = metrics.mask_summary(list(self.zero_shot.cpu()), self.stream.contexts().cpu())
+        return {
+            "agent_mask_reproduction": ious,
+            "zero_shot_mask_overlap_mean": zs["mask_overlap_mean"],
+            "zero_shot_context_mask_correlation": zs["context_mask_correlation"],
+        }
