@@ -353,3 +353,11 @@ def test_the_choice_never_reads_test_accuracy() -> None:
     assert choose_on_validation(runs, {"m": ["a", "b"]})[0] == {"m": "a"}
     runs["a"][0]["acc"] = 0.0  # test accuracy changes nothing
     assert choose_on_validation(runs, {"m": ["a", "b"]})[0] == {"m": "a"}
+
+
+def test_the_per_task_table_says_when_method_and_reference_use_different_information(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["run", *FAST, "reference.name=si", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "Not like for like: metagate uses task identity at test, si uses nothing." in (tmp_path / "r" / "per_task.md").read_text()
+    res = runner.invoke(app, ["run", *FAST, "--out", str(tmp_path / "x")])  # xdg: task identity, like metagate
+    assert "Not like for like" not in (tmp_path / "x" / "per_task.md").read_text()

@@ -199,20 +199,27 @@ def parse_entries(methods: str) -> dict[str, str]:
     return method_of
 
 
-def plan_compare(
-    config: str | None, overrides: list[str], methods: str, seeds: int, out: Path | None, resume: bool, default_root: Callable[[str, int], Path]
-) -> ComparePlan:
-    """Validate every (label, seed) config before anything is trained or written."""
-    method_of = parse_entries(methods)
+def split_overrides(overrides: list[str], labels: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The overrides for every entry, and per label those written ``label:key=value`` (without the
+    label); a label that ``--methods`` does not name is refused."""
     general = [o for o in overrides if ":" not in o.split("=", 1)[0]]
     specific: dict[str, list[str]] = {}
     for o in overrides:
         if o not in general:
             label, _, rest = o.partition(":")
             specific.setdefault(label, []).append(rest)
-    unknown = sorted(set(specific) - set(method_of))
+    unknown = sorted(set(specific) - set(labels))
     if unknown:
         raise ConfigError(f"overrides for {', '.join(unknown)}, which --methods does not name")
+    return general, specific
+
+
+def plan_compare(
+    config: str | None, overrides: list[str], methods: str, seeds: int, out: Path | None, resume: bool, default_root: Callable[[str, int], Path]
+) -> ComparePlan:
+    """Validate every (label, seed) config before anything is trained or written."""
+    method_of = parse_entries(methods)
+    general, specific = split_overrides(overrides, list(method_of))
     base = apply_overrides(read_yaml(find_config(config)), general)
     base_seed = config_from_dict(base).seed
     seed_list = [base_seed + k for k in range(seeds)]
@@ -236,7 +243,8 @@ def plan_compare(
 
 def _record_failure(folder: Path, error: BaseException) -> str:
     """Write ``error.txt`` (message and traceback) into the entry's folder; returns the one-line message."""
-    line = f"{type(error).__name__}: {error}".splitlines()[0] if not isinstance(error, RunProblem) else str(error).splitlines()[0]
+    text = str(error) if isinstance(error, RunProblem) else f"{type(error).__name__}: {error}"
+    line = (text.strip().splitlines() or [type(error).__name__])[0]
     # never write into a folder another process holds, nor into a finished run
     if not isinstance(error, RunFolderBusy) and not RunDir(folder).has_results():
         text = f"{line}\n\n{''.join(traceback.format_exception(type(error), error, error.__traceback__))}"
@@ -347,6 +355,7 @@ def run_tune(
     (``choose_only``: stop after the choice, for experiments that run the chosen settings themselves)."""
     method_of = parse_entries(methods)
     combos = parse_grid(grid, list(method_of))
+    general, per_label = split_overrides(overrides, list(method_of))
     entries, specific, candidates = [], [], {}
     for label, points in combos.items():
         candidates[label] = []
@@ -355,11 +364,8 @@ def run_tune(
             candidates[label].append(v)
             entries.append(f"{v}={method_of[label]}")
             specific += [f"{v}:{o}" for o in point]
-    general = [o for o in overrides if ":" not in o.split("=", 1)[0]]
-    per_label = [o for o in overrides if o not in general]
-    for o in per_label:  # label:key=value applies to each of that method's variants
-        label, _, rest = o.partition(":")
-        specific += [f"{v}:{rest}" for v in candidates.get(label, [])]
+    for label, rests in per_label.items():  # label:key=value applies to each of that method's variants
+        specific += [f"{v}:{rest}" for v in candidates[label] for rest in rests]
     tuning_plan = plan_compare(
         config, [*general, f"seed={TUNING_SEED_BASE}", *specific], ",".join(entries), tuning_seeds, out / "tuning", resume,
         lambda b, s: out / "tuning",
@@ -380,7 +386,7 @@ def run_tune(
     if choose_only:
         return TuneOutcome(chosen, tuning, None, scores)
     final_specific = [f"{label}:{o}" for label, ovs in chosen.items() for o in ovs]
-    final_specific += [o for o in per_label if o.partition(":")[0] in method_of]
+    final_specific += [f"{label}:{rest}" for label, rests in per_label.items() for rest in rests]
     final_plan = plan_compare(
         config, [*general, *final_specific], methods, seeds, out / "final", resume, lambda b, s: out / "final"
     )

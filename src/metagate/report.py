@@ -53,7 +53,13 @@ def per_task_table(results: dict[str, Any], reference: dict[str, Any] | None = N
                 header += [f"{key} {a}", f"{key} {b}"]
                 columns += [cols[key], ref[key]]
     rows = [[str(j), name, *(c[j] for c in columns)] for j, name in enumerate(names)]
-    return markdown_table(["task", "name", *header], rows)
+    table = markdown_table(["task", "name", *header], rows)
+    if reference is not None and results.get("test_time_info") != reference.get("test_time_info"):
+        table += (
+            f"\n\nNot like for like: {results['method']} uses {uses_at_test(results.get('test_time_info'))} at test, "
+            f"{reference['method']} uses {uses_at_test(reference.get('test_time_info'))}."
+        )
+    return table
 
 
 def with_unit(x: float | None, unit: str) -> str:

@@ -252,13 +252,6 @@ class RunDir:
         data.pop(PROVENANCE_KEY, None)
         return data
 
-    def read_provenance(self) -> dict[str, Any] | None:
-        try:
-            data = yaml.safe_load(self.file(self.CONFIG).read_text())
-        except (OSError, yaml.YAMLError):
-            return None
-        return data.get(PROVENANCE_KEY) if isinstance(data, dict) else None
-
     def write_env(self, env: dict[str, Any]) -> None:
         atomic_write_json(self.file(self.ENV), env)
 

@@ -50,7 +50,7 @@ def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> li
 
 
 def describe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
-    """``method.c: 0.1 (saved) vs 1.0 (now), ...`` for the first few differing keys."""
+    """``method.c: 0.1 there vs 1.0 here; ...`` (saved vs current) for the first few differing keys."""
 
     def get(d: dict[str, Any], dotted: str) -> Any:
         for part in dotted.split("."):
@@ -97,7 +97,8 @@ def evaluate(method: Method, tasks: list[Task], batch_size: int, split: str = "t
         correct.append(hits)
     method.train(was_training)
     counts = torch.stack(correct).cpu().tolist()
-    return [c / len(t.split(split)[1]) if len(t.split(split)[1]) else None for c, t in zip(counts, tasks)]
+    sizes = [len(t.split(split)[1]) for t in tasks]
+    return [c / n if n else None for c, n in zip(counts, sizes)]
 
 
 class Trainer:

@@ -51,8 +51,7 @@ from torch import Tensor
 
 from metagate.data import BENCHMARKS
 from metagate.data.stream import Stream, Task
-from metagate.data.synthetic import _noisy_labels
-from metagate.schema import BenchmarkConfig
+from metagate.data.synthetic import SampledTasksConfig, _noisy_labels
 
 
 class GroupTeacher:
@@ -82,7 +81,7 @@ class GroupTeacher:
 class ComposedTeacher:
     """Tasks whose masks are unions of unit groups, one group chosen by each discrete context factor."""
 
-    class Config(BenchmarkConfig):
+    class Config(SampledTasksConfig):
         name: Literal["composed_teacher"] = "composed_teacher"
         num_tasks: int = Field(50, ge=2)
         factors: int = Field(3, ge=2, le=8, description="discrete context factors (F)")
@@ -98,10 +97,7 @@ class ComposedTeacher:
         heldout_inside: int = Field(4, ge=0, description="held-out untrained combinations of trained values")
         heldout_outside: int = Field(2, ge=0, description="held-out tasks whose factor 0 takes a value no training task uses")
         input_dim: int = Field(20, ge=2)
-        num_classes: int = Field(4, ge=2)
         train_per_task: int = Field(5000, ge=1, description="training samples per task, val_fraction of them held out for validation")
-        test_per_task: int = Field(1000, ge=1)
-        label_noise: float = Field(0.0, ge=0, le=1, description="fraction of labels replaced by random ones")
         scenario: Literal["domain"] = Field("domain", description="one shared head (the teacher's)")
 
         @property
@@ -118,10 +114,6 @@ class ComposedTeacher:
             if self.encoding == "numbers":
                 return self.factors
             return self.factors * self.values + (1 if self.heldout_outside else 0)
-
-        def memory_estimate(self) -> int:
-            built = self.num_tasks + self.heldout_inside + self.heldout_outside
-            return built * (self.train_per_task + self.test_per_task) * (4 * self.input_dim + 8)
 
         @model_validator(mode="after")
         def _enough_combinations(self) -> "ComposedTeacher.Config":

@@ -55,10 +55,11 @@ def _noisy_labels(y: Tensor, num_classes: int, rate: float, gen: torch.Generator
     return torch.where(flip, torch.randint(num_classes, y.shape, generator=gen), y)
 
 
-class _TeacherFamilyConfig(BenchmarkConfig):
+class SampledTasksConfig(BenchmarkConfig):
+    """Fields of every family whose tasks label Gaussian inputs with a random teacher."""
+
     num_tasks: int = Field(5, ge=1)
     input_dim: int = Field(16, ge=2)
-    hidden_units: int = Field(64, ge=2, description="teacher hidden units")
     num_classes: int = Field(4, ge=2)
     train_per_task: int = Field(4000, ge=1, description="training samples per task, val_fraction of them held out for validation")
     test_per_task: int = Field(1000, ge=1)
@@ -67,6 +68,10 @@ class _TeacherFamilyConfig(BenchmarkConfig):
     def memory_estimate(self) -> int:
         built = self.num_tasks + getattr(self, "heldout_inside", 0) + getattr(self, "heldout_outside", 0)
         return built * (self.train_per_task + self.test_per_task) * (4 * self.input_dim + 8)
+
+
+class _TeacherFamilyConfig(SampledTasksConfig):
+    hidden_units: int = Field(64, ge=2, description="teacher hidden units")
 
 
 @BENCHMARKS.register("gated_teacher")

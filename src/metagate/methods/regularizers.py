@@ -34,6 +34,7 @@ class QuadraticPenalty(nn.Module):
         self.register_buffer("offset", torch.zeros(()))
         self.register_buffer("active_flag", torch.zeros((), dtype=torch.bool))
         self.active = False  # host-side copy of active_flag: checked every step without a device sync
+        self._diff: list[Tensor] = []  # scratch for add_grad_, allocated on first use
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_active())
 
     def _sync_active(self) -> None:
@@ -97,7 +98,7 @@ class QuadraticPenalty(nn.Module):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if not hasattr(self, "_diff") or len(self._diff) != len(params):
+        if len(self._diff) != len(params) or self._diff[0].device != params[0].device:  # scratch, reused every step
             self._diff = [torch.empty_like(p) for p in params]
         diff = self._diff
         torch._foreach_copy_(diff, params)
