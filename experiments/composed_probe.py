@@ -39,6 +39,7 @@ VARIANTS: dict[str, list[str]] = {
     "oracle": ["method.name=oracle"],
     "nearest": ["method.name=nearest_context"],
     "vote": ["method.name=nearest_context", "method.ties=true"],
+    "vote5": ["method.name=nearest_context", "method.neighbours=5"],
 }
 SHARED = ["reference=null", "trainer.progress=false", "trainer.checkpoint=false"]
 # Changing method.name starts the method section afresh, so the SI setting every variant shares is

@@ -17,10 +17,13 @@ context rewards looking up a neighbour. This family fixes both:
 
       mask(c) = shared  U  group(0, v_0(c))  U ... U  group(F-1, v_{F-1}(c))
 
-  where ``v_f(c)`` decodes factor ``f`` from its part of the context: ``encoding=numbers`` gives one
-  number per factor, ``c_f = v_f / (values - 1)``, decoded by rounding (a step function: the mask is
-  not a linear function of the context), ``encoding=onehot`` gives a one-hot code per factor,
-  decoded by argmax (the issue's probe; then the group membership is a linear expansion of the code).
+  where ``v_f(c)`` decodes factor ``f`` from its part of the context: ``encoding=numbers`` (default)
+  gives one number per factor, ``c_f = v_f / (values - 1)``, decoded by rounding (a step function:
+  the mask is not a linear function of the context, and tasks whose values differ by one step have
+  near contexts but disjoint groups), ``encoding=onehot`` gives a one-hot code per factor, decoded by
+  argmax (the issue's probe; then the group membership is a linear expansion of the code, and a vote
+  over the equally near earlier tasks recovers most of a new mask: Q_vote 0.67x Q_oracle, against
+  0.2x with numbers; ``experiments/composed_probe.py``).
   :meth:`ComposedTeacher.mask_from_context` is this map. The teacher's logits add up over the
   groups in the mask, and each group's head weights are centred (zero mean per class over the group's
   units, whose mean activity is equal) and scaled to unit norm per class, so every union of groups
@@ -89,7 +92,9 @@ class ComposedTeacher:
         units_per_group: int = Field(11, ge=1, description="hidden units per (factor, value) group")
         shared_units: int = Field(0, ge=0, description="always-on units in every task's mask")
         encoding: Literal["numbers", "onehot"] = Field(
-            "onehot", description="context: one number per factor (v / (V - 1)) or a one-hot code per factor"
+            "numbers",
+            description="context: one number per factor, v / (V - 1), decoded by rounding (default: the mask is a step "
+            "function of it), or a one-hot code per factor (the mask is then a linear expansion of the code)",
         )
         novel_tasks: int = Field(10, ge=0, description="the stream's last tasks, each far from every earlier task")
         novel_min_differing: int = Field(2, ge=1, description="factors in which a novel task differs from each earlier task")
