@@ -22,7 +22,7 @@ class NearestContext(Oracle):
     """XdG + SI whose mask for a new task is looked up from the masks of the tasks trained before it.
 
     The mask of a task not trained yet (zero-shot, held-out tasks included) is the stored mask of
-    the trained task whose context is nearest to ``c_t`` (Euclidean; among equally near ones, the latest). With ``neighbours = k > 1``
+    the trained task whose context is nearest to ``c_t`` (Euclidean, rounded to 1e-5; among equally near ones, the latest). With ``neighbours = k > 1``
     (or ``ties=true``: every trained task as near as the k-th one joins) it is a vote instead: each
     unit scores ``sum_i w_i M_i[u]`` over the neighbours ``i``, ``w_i = 1 / (d_i + eps)``, and the
     mask keeps the top ``n`` units, ``n`` the neighbours' weighted mean mask size (equal scores are
@@ -73,7 +73,9 @@ class NearestContext(Oracle):
         if not done:
             return None
         ctx = self.contexts[[self.slot[t.index] for t in done]]
-        dist = (ctx - self.contexts[self.slot[task.index]]).norm(dim=1)
+        # rounded to 1e-5 so that distances equal up to float error (one step of a numeric factor
+        # here or there) are ties, broken by the documented rule
+        dist = ((ctx - self.contexts[self.slot[task.index]]).double().norm(dim=1) * 1e5).round() / 1e5
         order = sorted(range(len(done)), key=lambda i: (float(dist[i]), -done[i].index))
         chosen = order[: self.cfg.neighbours]
         if self.cfg.ties:
@@ -83,7 +85,7 @@ class NearestContext(Oracle):
         if len(chosen) == 1:
             flat = stored[0].bool()
         else:
-            w = 1.0 / (dist[chosen] + 1e-6)
+            w = 1.0 / (dist[chosen].float() + 1e-6)
             w = w / w.sum()
             size = int(round(float((w * stored.sum(1)).sum())))
             score = (w[:, None] * stored).sum(0) + self.tie_break
