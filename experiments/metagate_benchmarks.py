@@ -48,14 +48,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from metagate.config import config_from_dict  # noqa: E402
 from metagate.data import build_stream  # noqa: E402
+from metagate.data.composed import largest_overlap  # noqa: E402
+from metagate.report import uses_at_test  # noqa: E402
 from metagate.runs import RunDir  # noqa: E402
 
 XDG = ["method.input_dropout=0.0", "method.gate_fraction=0.8"]
 MLP = ["method.backbone.kind=mlp", "method.backbone.dropout=0.0"]
 FMNIST = ["benchmark.dataset=fashion_mnist", "trainer.epochs=2", "trainer.batch_size=128", "trainer.curve_every=5", "trainer.device=auto"]
+# Baselines that see the context without gating (issue 12.3): SI with the context appended to the input;
+# its own c is chosen on validation (it is not a gating method, so XdG's c need not suit it).
+CONTEXT_BASELINES: dict[str, tuple[str, list[str]]] = {"si-context": ("si", ["method.context_input=concat"])}
 
 
 @dataclass
@@ -63,18 +69,42 @@ class Stream:
     title: str
     config: str
     common: list[str]
-    c_grid: list[float]  # SI strengths to choose from on validation (the same c for every variant)
+    c_grid: list[float]  # SI strengths to choose from on validation (the same c for every gated variant)
     xi: float
     variants: dict[str, tuple[str, list[str]]] = field(
         default_factory=lambda: {
             "xdg": ("xdg", XDG),
             "metagate": ("metagate", []),
             "shuffled": ("metagate", ["method.context_mode=shuffled"]),
+            **CONTEXT_BASELINES,
         }
     )
+    xdg: list[str] = field(default_factory=lambda: list(XDG))  # XdG's options, also used to choose c
 
+
+# The composed teacher: the student's width is the teacher's (209 units), masks keep 33 of them (3 of
+# 19 groups): XdG, metagate and the lookups at the oracle's density.
+COMPOSED_XDG = ["method.input_dropout=0.0", "method.gate_fraction=0.842"]
 
 STREAMS = {
+    "composed": Stream(
+        "Composed teacher (domain-incremental, 50 tasks, 3 numeric context factors, the last 10 novel; MLP 209 = the teacher's)",
+        "composed-teacher",
+        [*MLP, "method.backbone.hidden=[209]", "trainer.curve_every=10"],
+        [0.1, 1.0, 10.0],
+        0.01,
+        {
+            "xdg": ("xdg", COMPOSED_XDG),
+            "oracle": ("oracle", []),
+            "nearest": ("nearest_context", []),
+            "vote": ("nearest_context", ["method.ties=true"]),
+            "metagate": ("metagate", ["method.density=0.158"]),
+            "shuffled": ("metagate", ["method.density=0.158", "method.context_mode=shuffled"]),
+            "onehot": ("metagate", ["method.density=0.158", "method.context_mode=onehot"]),
+            **CONTEXT_BASELINES,
+        },
+        COMPOSED_XDG,
+    ),
     "gated": Stream(
         "Gated teacher (domain-incremental, 10 tasks, MLP 256)",
         "default",
@@ -88,6 +118,7 @@ STREAMS = {
             "onehot": ("metagate", ["method.context_mode=onehot"]),
             "no-meta": ("metagate", ["method.meta_learning=false"]),
             "no-adapt": ("metagate", ["method.adapt=false"]),
+            **CONTEXT_BASELINES,
         },
     ),
     "rotated": Stream(
@@ -110,9 +141,10 @@ STREAMS = {
         [*FMNIST, *MLP, "method.backbone.hidden=[400,400]"],
         [3.0, 30.0, 300.0],
         0.1,
-        {"xdg": ("xdg", XDG), "metagate": ("metagate", [])},
+        {"xdg": ("xdg", XDG), "metagate": ("metagate", []), **CONTEXT_BASELINES},
     ),
 }
+DEFAULT_STREAMS = "composed,rotated,split,permuted"
 
 
 PRIOR_GRID = [0.5, 1.0, 2.0]
@@ -135,23 +167,45 @@ def choose(stream: Stream, out: Path, method: str, grid: str, fixed: list[str], 
     return chosen[0]
 
 
-def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tuning_seeds: int) -> tuple[float, float]:
-    """SI's c (for XdG + SI), then metagate's prior with that c, both chosen on validation."""
+@dataclass
+class Chosen:
+    """What validation chose for one stream: SI's c for the gated variants (XdG + SI's), metagate's
+    prior, and the c of each context baseline (chosen for it alone)."""
+
+    c: float
+    prior: float
+    own_c: dict[str, float]
+
+    def c_for(self, label: str) -> float:
+        return self.own_c.get(label, self.c)
+
+    def describe(self, stream: Stream) -> str:
+        own = "".join(f", {label} c = {c:g} from {stream.c_grid}" for label, c in self.own_c.items())
+        return f"SI c = {self.c:g} from {stream.c_grid} (XdG + SI; every gated variant), metagate prior = {self.prior:g} from {PRIOR_GRID}{own}"
+
+
+def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tuning_seeds: int) -> Chosen:
+    """SI's c (for XdG + SI), then metagate's prior with that c, then each context baseline's c, all
+    chosen on validation."""
     c_grid = ",".join(str(c) for c in stream.c_grid)
-    c = float(choose(stream, root / f"{name}-tuning-c", "xdg", f"method.c={c_grid}", [*XDG, f"method.xi={stream.xi}"], extra, tuning_seeds).split("=")[1])
+    c = float(choose(stream, root / f"{name}-tuning-c", "xdg", f"method.c={c_grid}", [*stream.xdg, f"method.xi={stream.xi}"], extra, tuning_seeds).split("=")[1])
     prior_grid = ",".join(str(p) for p in PRIOR_GRID)
-    fixed = [f"method.c={c}", f"method.xi={stream.xi}"]
+    fixed = [*stream.variants["metagate"][1], f"method.c={c}", f"method.xi={stream.xi}"]
     prior = float(choose(stream, root / f"{name}-tuning-prior", "metagate", f"method.prior={prior_grid}", fixed, extra, tuning_seeds).split("=")[1])
-    return c, prior
+    own = {}
+    for label, (method, opts) in stream.variants.items():
+        if label in CONTEXT_BASELINES:
+            folder = root / f"{name}-tuning-{label}"
+            own[label] = float(choose(stream, folder, method, f"method.c={c_grid}", [*opts, f"method.xi={stream.xi}"], extra, tuning_seeds).split("=")[1])
+    return Chosen(c, prior, own)
 
 
-def run_compare(stream: Stream, out: Path, seeds: int, extra: list[str], c: float, prior: float) -> list[str]:
+def run_compare(stream: Stream, out: Path, seeds: int, extra: list[str], chosen: Chosen) -> list[str]:
     entries = ",".join(f"{k}={m}" for k, (m, _) in stream.variants.items())
-    chosen = [f"method.c={c}", f"method.xi={stream.xi}"]
     specific = [
         f"{k}:{o}"
         for k, (m, opts) in stream.variants.items()
-        for o in [*opts, *chosen, *([f"method.prior={prior}"] if m == "metagate" else [])]
+        for o in [*opts, f"method.c={chosen.c_for(k)}", f"method.xi={stream.xi}", *([f"method.prior={chosen.prior}"] if m == "metagate" else [])]
     ]
     cmd = [
         str(Path(sys.executable).parent / "metagate"), "compare", stream.config, *stream.common, "reference=null",
@@ -177,44 +231,79 @@ def just_trained(r: dict[str, Any]) -> list[float]:
     return [r["acc_matrix"][t][t] for t in range(r["num_tasks"])]
 
 
+def q_over(r: dict[str, Any], x: dict[str, Any], tasks: list[int]) -> float:
+    """``Q = (zs - zs_xdg) / (final - zs_xdg)`` with means over ``tasks`` (``x``: XdG's run, same seed)."""
+    zs, zs_x = np.mean([r["zero_shot_acc"][t] for t in tasks]), np.mean([x["zero_shot_acc"][t] for t in tasks])
+    fin = np.mean([just_trained(r)[t] for t in tasks])
+    return float((zs - zs_x) / (fin - zs_x)) if fin != zs_x else float("nan")
+
+
+def windows(num_tasks: int) -> dict[str, list[int]]:
+    """The task sets Q and the per-task means are taken over: every task after the first, and the
+    last 10 (the composed stream's novel tasks) when the stream is longer than 11 tasks."""
+    out = {"all": list(range(1, num_tasks))}
+    if num_tasks > 11:
+        out["last 10"] = list(range(num_tasks - 10, num_tasks))
+    return out
+
+
 def figures(r: dict[str, Any], x: dict[str, Any]) -> dict[str, float]:
-    """One run's figures over the later tasks, against XdG's run ``x`` on the same seed."""
-    k = r["num_tasks"] // 2
-    zs, zs_x, fin = np.mean(r["zero_shot_acc"][k:]), np.mean(x["zero_shot_acc"][k:]), np.mean(just_trained(r)[k:])
-    s90 = [s for s in r["steps_to_90"][k:] if s is not None]
-    s90x = [s for s in x["steps_to_90"][k:] if s is not None]
-    held = r["heldout_acc_matrix"][-1] if r.get("heldout_acc_matrix") else []
+    """One run's figures against XdG's run ``x`` on the same seed; zero-shot, just trained and steps
+    over every task after the first (``_last``: over the last 10, on long streams)."""
     nan = float("nan")
-    return {
-        "acc": r["acc"], "bwt": r["bwt"], "zs": zs, "final": fin,
-        "q": (zs - zs_x) / (fin - zs_x) if fin != zs_x else nan,
-        "s90": float(np.mean(s90)) if s90 else nan, "ratio": float(np.mean(s90x) / np.mean(s90)) if s90 and s90x else nan,
-        "iou": r.get("mask_overlap_mean") or nan, "ctx_r": r.get("context_mask_correlation") or nan,
-        "oracle_r": r.get("oracle_overlap_correlation") or nan, "held": float(np.mean(held)) if held else nan,
+    out: dict[str, float] = {"acc": r["acc"], "bwt": r["bwt"]}
+    for key, tasks in windows(r["num_tasks"]).items():
+        suffix = "" if key == "all" else "_last"
+        s90 = [r["steps_to_90"][t] for t in tasks if r["steps_to_90"][t] is not None]
+        s90x = [x["steps_to_90"][t] for t in tasks if x["steps_to_90"][t] is not None]
+        out |= {
+            f"zs{suffix}": float(np.mean([r["zero_shot_acc"][t] for t in tasks])),
+            f"final{suffix}": float(np.mean([just_trained(r)[t] for t in tasks])),
+            f"q{suffix}": q_over(r, x, tasks),
+            f"s90{suffix}": float(np.mean(s90)) if s90 else nan,
+            f"ratio{suffix}": float(np.mean(s90x) / np.mean(s90)) if s90 and s90x else nan,
+        }
+    held = r["heldout_acc_matrix"][-1] if r.get("heldout_acc_matrix") else []
+    get = lambda key: nan if r.get(key) is None else float(r[key])  # noqa: E731
+    out |= {
+        "iou": get("mask_overlap_mean"), "ctx_r": get("context_mask_correlation"),
+        "zs_iou": get("zero_shot_mask_overlap_mean"), "zs_ctx_r": get("zero_shot_context_mask_correlation"),
+        "held": float(np.mean(held)) if held else nan,
     }
+    return out
 
 
 def table(stream: Stream, runs: dict[str, dict[int, dict[str, Any]]]) -> str:
     first = next(iter(next(iter(runs.values())).values()))
-    has_oracle = first.get("oracle_overlap_correlation") is not None
     has_held = bool(first.get("heldout_names"))
-    cols = ["variant", "ACC (%)", "BWT (pt)", "zero-shot (%)", "just trained (%)", "Q", "steps to 90%",
-            "XdG steps / these", "mask IoU", "r(context dist, mask dist)"]
-    cols += ["r(IoU, oracle IoU)"] if has_oracle else []
+    long = "last 10" in windows(first["num_tasks"])
+    cols = ["variant", "uses at test", "ACC (%)", "BWT (pt)", "zero-shot (%)", "just trained (%)", "Q"]
+    cols += ["zero-shot, last 10 (%)", "just trained, last 10 (%)", "Q, last 10"] if long else []
+    cols += ["steps to 90%", "XdG steps / these", "zero-shot mask IoU", "r(context dist, zero-shot mask dist)",
+             "mask IoU", "r(context dist, mask dist)"]
     cols += ["held-out at end (%)"] if has_held else []
     rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for label in stream.variants:
+        if label not in runs:
+            continue
         f = [figures(r, runs["xdg"][seed]) for seed, r in sorted(runs[label].items())]
 
         def ms(key: str, scale: float = 100.0, digits: int = 1) -> str:
             v = np.array([x[key] for x in f], dtype=float)
+            if np.isnan(v).all():
+                return "n/a"
             sd = v.std(ddof=1) if len(v) > 1 else 0.0
             return f"{scale * v.mean():.{digits}f} ± {scale * sd:.{digits}f}"
 
-        mean = lambda key, digits=2: f"{np.mean([x[key] for x in f]):.{digits}f}"  # noqa: E731
-        cells = [label, ms("acc"), ms("bwt"), ms("zs"), ms("final"), "n/a" if label == "xdg" else ms("q", 1.0, 2),
-                 mean("s90", 0), mean("ratio"), mean("iou"), mean("ctx_r")]
-        cells += [mean("oracle_r")] if has_oracle else []
+        def mean(key: str, digits: int = 2) -> str:
+            v = np.array([x[key] for x in f], dtype=float)
+            return "n/a" if np.isnan(v).all() else f"{np.nanmean(v):.{digits}f}"
+
+        info = next(iter(runs[label].values())).get("test_time_info")
+        cells = [label, uses_at_test(info), ms("acc"), ms("bwt"), ms("zs"), ms("final"), "n/a" if label == "xdg" else ms("q", 1.0, 2)]
+        if long:
+            cells += [ms("zs_last"), ms("final_last"), "n/a" if label == "xdg" else ms("q_last", 1.0, 2)]
+        cells += [mean("s90", 0), mean("ratio"), mean("zs_iou"), mean("zs_ctx_r"), mean("iou"), mean("ctx_r")]
         cells += [ms("held")] if has_held else []
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -266,10 +355,43 @@ def plot_overlap(runs: dict[str, dict[int, dict[str, Any]]], title: str, path: P
     save(fig, ax, path, xlabel="context cosine similarity", ylabel="mask IoU", title=title)
 
 
+def overlap_groups(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[float, list[tuple[int, int]]]:
+    """(seed, task) pairs of every task after the first, grouped by the largest IoU of the task's
+    oracle mask with an earlier task's (streams with oracle masks; empty otherwise)."""
+    out: dict[float, list[tuple[int, int]]] = {}
+    for seed, r in runs["xdg"].items():
+        cfg = config_from_dict(RunDir(Path(r["folder"])).read_config())
+        stream = build_stream(cfg.benchmark, seed)
+        if any(t.oracle_mask is None for t in stream.tasks):
+            return {}
+        lo = largest_overlap([torch.cat([m.bool() for m in t.oracle_mask]) for t in stream.tasks])  # type: ignore[union-attr]
+        for t in range(1, len(lo)):
+            out.setdefault(round(float(lo[t]), 2), []).append((seed, t))  # type: ignore[arg-type]
+    return dict(sorted(out.items()))
+
+
+def overlap_table(runs: dict[str, dict[int, dict[str, Any]]], groups: dict[float, list[tuple[int, int]]]) -> str:
+    """Zero-shot accuracy by the task's largest oracle-mask overlap with an earlier task."""
+    labels = list(runs)
+    rows = ["| largest IoU with an earlier oracle mask | (seed, task) pairs | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for iou, pairs in groups.items():
+        cells = [f"{100 * np.mean([runs[k][s]['zero_shot_acc'][t] for s, t in pairs]):.1f}" for k in labels]
+        rows.append(f"| {iou:.2f} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_zero_shot_vs_overlap(runs: dict[str, dict[int, dict[str, Any]]], groups: dict[float, list[tuple[int, int]]], title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = list(groups)
+    for label in runs:
+        ax.plot(x, [100 * np.mean([runs[label][s]["zero_shot_acc"][t] for s, t in groups[i]]) for i in x], marker="o", label=label)
+    save(fig, ax, path, xlabel="largest IoU of the task's oracle mask with an earlier one", ylabel="zero-shot accuracy (%)", title=title)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--streams", default="gated,rotated,split,permuted", help=f"comma-separated, of {', '.join(STREAMS)}")
+    p.add_argument("--streams", default=DEFAULT_STREAMS, help=f"comma-separated, of {', '.join(STREAMS)}")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--tuning-seeds", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
@@ -280,18 +402,26 @@ def main() -> None:
         p.error(f"unknown stream(s) {', '.join(unknown)}; choose from {', '.join(STREAMS)}")
     for name in names:
         stream, out = STREAMS[name], args.out / name
-        c, prior = chosen_values(stream, name, args.out, args.overrides, args.tuning_seeds)
-        cmd = run_compare(stream, out, args.seeds, args.overrides, c, prior)
+        chosen = chosen_values(stream, name, args.out, args.overrides, args.tuning_seeds)
+        cmd = run_compare(stream, out, args.seeds, args.overrides, chosen)
         runs = load_runs(out)
         short = stream.title.split(" (")[0]
         plot_zero_shot(runs, f"{short}: zero-shot accuracy", out / "zero_shot.png")
         plot_curves(runs, f"{short}: learning curve of a new task", out / "learning_curves.png")
         plot_overlap(runs, f"{short}: mask overlap vs context", out / "overlap_vs_context.png")
-        text = (f"### {stream.title}\n\nEvery variant predicts a trained task with that task's own mask (task identity at test); "
-                f"test figures over seeds {sorted(runs['xdg'])}; zero-shot, just trained, Q and steps "
-                f"over tasks T/2..T-1. Chosen on validation (tuning seeds 1000-{999 + args.tuning_seeds}): SI c = {c:g} "
-                f"from {stream.c_grid} (XdG + SI), metagate prior = {prior:g} from {PRIOR_GRID}.\n\n"
-                f"    {shlex.join(['metagate', *cmd[1:]])}\n\n{table(stream, runs)}\n")
+        groups = overlap_groups(runs)
+        extra = ""
+        if groups:
+            plot_zero_shot_vs_overlap(runs, groups, f"{short}: zero-shot vs largest overlap", out / "zero_shot_vs_overlap.png")
+            extra = ("\nZero-shot accuracy (%, test, mean over the seeds' tasks) by how much a task's oracle mask overlaps the "
+                     f"most similar earlier one:\n\n{overlap_table(runs, groups)}\n")
+        n = next(iter(runs["xdg"].values()))["num_tasks"]
+        over = "tasks 1..T-1" + (", and over the last 10 (tasks T-10..T-1)" if "last 10" in windows(n) else "")
+        text = (f"### {stream.title}\n\n'uses at test': what a method needs besides the input to predict a task (gating methods "
+                f"and task-incremental label masking: the task's identity; `context_input`: the task's context vector). "
+                f"Test figures over seeds {sorted(runs['xdg'])}; zero-shot, just trained, Q and steps over {over}. "
+                f"Chosen on validation (tuning seeds 1000-{999 + args.tuning_seeds}): {chosen.describe(stream)}.\n\n"
+                f"    {shlex.join(['metagate', *cmd[1:]])}\n\n{table(stream, runs)}\n{extra}")
         (out / "table.md").write_text(text)
         print(text, flush=True)
     # The gathered table holds every stream finished in --out, also by earlier calls.

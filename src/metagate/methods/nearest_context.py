@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from metagate import metrics
 from metagate.data.stream import Task
 from metagate.methods.base import METHODS
 from metagate.methods.oracle import Oracle
@@ -115,8 +116,11 @@ class NearestContext(Oracle):
 
     def extra_results(self) -> dict[str, Any]:
         """Per training task, its zero-shot mask (looked up just before it trained) as unit indices,
-        and the fraction of its oracle mask's units that mask holds (``None`` without oracle masks)."""
+        those masks' overlap and context correlation (as metagate's zero-shot figures), and the fraction of its oracle mask's units that mask holds (``None`` without oracle masks)."""
         out: dict[str, Any] = {"zero_shot_masks": [torch.nonzero(m).flatten().tolist() for m in self.zero_shot_masks]}
+        zs = metrics.mask_summary(list(self.zero_shot_masks.cpu()), self.stream.contexts().cpu())
+        out["zero_shot_mask_overlap_mean"] = zs["mask_overlap_mean"]  # as metagate's: the masks before training
+        out["zero_shot_context_mask_correlation"] = zs["context_mask_correlation"]
         if all(t.oracle_mask is not None for t in self.stream.tasks):
             recall = []
             for t, zs in zip(self.stream.tasks, self.zero_shot_masks):
