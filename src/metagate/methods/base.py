@@ -24,6 +24,7 @@ from metagate.schema import MethodConfig, TrainerConfig
 from metagate.data.stream import Scenario, Stream, Task
 from metagate.methods.stabilizers import Stabilizer
 from metagate.nn.backbones import BackboneConfig, build_backbone
+from metagate.nn.film import FiLMNet
 from metagate.registry import Registry
 
 
@@ -49,10 +50,14 @@ TestTimeInfo = Literal["none", "task_id", "context"]
 class BaseMethodConfig(MethodConfig):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     reset_optimizer: bool = Field(True, description="fresh optimiser state at every task")
-    context_input: Literal["none", "concat"] = Field(
+    context_input: Literal["none", "concat", "film"] = Field(
         "none",
-        description="concat: the task's context vector is appended to every input (the baseline that sees the context "
-        "without gating; MLP backbones)",
+        description="how a method without gating sees the task's context vector. concat: appended to every input "
+        "(MLP backbones). film: FiLM conditioning (Perez et al., AAAI 2018): a linear generator, part of the model "
+        "(trained, and protected by EWC/SI), maps the context to a per-unit scale gamma and shift beta for every "
+        "hidden layer, h = relu(gamma * (W x + b) + beta) (per channel on conv layers; the paper's FiLM sits after "
+        "batch norm, before the ReLU, and these backbones have no norm); gamma = 1 + delta_gamma with the generator "
+        "at zero, so the net starts as the plain net (MLP and CNN backbones)",
     )
     heads: Literal["shared", "per_task"] = Field(
         "shared",
@@ -81,6 +86,10 @@ class Method(nn.Module):
             return f"{cls.name} uses the context through its masks; context_input is for methods without gating (finetune, si, ewc, joint, ...)"
         if cfg.context_input == "concat" and cfg.backbone.kind != "mlp":
             return f"context_input=concat appends the context to a flat input: it needs backbone.kind=mlp, not {cfg.backbone.kind}"
+        if cfg.context_input == "film" and cfg.backbone.kind not in ("mlp", "cnn"):
+            return f"context_input=film modulates the hidden layers of an mlp or cnn backbone, not {cfg.backbone.kind}"
+        if cfg.context_input == "film" and not cfg.backbone.gated_widths():
+            return "context_input=film modulates hidden layers, but the mlp has none: give it one, e.g. method.backbone.hidden=[256]"
         return None
 
     def __init__(self, cfg: BaseMethodConfig, stream: Stream, trainer: TrainerConfig, device: torch.device) -> None:
@@ -103,14 +112,17 @@ class Method(nn.Module):
                 )
             self.num_heads = stream.num_tasks + len(stream.heldout)  # a head for every task that is ever evaluated
         input_shape: tuple[int, ...] = stream.input_shape
-        if cfg.context_input == "concat":
-            input_shape = (stream.input_dim + stream.context_dim,)
+        if cfg.context_input != "none":
             tasks = [*stream.tasks, *stream.heldout]
             rows = torch.zeros(max(t.index for t in tasks) + 1, stream.context_dim)
             for t in tasks:
                 rows[t.index] = t.context.float().cpu()
             self.register_buffer("task_contexts", rows, persistent=False)  # by task index
+        if cfg.context_input == "concat":
+            input_shape = (stream.input_dim + stream.context_dim,)
         self.model = build_backbone(cfg.backbone, input_shape, stream.num_outputs * self.num_heads)
+        if cfg.context_input == "film":  # the generator is a submodule of the model: trained and stabilised with it
+            self.model = FiLMNet(self.model, stream.context_dim)  # type: ignore[assignment]
         self.register_buffer("class_mask", stream.class_mask(), persistent=False)
         self.label_masking = stream.scenario == "task"
         self.stabilizer: Stabilizer | None = None  # set by methods that protect weights (EWC, SI, ...)
@@ -174,16 +186,26 @@ class Method(nn.Module):
         allowed = self.class_mask[task_ids] if task_ids is not None else self.class_row(task)
         return logits.masked_fill(~allowed, float("-inf"))
 
+    def task_context(self, x: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
+        """The context vector of each sample's task, ``[batch, context_dim]`` (``context_input`` not ``none``):
+        ``task``'s, or per sample by ``task_ids`` in a mixed batch. Indexing only: no host sync."""
+        ctx = self.task_contexts[task_ids] if task_ids is not None else self.task_contexts[task.index].expand(x.shape[0], -1)
+        return ctx.to(x.dtype)
+
     def model_input(self, x: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
         """What the backbone sees: ``x``, with ``context_input=concat`` followed by the task's context."""
-        if self.cfg.context_input == "none":
+        if self.cfg.context_input != "concat":
             return x
-        ctx = self.task_contexts[task_ids] if task_ids is not None else self.task_contexts[task.index].expand(x.shape[0], -1)
-        return torch.cat([x.flatten(1), ctx.to(x.dtype)], dim=1)
+        return torch.cat([x.flatten(1), self.task_context(x, task, task_ids)], dim=1)
 
     def forward(self, x: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
-        """Logits for inputs of ``task`` (or of the per-sample ``task_ids``), label-masked."""
-        return self.mask_logits(self.model(self.model_input(x, task, task_ids)), task, task_ids)
+        """Logits for inputs of ``task`` (or of the per-sample ``task_ids``), label-masked; with
+        ``context_input=film`` the model takes the per-sample context beside the input."""
+        if self.cfg.context_input == "film":
+            logits = self.model(x, self.task_context(x, task, task_ids))
+        else:
+            logits = self.model(self.model_input(x, task, task_ids))
+        return self.mask_logits(logits, task, task_ids)
 
     # ---------------------------------------------------------------- hooks
 

@@ -13,6 +13,10 @@ Shared interface (:class:`GatedBackbone`):
   multiply, by parameter name in forward order. The hook for such methods: run the backbone as
   ``torch.func.functional_call(model, {name: w * mask[name]}, (x,))``.
 * ``head``: the output layer (``nn.Linear``); ``features(x, unit_masks)`` gives its input.
+* ``film`` (MLP and CNN): ``None`` or one ``(gamma, beta)`` pair per gated layer (``None`` leaves that
+  layer alone), applied to the layer's pre-activation, ``relu(gamma * (W x + b) + beta)``, before
+  dropout, pooling and the unit mask; shapes as for unit masks (``[batch, width]`` or ``[width]``; per
+  channel on a conv layer). FiLM conditioning (Perez et al. 2018), see :mod:`metagate.nn.film`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import Tensor, nn
 from metagate.schema import Section
 
 UnitMasks = Sequence[Tensor | None] | None
+Modulation = Sequence[tuple[Tensor, Tensor] | None] | None  # FiLM's (gamma, beta) per gated layer
 
 
 class BackboneConfig(Section):
@@ -57,6 +62,16 @@ class BackboneConfig(Section):
         return [self.nf] + [w for w in (self.nf, 2 * self.nf, 4 * self.nf, 8 * self.nf) for _ in range(2)]
 
 
+def _apply_film(h: Tensor, film: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``gamma * h + beta``; a conv activation ``[B, C, H, W]`` takes ``[C]`` or ``[B, C]`` per channel."""
+    if film is None:
+        return h
+    gamma, beta = film
+    if h.ndim == 4 and gamma.ndim in (1, 2):
+        gamma, beta = gamma.reshape(*gamma.shape, 1, 1), beta.reshape(*beta.shape, 1, 1)
+    return torch.addcmul(beta, gamma, h)
+
+
 def _apply_mask(h: Tensor, mask: Tensor | None) -> Tensor:
     """``h * mask``; a conv activation ``[B, C, H, W]`` takes a ``[C]`` or ``[B, C]`` mask per channel."""
     if mask is None:
@@ -75,18 +90,19 @@ class GatedBackbone(nn.Module):
     def gated_widths(self) -> list[int]:
         raise NotImplementedError
 
-    def _check_masks(self, unit_masks: UnitMasks) -> None:
-        if unit_masks is not None and len(unit_masks) != len(self.gated_widths):
-            raise ValueError(
-                f"{type(self).__name__} has {len(self.gated_widths)} gated layers (widths {self.gated_widths}), "
-                f"got {len(unit_masks)} unit masks"
-            )
+    def _check_masks(self, unit_masks: UnitMasks, film: Modulation = None) -> None:
+        for what, given in (("unit masks", unit_masks), ("FiLM (gamma, beta) pairs", film)):
+            if given is not None and len(given) != len(self.gated_widths):
+                raise ValueError(
+                    f"{type(self).__name__} has {len(self.gated_widths)} gated layers (widths {self.gated_widths}), "
+                    f"got {len(given)} {what}"
+                )
 
-    def features(self, x: Tensor, unit_masks: UnitMasks = None) -> Tensor:
+    def features(self, x: Tensor, unit_masks: UnitMasks = None, film: Modulation = None) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor, unit_masks: UnitMasks = None) -> Tensor:
-        return self.head(self.features(x, unit_masks))
+    def forward(self, x: Tensor, unit_masks: UnitMasks = None, film: Modulation = None) -> Tensor:
+        return self.head(self.features(x, unit_masks, film))
 
     def maskable_weights(self) -> dict[str, nn.Parameter]:
         """Weights of every conv and linear layer (head included), by name, in forward order."""
@@ -116,11 +132,14 @@ class MLP(GatedBackbone):
     def gated_widths(self) -> list[int]:
         return list(self.widths)
 
-    def features(self, x: Tensor, unit_masks: UnitMasks = None) -> Tensor:
-        self._check_masks(unit_masks)
+    def features(self, x: Tensor, unit_masks: UnitMasks = None, film: Modulation = None) -> Tensor:
+        self._check_masks(unit_masks, film)
         h = x.flatten(1)
         for i, layer in enumerate(self.hidden):
-            h = self.dropout(torch.relu(layer(h)))
+            h = layer(h)
+            if film is not None:
+                h = _apply_film(h, film[i])
+            h = self.dropout(torch.relu(h))
             if unit_masks is not None:
                 h = _apply_mask(h, unit_masks[i])
         return h
@@ -164,18 +183,20 @@ class CNN(GatedBackbone):
     def gated_widths(self) -> list[int]:
         return self.channels + self.widths
 
-    def features(self, x: Tensor, unit_masks: UnitMasks = None) -> Tensor:
-        self._check_masks(unit_masks)
+    def features(self, x: Tensor, unit_masks: UnitMasks = None, film: Modulation = None) -> Tensor:
+        self._check_masks(unit_masks, film)
         masks = list(unit_masks) if unit_masks is not None else [None] * len(self.gated_widths)
+        mods = list(film) if film is not None else [None] * len(self.gated_widths)
         h = x
-        for conv, pool, mask in zip(self.convs, self.pools, masks):
-            h = torch.relu(conv(h))
+        for conv, pool, mask, mod in zip(self.convs, self.pools, masks, mods):
+            h = torch.relu(_apply_film(conv(h), mod))
             if pool != (1, 1):
                 h = F.max_pool2d(h, pool)
             h = _apply_mask(h, mask)
         h = h.flatten(1)
-        for layer, mask in zip(self.hidden, masks[len(self.convs) :]):
-            h = _apply_mask(self.dropout(torch.relu(layer(h))), mask)
+        n = len(self.convs)
+        for layer, mask, mod in zip(self.hidden, masks[n:], mods[n:]):
+            h = _apply_mask(self.dropout(torch.relu(_apply_film(layer(h), mod))), mask)
         return h
 
 
@@ -229,7 +250,9 @@ class ResNet18(GatedBackbone):
     def gated_widths(self) -> list[int]:
         return list(self._widths)
 
-    def features(self, x: Tensor, unit_masks: UnitMasks = None) -> Tensor:
+    def features(self, x: Tensor, unit_masks: UnitMasks = None, film: Modulation = None) -> Tensor:
+        if film is not None:
+            raise ValueError("the resnet18 backbone takes no FiLM modulation (mlp and cnn do)")
         self._check_masks(unit_masks)
         masks = list(unit_masks) if unit_masks is not None else [None] * len(self._widths)
         h = _apply_mask(torch.relu(self.bn1(self.conv1(x))), masks[0])
