@@ -59,9 +59,12 @@ from metagate.runs import RunDir  # noqa: E402
 XDG = ["method.input_dropout=0.0", "method.gate_fraction=0.8"]
 MLP = ["method.backbone.kind=mlp", "method.backbone.dropout=0.0"]
 FMNIST = ["benchmark.dataset=fashion_mnist", "trainer.epochs=2", "trainer.batch_size=128", "trainer.curve_every=5", "trainer.device=auto"]
-# Baselines that see the context without gating (issue 12.3): SI with the context appended to the input;
-# its own c is chosen on validation (it is not a gating method, so XdG's c need not suit it).
-CONTEXT_BASELINES: dict[str, tuple[str, list[str]]] = {"si-context": ("si", ["method.context_input=concat"])}
+# Baselines that see the context without gating (issue 12.3): SI with the context appended to the input
+# or conditioning every hidden layer through FiLM; each one's c is chosen on validation (it is not a gating method, so XdG's c need not suit it).
+CONTEXT_BASELINES: dict[str, tuple[str, list[str]]] = {
+    "si-context": ("si", ["method.context_input=concat"]),
+    "si-film": ("si", ["method.context_input=film"]),
+}
 
 
 @dataclass
