@@ -9,7 +9,7 @@ import torch
 
 from metagate.config import config_from_dict
 from metagate.data import build_stream
-from metagate.methods import METHODS, create_method
+from metagate.methods import METHODS, Batch, create_method
 from metagate.methods.regularizers import QuadraticPenalty, fisher_diagonal
 from metagate.train import Trainer
 
@@ -214,3 +214,21 @@ def test_context_input_appends_the_tasks_context_and_is_recorded() -> None:
     assert res["test_time_info"] == "context"
     with pytest.raises(Exception, match="context through its masks"):
         config_from_dict(raw, ["method.name=xdg", "method.context_input=concat"])
+
+
+def test_a_state_dict_loaded_in_the_same_process_does_not_share_adam_moments() -> None:
+    """Loading a live method's state into a fresh one and stepping both on the same batch gives the
+    same weights (torch would otherwise alias the moment tensors, and each step would advance both)."""
+    cfg = config_from_dict({"seed": 0, "benchmark": STREAM, "method": {"name": "si", "backbone": {"hidden": [16]}}, "trainer": {"progress": False}})
+    stream = build_stream(cfg.benchmark, 0)
+    task = stream.tasks[0]
+    batch = Batch(task.x_train[:32], task.y_train[:32])
+    a = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
+    a.before_task(task)
+    a.train_step(batch, task)
+    b = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        m.train_step(batch, task)
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), name

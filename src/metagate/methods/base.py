@@ -13,6 +13,7 @@ of the same config, and the optimiser state rides along as the module's extra st
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -152,7 +153,9 @@ class Method(nn.Module):
         return {"optimizer": self.optimizer.state_dict()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        # a copy: torch keeps the given moment tensors when device and dtype match, so a state dict
+        # loaded in the process that made it would share (and advance) the source's Adam moments
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
 
     # ---------------------------------------------------------------- forward
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import torch
@@ -298,7 +299,7 @@ class MetaGate(Method):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
-        self.agent_optimizer.load_state_dict(state["agent_optimizer"])
+        self.agent_optimizer.load_state_dict(copy.deepcopy(state["agent_optimizer"]))  # a copy, as the base's
 
     def extra_results(self) -> dict[str, Any]:
         """How well the agent regenerates each stored mask from its context (IoU), at the end."""
