@@ -1,33 +1,47 @@
-"""metagate against XdG + SI, with its controls, on four streams (issue 5): tables and plots.
+"""metagate against XdG + SI, the oracle, the nearest-context lookup and baselines that see the
+context (issues 5 and 12): tables and plots.
 
-For each stream, every variant runs over the same seeds with the same backbone, density (20% of
-units per task), SI (same c, XdG's consolidation rule) and learning curves:
+For each stream, every gated variant runs over the same seeds with the same backbone, density, SI
+(same c, XdG's consolidation rule) and learning curves:
 
-* ``gated``: the synthetic gated teacher (``configs/default.yaml``: domain-incremental, 10 tasks,
-  MLP 256), with ``xdg``, ``metagate``, ``shuffled`` and ``onehot`` contexts, ``no-meta`` (the agent
-  only regresses old masks) and ``no-adapt`` (the zero-shot mask is kept);
+* ``composed`` (default): the composed teacher (``configs/composed-teacher.yaml``: 50 tasks, 3 numeric
+  context factors, the last 10 novel, MLP 209 = the teacher's width), masks at the oracle's density
+  (33 of 209 units), with ``xdg``, ``oracle`` (the teacher's masks: the ceiling), ``nearest`` (the
+  nearest earlier context's mask) and ``vote`` (a vote over every equally near one), ``metagate``,
+  ``shuffled`` and ``onehot`` contexts;
 * ``rotated``: rotated Fashion-MNIST, 10 angles in [0, 180] with (cos, sin) contexts and 2 + 2
   held-out angles (inside / outside the range), MLP 256;
-* ``split``: split Fashion-MNIST, 5 x 2 classes, task-incremental, class-prototype contexts, MLP 256;
+* ``split``: split Fashion-MNIST, 5 x 2 classes, task-incremental, 5-shot prototype contexts, MLP 256;
 * ``permuted``: permuted Fashion-MNIST, 10 tasks x 6000 images, random contexts (uninformative: no
-  gain expected, and no harm allowed), MLP 2 x 400 as in ``configs/xdg-small.yaml``.
+  gain expected, and no harm allowed), MLP 2 x 400 as in ``configs/xdg-small.yaml``;
+* ``gated`` (on request): the issue-5 gated teacher (``configs/default.yaml``), with the ablations
+  ``no-meta`` and ``no-adapt``.
 
-Per stream it writes ``<out>/<stream>/`` (the ``compare`` folder) and three plots: zero-shot
-accuracy by task, the learning curve of a new task (mean over the later tasks), and mask overlap
-against context similarity (every pair of tasks, seed 0); ``<out>/table.md`` gathers the tables.
+Every stream also runs SI with the task's context as an input (``si-context``: concatenated;
+``si-film``: FiLM conditioning of every hidden layer), the baselines that see the context without
+gating; they use the context at test, the gated variants the task's identity (their stored mask),
+and the table says which.
+
+Per stream it writes ``<out>/<stream>/`` (the ``compare`` folder) and plots: zero-shot accuracy by
+task, the learning curve of a new task (mean over the later tasks), mask overlap against context
+similarity (every pair of tasks, seed 0) and, on streams with oracle masks, zero-shot accuracy
+against the largest overlap of a task's oracle mask with an earlier one (also as a table);
+``<out>/table.md`` gathers the tables.
 
 Hyperparameters are chosen on validation, never on the reported test figures: per stream, SI's
-strength ``c`` (shared by every variant) is chosen for XdG + SI from ``c_grid``, then metagate's
-``prior`` from ``PRIOR_GRID`` with that ``c``, each by mean validation accuracy over tuning seeds
-1000, 1001 (``metagate tune --choose-only``, into ``<out>/<stream>-tuning-c`` and ``-tuning-prior``);
-the table's runs use fresh seeds 0, 1, 2 and report test.
+strength ``c`` (shared by every gated variant) is chosen for XdG + SI from ``c_grid``, then metagate's
+``prior`` from ``PRIOR_GRID`` with that ``c``, and each context baseline's own ``c`` from ``c_grid``,
+each by mean validation accuracy over tuning seeds 1000, 1001 (``metagate tune --choose-only``, into
+``<out>/<stream>-tuning-*``); the table's runs use fresh seeds 0, 1, 2 and report test.
 
-Zero-shot quality ``Q = (zs - zs_xdg) / (final - zs_xdg)`` uses means over the later tasks (from
-task ``T // 2``: after at least half the stream has shaped the agent): ``zs`` the accuracy on a task
-before training it, ``final`` the accuracy right after training it, ``zs_xdg`` XdG's zero-shot
-accuracy on the same tasks and seed. ``steps to 90%``: steps until 90% of the task's final accuracy.
+Zero-shot quality ``Q = (zs - zs_xdg) / (final - zs_xdg)`` uses means over every task after the first
+and, on streams longer than 11 tasks, over the last 10: ``zs`` the accuracy on a task before training
+it, ``final`` the accuracy right after training it, ``zs_xdg`` XdG's zero-shot accuracy on the same
+tasks and seed. ``steps to 90%``: steps until 90% of the task's final accuracy. Mask figures: the
+masks' mean pairwise IoU and the correlation of context distance with mask distance, for the
+zero-shot masks (before any training on the task: what the context chose) and the trained ones.
 
-    .venv/bin/python experiments/metagate_benchmarks.py --out runs/metagate [--streams gated,rotated,split,permuted] [--seeds 3]
+    .venv/bin/python experiments/metagate_benchmarks.py --out runs/metagate [--streams composed,rotated,split,permuted] [--seeds 3]
 
 Finished runs in ``--out`` are reused (``compare --resume``), so an interrupted experiment continues.
 """

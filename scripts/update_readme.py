@@ -5,7 +5,7 @@ strength chosen on validation accuracy over tuning seeds, the chosen setting rep
 fresh seeds) and the speed benchmark, then rewrites the README section with the tables and the exact
 commands. Nothing in that section is typed by hand.
 
-    .venv/bin/python scripts/update_readme.py [--seeds 3] [--skip-speed] [--xdg DIR ...] [--metagate DIR ...]
+    .venv/bin/python scripts/update_readme.py [--seeds 3] [--skip-speed] [--xdg DIR ...] [--metagate DIR ...] [--long-stream DIR ...]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--xdg", type=Path, nargs="*", default=[], help="finished experiments/xdg_permuted.py --out folders whose tables to include")
     p.add_argument("--metagate", type=Path, nargs="*", default=[], help="finished experiments/metagate_benchmarks.py --out folders (tables and plots)")
+    p.add_argument("--long-stream", type=Path, nargs="*", default=[], help="finished experiments/long_stream.py --out folders (table and plot)")
     args = p.parse_args()
     parts = [
         START,
@@ -98,6 +99,12 @@ def main() -> None:
                 shutil.copyfile(png, target)
                 links.append(f"![{stream.name}: {png.stem.replace('_', ' ')}]({target.relative_to(ROOT)})")
             parts += [f"Plots, {stream.name}:", "", " ".join(links), ""]
+    for folder in args.long_stream:
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        target = FIGURES / f"long-stream-{folder.name}.png"
+        shutil.copyfile(folder / "q_vs_tasks_seen.png", target)
+        parts += ["**Generalisation to future tasks as the stream grows** (`experiments/long_stream.py`):", "",
+                  (folder / "table.md").read_text().strip(), "", f"![Q and zero-shot against tasks seen]({target.relative_to(ROOT)})", ""]
     if not args.skip_speed:
         bench = run([str(BIN / "python"), "benchmarks/trainer_speed.py"])
         parts += ["**Trainer throughput against a bare PyTorch loop** (MLP 784-400-400-10, Adam):", "",
