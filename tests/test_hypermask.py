@@ -54,6 +54,8 @@ def train(method: HyperMask, task, steps: int, batch: int = 64, seed: int = 0) -
 def test_percentile_interpolates_as_numpy_and_torchpercentile(q: float) -> None:
     values = torch.rand(37, 11, generator=torch.Generator().manual_seed(1))
     assert float(percentile(values, q)) == pytest.approx(float(np.percentile(values.numpy(), q)), rel=1e-6)
+    ties = torch.randint(0, 5, (53,), generator=torch.Generator().manual_seed(2)).float()  # repeated values
+    assert float(percentile(ties, q)) == pytest.approx(float(np.percentile(ties.numpy(), q)), rel=1e-6)
 
 
 def test_hypernetwork_splits_one_batched_output_into_the_target_shapes() -> None:

@@ -61,16 +61,18 @@ class HyperNetwork(nn.Module):
 
 def percentile(values: Tensor, q: float) -> Tensor:
     """The ``q``-th percentile (0-100) of all entries, linearly interpolated between the two nearest order
-    statistics: numpy's default and ``torchpercentile.Percentile``'s (which HyperMask uses), from two
-    ``kthvalue`` calls instead of a full sort. No gradient (the value is only compared against)."""
+    statistics: numpy's default and ``torchpercentile.Percentile``'s (which HyperMask uses), without a full
+    sort: one ``kthvalue`` for the lower order statistic, the next one as the smallest value above it (or
+    the same value when it repeats). No gradient (the value is only compared against). No host sync."""
     flat = values.detach().flatten()
     n = flat.numel()
     pos = q * (n - 1) / 100.0
     lo = int(math.floor(pos))
-    hi = min(lo + 1, n - 1)
     w = pos - lo
     low = flat.kthvalue(lo + 1).values
-    if w == 0 or hi == lo:
+    if w == 0 or lo + 1 >= n:
         return low
-    high = flat.kthvalue(hi + 1).values
-    return low.double().mul(1 - w).add(high.double().mul(w)).to(flat.dtype)
+    at_or_below = flat <= low
+    above = flat.masked_fill(at_or_below, float("inf")).min()
+    high = torch.where(at_or_below.sum() >= lo + 2, low, above)  # the (lo+2)-th smallest
+    return (low.double() * (1 - w) + high.double() * w).to(flat.dtype)
