@@ -168,6 +168,19 @@ def test_learning_curves_and_steps_to_90(small) -> None:  # noqa: ANN001
     assert plain["acc_matrix"] == res["acc_matrix"]  # measuring does not change training
 
 
+def test_iterations_per_task(small) -> None:  # noqa: ANN001
+    """trainer.iterations_per_task: exactly that many steps per task, over reshuffled passes; a whole number
+    of passes trains exactly as trainer.epochs does (the same batches)."""
+    bench = {"train_per_task": 320}  # 288 training samples: 5 batches of 64 per pass
+    by_epochs = fit(small(trainer={"epochs": 2}, benchmark=bench))
+    by_steps = fit(small(trainer={"epochs": 1, "iterations_per_task": 10}, benchmark=bench))
+    assert by_steps["acc_matrix"] == by_epochs["acc_matrix"]
+    assert by_steps["train_steps"] == by_epochs["train_steps"] == 10 * by_steps["num_tasks"]
+    cut = fit(small(trainer={"epochs": 5, "iterations_per_task": 7, "curve_every": 1}, benchmark=bench))
+    assert cut["train_steps"] == 7 * cut["num_tasks"]
+    assert [s for s, _ in cut["learning_curves"][0]] == list(range(8))
+
+
 def test_run_files_are_readable_by_others_like_any_file(small, tmp_path: Path) -> None:  # noqa: ANN001
     import os
     import stat

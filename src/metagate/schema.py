@@ -49,6 +49,12 @@ def default_threads() -> int:
 
 class TrainerConfig(Section):
     epochs: int = Field(3, ge=1, description="passes over each task's training data")
+    iterations_per_task: int = Field(
+        0,
+        ge=0,
+        description="optimiser steps per task, over reshuffled passes of the task's data (the last pass cut short); "
+        "0 = trainer.epochs full passes. For methods whose papers count iterations (HyperMask, hnet)",
+    )
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "sgd"] = "adam"

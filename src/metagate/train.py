@@ -210,16 +210,20 @@ class Trainer:
             data = method.training_data(task)
             n = int(data.y.shape[0])
             steps_per_epoch = math.ceil(n / tc.batch_size)
-            batches = tqdm(total=tc.epochs * steps_per_epoch, desc=f"task {t}", unit="step", leave=False, disable=not bars)
+            # trainer.iterations_per_task: that many steps, over full passes and a last one cut short
+            total_steps = tc.iterations_per_task or tc.epochs * steps_per_epoch
+            num_epochs = math.ceil(total_steps / steps_per_epoch)
+            batches = tqdm(total=total_steps, desc=f"task {t}", unit="step", leave=False, disable=not bars)
             curve: list[tuple[int, float]] = []  # (steps on this task, accuracy on it), untimed
             if tc.curve_every:
                 pause = time.perf_counter()
                 curve.append((0, self._curve_point(task)))
                 started += time.perf_counter() - pause
-            for epoch in range(tc.epochs):
+            for epoch in range(num_epochs):
                 order = torch.randperm(n, device=self.device, generator=gen)
                 sums: dict[str, torch.Tensor] = {}
-                for b in range(steps_per_epoch):
+                epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+                for b in range(epoch_steps):
                     idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
                     batch = Batch(data.x[idx], data.y[idx], None if data.task_ids is None else data.task_ids[idx])
                     losses = method.train_step(batch, task)
@@ -239,7 +243,7 @@ class Trainer:
                     if tc.log_every and state["steps"] % tc.log_every == 0:
                         self._log({"type": "step", "task": t, "step": state["steps"], **{k: float(v) for k, v in losses.items()}})
                     batches.update()
-                means = {k: float(v) / steps_per_epoch for k, v in sums.items()}  # one sync per epoch
+                means = {k: float(v) / epoch_steps for k, v in sums.items()}  # one sync per epoch
                 if first_loss is not None:
                     state["reference_loss"] = float(first_loss)
                     first_loss = None
@@ -252,10 +256,10 @@ class Trainer:
                         "Lower trainer.lr or the method's strength and start a new run."
                     )
                 self._log({"type": "epoch", "task": t, "epoch": epoch, "step": state["steps"], **means})
-                state["samples_seen"] += n
+                state["samples_seen"] += min(n, epoch_steps * tc.batch_size)
                 if lines:
                     losses_text = "  ".join(f"{k} {v:.4g}" for k, v in means.items())
-                    print(f"task {t + 1}/{len(tasks)}  epoch {epoch + 1}/{tc.epochs}  {losses_text}", file=sys.stderr, flush=True)
+                    print(f"task {t + 1}/{len(tasks)}  epoch {epoch + 1}/{num_epochs}  {losses_text}", file=sys.stderr, flush=True)
             batches.close()
             method.after_task(task)
             self._sync()

@@ -1,0 +1,339 @@
+"""HyperMask (Książek & Spurek, 2023): a hypernetwork emits a semi-binary mask over one target network's
+weights per task, from a learned task embedding (or from the task's context)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metagate.data.stream import Task
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, TestTimeInfo
+from metagate.nn.backbones import BackboneConfig
+from metagate.nn.hypernetwork import HyperNetwork, percentile
+
+
+def ramped_sparsity(iteration: int, sparsity: float, last_iteration: int) -> float:
+    """The sparsity at (1-based) ``iteration`` of the first task: rising linearly from 0 to ``sparsity`` at
+    ``last_iteration``, then flat (HyperMask ``main.py:89-106``, ``calculate_current_threshold``)."""
+    if iteration >= last_iteration or last_iteration <= 0:
+        return sparsity
+    return sparsity / last_iteration * iteration
+
+
+def random_crop(x: Tensor, padding: int) -> Tensor:
+    """Each image of ``x [B, C, H, W]`` padded by ``padding`` on every side with the batch's smallest value
+    (a black pixel in standardised data) and cropped back to ``H x W`` at a uniformly random offset (global
+    torch generator): torchvision's ``RandomCrop(size, padding)``, per sample, in one indexing call."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (padding,) * 4, value=float(x.amin()))
+    i = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
+    j = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
+    rows = (i[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (j[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return xp[batch, chan, rows, cols]
+
+
+@METHODS.register("hypermask")
+class HyperMask(Method):
+    """HyperMask (Książek & Spurek, "HyperMask: Adaptive Hypernetwork-based Masks for Continual Learning",
+    arXiv 2310.00113; code ``gmum/HyperMask`` on ``hypnettorch``).
+
+    One target network (the backbone, weights ``theta``) and a hypernetwork ``h`` (an MLP with ELU,
+    :class:`~metagate.nn.hypernetwork.HyperNetwork`, as ``hypnettorch``'s ``HMLP``) that maps task ``t``'s
+    embedding ``e_t`` to one tensor per target parameter tensor. The mask is ``m = |tanh(h(e_t))|``; in every
+    tensor but the last (the output bias) entries below the tensor's ``sparsity``-th percentile are set to 0.
+    Task ``t`` runs the target with ``theta * m`` (``torch.func.functional_call``); the output bias is
+    neither thresholded nor masked. Training task ``t > 0`` minimises
+
+        CE + beta * R / t + lambda * sum_i || (theta_i - theta*_i) * m_i ||_1,
+        R = (1 / t) * sum_{j < t} || h(e_j) - h*(e_j) ||^2,
+
+    with ``h*(e_j)`` the outputs for the earlier tasks' embeddings saved just before task ``t`` (all of them
+    recomputed at every task), ``theta*`` the target's weights at the start of task ``t``, and ``m_i`` the
+    current task's masks (the last one, the output bias's, unthresholded). Gradients reach ``theta``, the
+    hypernetwork, the current embedding and, through ``R``, the earlier tasks' embeddings. On the first task
+    the sparsity rises linearly from 0 to ``sparsity`` over its iterations; evaluation always uses the full
+    ``sparsity``. Adam is fresh at every task.
+
+    What the code does, and where (``main.py``, ``datasets.py`` of gmum/HyperMask at 674bf9b; hypnettorch):
+
+    * masks: ``prepare_network_sparsity`` (``main.py:226-271``): ``|tanh|`` of every hypernetwork output,
+      ``torch.where(m >= percentile(m, p), m, 0)`` per tensor except the last (``torchpercentile``: linear
+      interpolation, here :func:`~metagate.nn.hypernetwork.percentile`); the hypernetwork emits all target
+      parameters, biases included (``main.py:827-834``, ``use_bias=True`` at ``datasets.py:678``), and
+      ``apply_mask_to_weights_of_network`` (``main.py:305-370``) multiplies all but the last tensor.
+    * sparsity ramp on the first task: ``main.py:619-625`` with ``calculate_current_threshold``
+      (``main.py:89-106``), at iteration ``i + 1`` of ``N``; ``adaptive_sparsity=True`` for every benchmark.
+    * loss: ``main.py:690-696``; ``R`` from ``hypnettorch.utils.hnet_regularizer.calc_fix_target_reg``
+      (squared error summed over all outputs, summed over the earlier tasks, divided by their number,
+      ``hnet_regularizer.py:228-278``), called with ``batch_size=-1`` (every earlier task, ``main.py:675-684``)
+      and divided again by ``max(1, t)`` in ``main.py:694``; the targets from ``get_current_targets`` at the
+      start of the task (``main.py:561-563``). The L1 term (``norm=1``, ``datasets.py:677``) with
+      ``norm_regularizer_masking=True`` multiplies the weight change by the current masks before the norm
+      (``main.py:641-654``; gradients flow into the masks too: nothing is detached); the anchor is a copy of
+      the target's weights at the task's start (``main.py:567``).
+    * optimiser: ``torch.optim.Adam`` over hypernetwork (embeddings included) and target, made anew in
+      ``train_single_task`` at every task (``main.py:532-538``); no learning-rate schedule for the MNIST
+      benchmarks (``lr_scheduler=False``, ``datasets.py:300,566``); the last model is kept
+      (``best_model_selection_method="last_model"``, ``datasets.py:295,563``).
+    * hypernetwork: ``HMLP`` (``hypnettorch/hnets/mlp_hnet.py``): hidden layers with ELU
+      (``datasets.py:676``), a linear output over all target entries, PyTorch's default ``nn.Linear`` init
+      (``hypnettorch/utils/torch_utils.py:init_params``), one internal embedding per task drawn from
+      ``N(0, 1)``.
+    * defaults (the permuted-MNIST "best hyperparameters", ``datasets.py:284-319``): embedding 24, hypernetwork
+      [100, 100], beta 5e-4, lambda 1e-3, sparsity 0, masked L1 on, target MLP [1000, 1000], Adam 1e-3, batch
+      128, 5000 iterations per task (``trainer.iterations_per_task``). Split MNIST (``datasets.py:550-583``):
+      embedding 128, hypernetwork [25, 25], beta 1e-3, lambda 1e-3, sparsity 30, MLP [400, 400], 2000
+      iterations, augmentation (``augment=crop``). See ``configs/hypermask-*.yaml``.
+    * task identity unknown (``task_inference=entropy``): ``entropy.py:21-77``: every task's mask is tried
+      on a sample and the task whose softmax has the lowest entropy is chosen.
+
+    Differences, all deliberate:
+
+    * The target is metagate's backbone (``mlp``; ``cnn`` takes the same path), with its own output layout:
+      split streams have one output per class with label masking where the code has a 2-unit head shared by
+      all tasks, so here each task's output weights are its own rows; permuted Fashion-MNIST is 28 x 28
+      (the code pads MNIST to 32 x 32, ``datasets.py:316``). ``resnet18`` is refused: the code's ResNet keeps
+      batch-norm statistics per task (``use_batch_norm_memory``), not built here.
+    * The hypernetwork's outputs for the current task and all earlier tasks come from one batched call
+      (the same numbers as the code's call per task); the percentile comes from two ``kthvalue`` calls, not a
+      sort, and is skipped at sparsity 0 (every value is at least the minimum: nothing is zeroed).
+    * ``augment=crop`` (split): the code's ``RandomCrop(28, padding=4)`` on the raw image, then normalisation
+      (hypnettorch ``MNISTData.torch_input_transforms``); here the data are standardised already, so the padding
+      takes the batch's smallest value (a black pixel there).
+    * Iterations: the code draws batches with ``next_train_batch`` (which runs on across reshuffled epochs);
+      here ``trainer.iterations_per_task`` takes full batches over reshuffled passes, the last pass cut short.
+    * ``embedding=context`` (metagate's comparison, not in the paper): the hypernetwork's input is the task's
+      context vector through a learned linear map (``context_projection``; off: the context itself), so a
+      task never trained gets its mask zero-shot from its context.
+    * Entropy task inference chooses among the tasks trained so far (the code runs it once, after the last
+      task, over all of them); the entropy is over the outputs a task may use (its classes in a
+      task-incremental stream).
+    """
+
+    class Config(BaseMethodConfig):
+        name: Literal["hypermask"] = "hypermask"
+        backbone: BackboneConfig = Field(default_factory=lambda: BackboneConfig(hidden=[1000, 1000], dropout=0.0))
+        embedding: Literal["learned", "context"] = Field(
+            "learned", description="the hypernetwork's input: a learned embedding per task, or the task's context"
+        )
+        embedding_dim: int = Field(24, ge=1, description="size of a learned task embedding (code, permuted: 24)")
+        context_projection: bool = Field(
+            True, description="embedding=context: a learned linear map context -> embedding_dim (false: the context itself)"
+        )
+        hnet_hidden: list[int] = Field(default_factory=lambda: [100, 100], description="hypernetwork hidden widths")
+        activation: Literal["elu", "relu", "none"] = Field("elu", description="hypernetwork activation (code: ELU)")
+        beta: float = Field(5e-4, ge=0, description="output regulariser strength (code, permuted: 5e-4)")
+        lambda_: float = Field(1e-3, ge=0, alias="lambda", description="L1 strength on the target's weight change")
+        l1_masked: bool = Field(True, description="L1 on the weight change times the current masks (norm_regularizer_masking)")
+        sparsity: float = Field(0.0, ge=0, lt=100, description="percentile (0-100) below which mask values are zeroed")
+        sparsity_ramp: bool = Field(True, description="raise the sparsity linearly over the first task (adaptive_sparsity)")
+        task_inference: Literal["given", "entropy"] = Field(
+            "given", description="given: the task's own mask at test; entropy: the trained task whose prediction has the lowest entropy"
+        )
+        augment: Literal["none", "crop"] = Field("none", description="crop: random 4-pixel-padded crop of each training image")
+
+    name = "hypermask"
+    scenarios = ("task", "domain")
+    cfg: Config
+
+    @classmethod
+    def config_problem(cls, cfg: BaseMethodConfig) -> str | None:
+        problem = super().config_problem(cfg)
+        if problem:
+            return problem
+        if cfg.backbone.kind == "resnet18":
+            return (
+                "hypermask masks the weights of an mlp or cnn backbone; the code's ResNet keeps batch-norm statistics "
+                "per task, which is not built here: use method.backbone.kind=mlp or cnn"
+            )
+        if cfg.context_input != "none":
+            return "hypermask takes the context through its hypernetwork (method.embedding=context), not context_input"
+        if cfg.heads != "shared":
+            return "hypermask has one target network with one output layer: method.heads=shared"
+        return None
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        cfg = self.cfg
+        if cfg.augment == "crop" and len(self.stream.input_shape) != 3:
+            raise ValueError(f"method.augment=crop needs image inputs [C, H, W], not {self.stream.input_shape}")
+        self.names = [n for n, _ in self.model.named_parameters()]
+        if self.names[-1] != "head.bias":
+            raise ValueError(f"hypermask expects the backbone's last parameter to be the output bias, not {self.names[-1]}")
+        shapes = [p.shape for p in self.model.parameters()]
+        tasks = [*self.stream.tasks, *self.stream.heldout]
+        rows = max(t.index for t in tasks) + 1
+        if cfg.embedding == "learned":
+            self.embeddings = nn.Parameter(torch.randn(rows, cfg.embedding_dim, device=self.device))  # HMLP: N(0, 1)
+            in_dim = cfg.embedding_dim
+        else:
+            contexts = torch.zeros(rows, self.stream.context_dim)
+            for t in tasks:
+                contexts[t.index] = t.context.float().cpu()
+            self.register_buffer("contexts", contexts.to(self.device), persistent=False)
+            self.projection = nn.Linear(self.stream.context_dim, cfg.embedding_dim) if cfg.context_projection else nn.Identity()
+            in_dim = cfg.embedding_dim if cfg.context_projection else self.stream.context_dim
+        self.hnet = HyperNetwork(in_dim, shapes, cfg.hnet_hidden, cfg.activation).to(self.device)
+        p = self.hnet.num_outputs
+        # State that must survive a checkpoint, allocated here so a fresh method loads any checkpoint:
+        self.register_buffer("targets", torch.zeros(self.stream.num_tasks, p, device=self.device))  # h*(e_j)
+        self.register_buffer("anchor", torch.zeros(p, device=self.device))  # theta* at the task's start, flat
+        self.register_buffer("tasks_trained", torch.zeros((), dtype=torch.long, device=self.device))
+        self.register_buffer("task_step", torch.zeros((), dtype=torch.long, device=self.device))
+        self._task_iterations = 0
+        self._position = 0
+        self._cache: dict[int, dict[str, Tensor]] = {}
+        self.register_load_state_dict_post_hook(lambda module, _: module._cache.clear())
+        self.optimizer = self.make_optimizer(self.parameters())
+
+    # ---------------------------------------------------------------- masks
+
+    def hnet_input(self, indices: list[int]) -> Tensor:
+        """The hypernetwork's inputs for the tasks with these indices, ``[k, in_dim]``."""
+        idx = torch.tensor(indices, device=self.device)
+        if self.cfg.embedding == "learned":
+            return self.embeddings[idx]
+        return self.projection(self.contexts[idx])
+
+    def masks_from(self, flat: Tensor, sparsity: float) -> list[Tensor]:
+        """Per target tensor ``|tanh(h)|``, values below the tensor's ``sparsity``-th percentile zeroed, except
+        in the last tensor (the output bias), from the flat hypernetwork output of one task."""
+        masks = self.hnet.split(torch.tanh(flat).abs())
+        if sparsity <= 0:
+            return masks  # every value is >= the minimum: the code's threshold zeroes nothing
+        out = [m * (m >= percentile(m, sparsity)).to(m.dtype) for m in masks[:-1]]
+        return [*out, masks[-1]]
+
+    def masked_weights(self, masks: list[Tensor]) -> dict[str, Tensor]:
+        """``theta * m`` by parameter name for every tensor but the output bias (left as it is)."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n] * m for n, m in zip(self.names[:-1], masks[:-1])}
+
+    def task_weights(self, task: Task) -> dict[str, Tensor]:
+        """The masked target weights of ``task`` at the full sparsity (cached until the next step)."""
+        if task.index not in self._cache:
+            with torch.no_grad():
+                flat = self.hnet.flat(self.hnet_input([task.index]))[0]
+                self._cache[task.index] = {k: v.detach() for k, v in self.masked_weights(self.masks_from(flat, self.cfg.sparsity)).items()}
+        return self._cache[task.index]
+
+    def target(self, x: Tensor, weights: dict[str, Tensor]) -> Tensor:
+        return functional_call(self.model, weights, (x,))
+
+    def forward(self, x: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
+        return self.mask_logits(self.target(x, self.task_weights(task)), task, task_ids)
+
+    # ---------------------------------------------------------------- hooks
+
+    def before_task(self, task: Task) -> None:
+        self._position = next(i for i, t in enumerate(self.stream.tasks) if t.index == task.index)
+        n = int(self.training_data(task).y.shape[0])
+        tc = self.trainer_cfg
+        self._task_iterations = tc.iterations_per_task or tc.epochs * math.ceil(n / tc.batch_size)
+        self.task_step.zero_()
+        if self.cfg.reset_optimizer:  # main.py:532-538: a new Adam at every task
+            self.optimizer = self.make_optimizer(self.parameters())
+        with torch.no_grad():
+            if self._position > 0:  # get_current_targets (main.py:561-563): every earlier task, recomputed now
+                prev = [t.index for t in self.stream.tasks[: self._position]]
+                self.targets[: self._position] = self.hnet.flat(self.hnet_input(prev))
+            self.anchor.copy_(torch.cat([p.detach().flatten() for p in self.model.parameters()]))  # main.py:567
+        self._cache.clear()
+
+    def current_sparsity(self) -> float:
+        if self._position == 0 and self.cfg.sparsity_ramp:  # main.py:619-625
+            return ramped_sparsity(int(self.task_step) + 1, self.cfg.sparsity, self._task_iterations)
+        return self.cfg.sparsity
+
+    def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
+        self._cache.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        pos = self._position
+        x = random_crop(batch.x, 4) if self.cfg.augment == "crop" else batch.x
+        indices = [task.index] + [t.index for t in self.stream.tasks[:pos]]
+        flat = self.hnet.flat(self.hnet_input(indices))  # the current task and every earlier one, one call
+        masks = self.masks_from(flat[0], self.current_sparsity())
+        logits = self.mask_logits(self.target(x, self.masked_weights(masks)), task, batch.task_ids)
+        ce = F.cross_entropy(logits, batch.y)
+        loss = ce
+        out = {"ce": ce.detach()}
+        if pos > 0:
+            reg = (flat[1:] - self.targets[:pos]).pow(2).sum() / pos  # calc_fix_target_reg: mean over earlier tasks
+            l1 = ce.new_zeros(())
+            for p, a, m in zip(self.model.parameters(), self.anchor.split(self.hnet.sizes), masks):
+                change = p - a.view_as(p)
+                l1 = l1 + (change * m if self.cfg.l1_masked else change).abs().sum()
+            loss = loss + self.cfg.beta * reg / pos + self.cfg.lambda_ * l1  # main.py:690-696
+            out.update(output_reg=reg.detach(), l1=l1.detach())
+        loss.backward()
+        self.optimizer.step()
+        self.task_step += 1
+        return {"loss": loss.detach(), **out}
+
+    def after_task(self, task: Task) -> None:
+        self.tasks_trained.fill_(self._position + 1)
+        self._cache.clear()
+
+    # ---------------------------------------------------------------- test time
+
+    def candidates(self) -> list[Task]:
+        """The tasks entropy inference chooses among: those trained so far (the first before any)."""
+        return self.stream.tasks[: max(1, int(self.tasks_trained))]
+
+    def infer(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits from the mask of the candidate task whose softmax has the lowest entropy, per sample, and
+        which task that was (its position in ``candidates()``) (``entropy.py:21-77``)."""
+        logits = torch.stack([self.mask_logits(self.target(x, self.task_weights(c)), c) for c in self.candidates()])
+        entropy = torch.special.entr(torch.softmax(logits, dim=-1)).sum(-1)  # [tasks, batch]; 0 log 0 = 0
+        chosen = entropy.argmin(dim=0)
+        return logits[chosen, torch.arange(x.shape[0], device=x.device)], chosen
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, task: Task) -> Tensor:
+        if self.cfg.task_inference == "entropy":
+            return self.infer(x)[0]
+        return self(x, task)
+
+    def test_time_info(self) -> TestTimeInfo:
+        if self.cfg.task_inference == "entropy":
+            return "none"
+        return "context" if self.cfg.embedding == "context" else "task_id"
+
+    def task_masks(self, task: Task) -> list[Tensor]:
+        """The task's masks at the full sparsity, one per target tensor (the output bias's unapplied)."""
+        with torch.no_grad():
+            return self.masks_from(self.hnet.flat(self.hnet_input([task.index]))[0], self.cfg.sparsity)
+
+    def unit_mask(self, task: Task) -> Tensor:
+        """Which target weights the task uses (mask value above 0), over every masked tensor, flattened."""
+        return torch.cat([m.flatten() > 0 for m in self.task_masks(task)[:-1]])
+
+    @torch.no_grad()
+    def extra_results(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mask_value_mean": [float(torch.cat([m.flatten() for m in self.task_masks(t)[:-1]]).mean()) for t in self.stream.tasks],
+            "task_inference": self.cfg.task_inference,
+        }
+        if self.cfg.task_inference == "entropy":
+            was = self.training
+            self.eval()
+            accs = []
+            for pos, t in enumerate(self.stream.tasks):
+                hits = 0
+                for start in range(0, t.num_test, self.trainer_cfg.eval_batch_size):
+                    chosen = self.infer(t.x_test[start : start + self.trainer_cfg.eval_batch_size])[1]
+                    hits += int((chosen == pos).sum())
+                accs.append(hits / max(1, t.num_test))
+            self.train(was)
+            out["task_inference_acc"] = accs
+            out["task_inference_acc_mean"] = sum(accs) / len(accs)
+        return out
