@@ -19,8 +19,11 @@ For each stream, every gated variant runs over the same seeds with the same back
 
 Every stream also runs SI with the task's context as an input (``si-context``: concatenated;
 ``si-film``: FiLM conditioning of every hidden layer), the baselines that see the context without
-gating; they use the context at test, the gated variants the task's identity (their stored mask),
-and the table says which.
+gating, and (composed, rotated, permuted) ``dendrites``, active dendrites (Iyer et al. 2022): with the
+paper's network and training and prototype contexts inferred at test on the image streams, with the
+stream's context vector and the stream's student and training on the composed one (whose tasks all
+share one input distribution, hence one prototype). The table says what each used at test: the
+context, nothing, or the task's identity (the gated variants' stored masks).
 
 Per stream it writes ``<out>/<stream>/`` (the ``compare`` folder) and plots: zero-shot accuracy by
 task, the learning curve of a new task (mean over the later tasks), mask overlap against context
@@ -99,6 +102,12 @@ class Stream:
     xdg: list[str] = field(default_factory=lambda: list(XDG))  # XdG's options, also used to choose c
 
 
+# Active dendrites (Iyer et al. 2022) with the paper's own network and training (2 x 2048 dendritic units,
+# 3 epochs, batch 256, Adam 5e-4: configs/permuted-fmnist-dendrites.yaml, nothing tuned); its context is
+# each task's prototype (mean training input), inferred at test from the input alone.
+DENDRITES = ("active_dendrites", ["method.backbone.hidden=[2048,2048]", "trainer.epochs=3", "trainer.batch_size=256", "trainer.lr=0.0005"])
+SI_METHODS = {"xdg", "oracle", "nearest_context", "metagate", "si"}  # the variants whose SI c and xi are set here
+
 # The composed teacher: the student's width is the teacher's (209 units), masks keep 33 of them (3 of
 # 19 groups): XdG, metagate and the lookups at the oracle's density.
 COMPOSED_XDG = ["method.input_dropout=0.0", "method.gate_fraction=0.842"]
@@ -119,6 +128,9 @@ STREAMS = {
             "shuffled": ("metagate", ["method.density=0.158", "method.context_mode=shuffled"]),
             "onehot": ("metagate", ["method.density=0.158", "method.context_mode=onehot"]),
             **CONTEXT_BASELINES,
+            # every task's prototype is the same here (inputs are N(0, I) for all): the stream's context
+            # vector instead, given at test; the student's width and the stream's training, as the others
+            "dendrites": ("active_dendrites", ["method.context=stream", "method.test_context=given"]),
         },
         COMPOSED_XDG,
     ),
@@ -144,6 +156,13 @@ STREAMS = {
         [*FMNIST, *MLP, "method.backbone.hidden=[256]", "benchmark.train_per_task=6000", "benchmark.test_per_task=2000"],
         [3.0, 30.0, 300.0],
         0.1,
+        {
+            "xdg": ("xdg", XDG),
+            "metagate": ("metagate", []),
+            "shuffled": ("metagate", ["method.context_mode=shuffled"]),
+            **CONTEXT_BASELINES,
+            "dendrites": DENDRITES,
+        },
     ),
     "split": Stream(
         "Split Fashion-MNIST (5 x 2 classes, task-incremental, 5-shot prototype contexts, MLP 256)",
@@ -158,7 +177,7 @@ STREAMS = {
         [*FMNIST, *MLP, "method.backbone.hidden=[400,400]"],
         [3.0, 30.0, 300.0],
         0.1,
-        {"xdg": ("xdg", XDG), "metagate": ("metagate", []), **CONTEXT_BASELINES},
+        {"xdg": ("xdg", XDG), "metagate": ("metagate", []), **CONTEXT_BASELINES, "dendrites": DENDRITES},
     ),
 }
 DEFAULT_STREAMS = "composed,rotated,split,permuted"
@@ -222,7 +241,8 @@ def run_compare(stream: Stream, out: Path, seeds: int, extra: list[str], chosen:
     specific = [
         f"{k}:{o}"
         for k, (m, opts) in stream.variants.items()
-        for o in [*opts, f"method.c={chosen.c_for(k)}", f"method.xi={stream.xi}", *([f"method.prior={chosen.prior}"] if m == "metagate" else [])]
+        for o in [*opts, *([f"method.c={chosen.c_for(k)}", f"method.xi={stream.xi}"] if m in SI_METHODS else []),
+                  *([f"method.prior={chosen.prior}"] if m == "metagate" else [])]
     ]
     cmd = [
         str(Path(sys.executable).parent / "metagate"), "compare", stream.config, *stream.common, "reference=null",
