@@ -135,6 +135,23 @@ def test_compare_resume_reuses_finished_runs_only_of_the_same_config(tmp_path: P
     assert not (tmp_path / "c" / "finetune" / "seed0" / "error.txt").exists()  # a finished run is left as it was
 
 
+def test_a_finished_run_written_before_a_field_existed_is_reused_when_the_field_keeps_its_default(tmp_path: Path) -> None:
+    """Runs made before ``trainer.iterations_per_task`` existed (their config.yaml lacks it) are the same
+    runs as today's with its default; an explicit other value is still another config."""
+    out = str(tmp_path / "c")
+    assert runner.invoke(app, ["compare", *FAST, "--methods", "finetune", "--seeds", "1", "--out", out]).exit_code == 0
+    path = tmp_path / "c" / "finetune" / "seed0" / "config.yaml"
+    text = path.read_text()
+    assert "iterations_per_task: 0\n" in text
+    path.write_text(text.replace("  iterations_per_task: 0\n", ""))
+    first = json.loads((tmp_path / "c" / "finetune" / "seed0" / "results.json").read_text())
+    res = runner.invoke(app, ["compare", *FAST, "--methods", "finetune", "--seeds", "1", "--out", out, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "c" / "finetune" / "seed0" / "results.json").read_text()) == first
+    res = runner.invoke(app, ["compare", *FAST, "trainer.iterations_per_task=5", "--methods", "finetune", "--seeds", "1", "--out", out, "--resume"])
+    assert res.exit_code == 1 and "another config (trainer.iterations_per_task: 0 there vs 5 here)" in res.output
+
+
 def test_compare_method_specific_overrides(tmp_path: Path) -> None:
     res = runner.invoke(
         app, ["compare", *FAST, "ewc:method.lambda=7", "--methods", "finetune,ewc", "--seeds", "1", "--out", str(tmp_path / "c")]

@@ -21,7 +21,7 @@ from metagate.config import ConfigError, apply_overrides, config_from_dict, find
 from metagate.runs import CheckpointError, RunDir, RunFolderBusy, RunFolderError, atomic_write_json, atomic_write_text
 from metagate.runtime import check_machine
 from metagate.schema import ExperimentConfig
-from metagate.train import Trainer, TrainingDiverged, describe_difference, run_identity
+from metagate.train import Trainer, TrainingDiverged, describe_difference, same_run
 
 REFERENCE_DIR = "reference"
 PER_TASK = "per_task.md"
@@ -56,7 +56,7 @@ def prepare(cfg: ExperimentConfig, folder: Path, resume: bool = False) -> Prepar
     if resume:
         run = RunDir.open_for_resume(folder)
         saved = run.read_config()
-        if run_identity(saved) != run_identity(cfg.to_dict()):
+        if not same_run(saved, cfg.to_dict()):
             run.unlock()
             raise CheckpointError(
                 f"{folder} holds a run of another config ({describe_difference(saved, cfg.to_dict())}); "
@@ -87,7 +87,7 @@ def train(prepared: Prepared) -> dict[str, Any]:
 def finished_results(cfg: ExperimentConfig, folder: Path) -> dict[str, Any]:
     """The results of a finished run in ``folder``, if it is a run of ``cfg``; else a clear error."""
     saved = RunDir(folder).read_config()
-    if run_identity(saved) != run_identity(cfg.to_dict()):
+    if not same_run(saved, cfg.to_dict()):
         raise RunFolderError(
             f"{folder} holds a finished run of another config ({describe_difference(saved, cfg.to_dict())}); "
             "delete it, or use another --out, to run this one"
@@ -114,7 +114,7 @@ def run_or_reuse(cfg: ExperimentConfig, folder: Path, resume: bool, echo: Echo =
     if resume and folder.is_dir() and any(folder.iterdir()):
         failed = run.file(RunDir.ERROR).is_file()
         usable = run.checkpoint_path.is_file() and (
-            not failed or run_identity(run.load_checkpoint().get("config", {})) == run_identity(cfg.to_dict())
+            not failed or same_run(run.load_checkpoint().get("config", {}), cfg.to_dict())
         )
         if usable:
             echo(f"resuming {folder} from its last checkpoint" + (" (it failed before)" if failed else ""))

@@ -6,6 +6,7 @@ Reads top to bottom: ``fit`` is the whole loop. It never knows which method it d
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import sys
@@ -17,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metagate import metrics
+from metagate.config import config_from_dict
 from metagate.data import build_stream
 from metagate.data.stream import Stream, Task
 from metagate.methods import Batch, Method, create_method
@@ -24,7 +26,7 @@ from metagate.runs import CheckpointError, RunDir, environment
 from metagate.runtime import PeakMemory, check_machine, configure_threads, resolve_device
 from metagate.schema import ExperimentConfig
 
-__all__ = ["Trainer", "TrainingDiverged", "differing_keys", "evaluate", "resolve_device", "run_identity"]
+__all__ = ["Trainer", "TrainingDiverged", "differing_keys", "evaluate", "resolve_device", "run_identity", "same_run"]
 
 # Trainer fields that may differ between a run and its resumption (they do not change the numbers).
 RESUME_FREE_KEYS = ("device", "progress", "eval_batch_size", "checkpoint")
@@ -35,6 +37,22 @@ def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     ``reference`` (another run)."""
     trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in RESUME_FREE_KEYS}
     return {**{k: v for k, v in config.items() if k != "reference"}, "trainer": trainer}
+
+
+def with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config read through today's schema: a field added since the run was written takes its
+    default, which reproduces the behaviour from before the field existed (new fields are added that
+    way here), so a finished run stays reusable. Explicit values are kept as written; a config that no
+    longer parses is returned unchanged (and then differs)."""
+    try:
+        return config_from_dict(copy.deepcopy(saved)).to_dict()
+    except Exception:  # noqa: BLE001 - any parse failure means "not the same run"; the caller says what differs
+        return saved
+
+
+def same_run(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a saved config and the current one are the same run (see :func:`run_identity`)."""
+    return run_identity(with_current_defaults(saved)) == run_identity(current)
 
 
 def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -57,6 +75,7 @@ def describe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
             d = d.get(part, "<absent>") if isinstance(d, dict) else "<absent>"
         return d
 
+    saved = with_current_defaults(saved)
     keys = differing_keys(run_identity(saved), run_identity(current))
     shown = [f"{k}: {get(saved, k)!r} there vs {get(current, k)!r} here" for k in keys[:6]]
     return "; ".join(shown) + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
@@ -135,7 +154,7 @@ class Trainer:
         assert self.run is not None
         ckpt = self.run.load_checkpoint(self.device)
         saved, current = ckpt.get("config", {}), self.cfg.to_dict()
-        if run_identity(saved) != run_identity(current):
+        if not same_run(saved, current):
             raise CheckpointError(
                 f"checkpoint {self.run.checkpoint_path} was written by another config ({describe_difference(saved, current)}); "
                 "resume with the run's own config.yaml (no overrides), or start a new run in another --out"
