@@ -34,7 +34,8 @@ class _OutputLayer(torch.autograd.Function):
     CPU allocator map and page in) a fresh gradient of that size at every step. ``weight`` may be another value
     than ``sink`` (``theta + dTheta`` of the lookahead regulariser): its gradient lands in ``sink.grad``, the
     gradient with respect to ``theta`` when ``dTheta`` is held constant. The numbers are autograd's
-    (``grad.T @ h``, ``grad @ weight``, ``grad.sum(0)``: checked bit for bit in the tests)."""
+    (``grad.T @ h``, ``grad @ weight``, ``grad.sum(0)``: checked bit for bit in the tests; a second backward in
+    the same step accumulates with one ``addmm_``, equal up to rounding)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, owner: "HyperNetwork") -> Tensor:  # type: ignore[override]
