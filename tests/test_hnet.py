@@ -281,3 +281,27 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch) -> None:  # noqa: AN
     for key in ("acc_matrix", "initial_acc", "task_inference_acc", "compression_ratio"):
         assert resumed[key] == whole[key], key
     assert whole["test_time_info"] == "none" and whole["task_inference"] == "entropy"
+
+
+def test_the_large_output_layouts_give_autograds_numbers_up_to_rounding(monkeypatch) -> None:  # noqa: ANN001
+    import metagate.nn.hypernetwork as hn
+
+    monkeypatch.setattr(hn, "LARGE_OUTPUT", 1)  # every layer takes the paper-size paths
+    torch.manual_seed(0)
+    hnet = HyperNetwork(5, [(40, 7)], [9], "elu")
+    ref = torch.nn.Linear(9, hnet.num_outputs)
+    ref.load_state_dict(hnet.out.state_dict())
+    for k in (1, 2, 4, 5, 7):
+        h = torch.randn(k, 9)
+        g = torch.randn(k, hnet.num_outputs)
+        hnet.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        for _ in range(2):  # a fresh gradient, then an accumulated one
+            h_own, h_ref = h.clone().requires_grad_(), h.clone().requires_grad_()
+            out = hn._OutputLayer.apply(h_own, hnet.out.weight, hnet.out.bias, hnet)
+            expected = ref(h_ref)
+            assert out.is_contiguous() and torch.allclose(out, expected, atol=1e-5)
+            out.backward(g)
+            expected.backward(g)
+            assert torch.allclose(hnet.out.weight.grad, ref.weight.grad, atol=1e-5)
+            assert torch.allclose(h_own.grad, h_ref.grad, atol=1e-5)

@@ -181,22 +181,26 @@ class HNet(HypernetCL):
             if g is None:
                 continue
             if name not in self._scratch or self._scratch[name][0].shape != p.shape:
-                self._scratch[name] = (torch.empty_like(p), torch.empty_like(p))
+                self._scratch[name] = (torch.zeros_like(p), torch.zeros_like(p))  # zeros: paged in now, not mid-task
             m, v = self._scratch[name]
             state = self.optimizer.state.get(p, {})
             step = int(state["step"]) + 1 if "step" in state else 1
+            # m' = sm * m_, v' = sv * v_ (the scales folded into the last pass: 5 passes over the tensor)
             if "exp_avg" in state:
-                torch.mul(state["exp_avg"], b1, out=m).add_(g, alpha=1 - b1)
-                torch.mul(state["exp_avg_sq"], b2, out=v).addcmul_(g, g, value=1 - b2)
-            else:
-                torch.mul(g, 1 - b1, out=m)
-                torch.mul(g, g, out=v).mul_(1 - b2)
-            v.sqrt_().add_(eps)
-            m.div_(v).mul_(-lr * math.sqrt(1 - b2**step) / (1 - b1**step))  # m is dTheta now
+                m_ = torch.add(state["exp_avg"], g, alpha=(1 - b1) / b1, out=m)
+                torch.addcmul(state["exp_avg_sq"], g, g, value=(1 - b2) / b2, out=v)
+                sm, sv = b1, b2
+            else:  # Adam's first step: zero moments
+                m_ = g
+                torch.mul(g, g, out=v)
+                sm, sv = 1 - b1, 1 - b2
+            # dTheta = -lr sqrt(1-b2^s)/(1-b1^s) * m' / (sqrt(v') + eps) = coef * m_ / (sqrt(v_) + eps / sqrt(sv))
+            v.sqrt_().add_(eps / math.sqrt(sv))
+            coef = -lr * math.sqrt(1 - b2**step) / (1 - b1**step) * sm / math.sqrt(sv)
             if name == "hnet.out.weight":
-                out[name] = torch.add(p.detach(), m, out=v)
+                out[name] = torch.addcdiv(p.detach(), m_, v, value=coef, out=v)
             else:
-                out[name] = p + m
+                out[name] = p + torch.div(m_, v, out=m).mul_(coef)
         return out
 
     def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
