@@ -109,6 +109,10 @@ class HyperMask(HypernetCL):
       takes the batch's smallest value (a black pixel there).
     * Iterations: the code draws batches with ``next_train_batch`` (which runs on across reshuffled epochs);
       here ``trainer.iterations_per_task`` takes full batches over reshuffled passes, the last pass cut short.
+    * Speed switches, off by default (issue 14 item 5): ``reg_subset = k`` regularises ``k`` random earlier
+      tasks per step (``calc_fix_target_reg``'s ``batch_size``, which the code leaves at ``-1``: all);
+      ``chunk_size > 0`` makes the hypernetwork chunked (the code's is not). The task embeddings, hypernetwork,
+      target call and regulariser are shared with ``hnet`` (``methods/components/hypernet_cl.py``).
     * ``embedding=context`` (metagate's comparison, not in the paper): the hypernetwork's input is the task's
       context vector through a learned linear map (``context_projection``; off: the context itself), so a
       task never trained gets its mask zero-shot from its context.
