@@ -3,19 +3,17 @@ weights per task, from a learned task embedding (or from the task's context)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, TestTimeInfo
-from metagate.nn.backbones import BackboneConfig
-from metagate.nn.hypernetwork import HyperNetwork, percentile
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch
+from metagate.methods.components.hypernet_cl import HypernetCL, HypernetCLConfig
+from metagate.nn.hypernetwork import percentile
 
 
 def ramped_sparsity(iteration: int, sparsity: float, last_iteration: int) -> float:
@@ -42,7 +40,7 @@ def random_crop(x: Tensor, padding: int) -> Tensor:
 
 
 @METHODS.register("hypermask")
-class HyperMask(Method):
+class HyperMask(HypernetCL):
     """HyperMask (Książek & Spurek, "HyperMask: Adaptive Hypernetwork-based Masks for Continual Learning",
     arXiv 2310.00113; code ``gmum/HyperMask`` on ``hypnettorch``).
 
@@ -111,6 +109,10 @@ class HyperMask(Method):
       takes the batch's smallest value (a black pixel there).
     * Iterations: the code draws batches with ``next_train_batch`` (which runs on across reshuffled epochs);
       here ``trainer.iterations_per_task`` takes full batches over reshuffled passes, the last pass cut short.
+    * Speed switches, off by default (issue 14 item 5): ``reg_subset = k`` regularises ``k`` random earlier
+      tasks per step (``calc_fix_target_reg``'s ``batch_size``, which the code leaves at ``-1``: all);
+      ``chunk_size > 0`` makes the hypernetwork chunked (the code's is not). The task embeddings, hypernetwork,
+      target call and regulariser are shared with ``hnet`` (``methods/components/hypernet_cl.py``).
     * ``embedding=context`` (metagate's comparison, not in the paper): the hypernetwork's input is the task's
       context vector through a learned linear map (``context_projection``; off: the context itself), so a
       task never trained gets its mask zero-shot from its context.
@@ -119,30 +121,18 @@ class HyperMask(Method):
       task-incremental stream).
     """
 
-    class Config(BaseMethodConfig):
+    class Config(HypernetCLConfig):
         name: Literal["hypermask"] = "hypermask"
-        backbone: BackboneConfig = Field(default_factory=lambda: BackboneConfig(hidden=[1000, 1000], dropout=0.0))
-        embedding: Literal["learned", "context"] = Field(
-            "learned", description="the hypernetwork's input: a learned embedding per task, or the task's context"
-        )
         embedding_dim: int = Field(24, ge=1, description="size of a learned task embedding (code, permuted: 24)")
-        context_projection: bool = Field(
-            True, description="embedding=context: a learned linear map context -> embedding_dim (false: the context itself)"
-        )
-        hnet_hidden: list[int] = Field(default_factory=lambda: [100, 100], description="hypernetwork hidden widths")
         activation: Literal["elu", "relu", "none"] = Field("elu", description="hypernetwork activation (code: ELU)")
         beta: float = Field(5e-4, ge=0, description="output regulariser strength (code, permuted: 5e-4)")
         lambda_: float = Field(1e-3, ge=0, alias="lambda", description="L1 strength on the target's weight change")
         l1_masked: bool = Field(True, description="L1 on the weight change times the current masks (norm_regularizer_masking)")
         sparsity: float = Field(0.0, ge=0, lt=100, description="percentile (0-100) below which mask values are zeroed")
         sparsity_ramp: bool = Field(True, description="raise the sparsity linearly over the first task (adaptive_sparsity)")
-        task_inference: Literal["given", "entropy"] = Field(
-            "given", description="given: the task's own mask at test; entropy: the trained task whose prediction has the lowest entropy"
-        )
         augment: Literal["none", "crop"] = Field("none", description="crop: random 4-pixel-padded crop of each training image")
 
     name = "hypermask"
-    scenarios = ("task", "domain")
     cfg: Config
 
     @classmethod
@@ -155,54 +145,20 @@ class HyperMask(Method):
                 "hypermask masks the weights of an mlp or cnn backbone; the code's ResNet keeps batch-norm statistics "
                 "per task, which is not built here: use method.backbone.kind=mlp or cnn"
             )
-        if cfg.context_input != "none":
-            return "hypermask takes the context through its hypernetwork (method.embedding=context), not context_input"
-        if cfg.heads != "shared":
-            return "hypermask has one target network with one output layer: method.heads=shared"
         return None
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
-        cfg = self.cfg
-        if cfg.augment == "crop" and len(self.stream.input_shape) != 3:
+        if self.cfg.augment == "crop" and len(self.stream.input_shape) != 3:
             raise ValueError(f"method.augment=crop needs image inputs [C, H, W], not {self.stream.input_shape}")
-        self.names = [n for n, _ in self.model.named_parameters()]
         if self.names[-1] != "head.bias":
             raise ValueError(f"hypermask expects the backbone's last parameter to be the output bias, not {self.names[-1]}")
-        shapes = [p.shape for p in self.model.parameters()]
-        tasks = [*self.stream.tasks, *self.stream.heldout]
-        rows = max(t.index for t in tasks) + 1
-        if cfg.embedding == "learned":
-            self.embeddings = nn.Parameter(torch.randn(rows, cfg.embedding_dim, device=self.device))  # HMLP: N(0, 1)
-            in_dim = cfg.embedding_dim
-        else:
-            contexts = torch.zeros(rows, self.stream.context_dim)
-            for t in tasks:
-                contexts[t.index] = t.context.float().cpu()
-            self.register_buffer("contexts", contexts.to(self.device), persistent=False)
-            self.projection = nn.Linear(self.stream.context_dim, cfg.embedding_dim) if cfg.context_projection else nn.Identity()
-            in_dim = cfg.embedding_dim if cfg.context_projection else self.stream.context_dim
-        self.hnet = HyperNetwork(in_dim, shapes, cfg.hnet_hidden, cfg.activation).to(self.device)
-        p = self.hnet.num_outputs
-        # State that must survive a checkpoint, allocated here so a fresh method loads any checkpoint:
-        self.register_buffer("targets", torch.zeros(self.stream.num_tasks, p, device=self.device))  # h*(e_j)
-        self.register_buffer("anchor", torch.zeros(p, device=self.device))  # theta* at the task's start, flat
-        self.register_buffer("tasks_trained", torch.zeros((), dtype=torch.long, device=self.device))
-        self.register_buffer("task_step", torch.zeros((), dtype=torch.long, device=self.device))
-        self._task_iterations = 0
-        self._position = 0
-        self._cache: dict[int, dict[str, Tensor]] = {}
-        self.register_load_state_dict_post_hook(lambda module, _: module._cache.clear())
         self.optimizer = self.make_optimizer(self.parameters())
 
-    # ---------------------------------------------------------------- masks
+    def register_extra_buffers(self) -> None:
+        self.register_buffer("anchor", torch.zeros(self.hnet.num_outputs, device=self.device))  # theta* at the task's start, flat
 
-    def hnet_input(self, indices: list[int]) -> Tensor:
-        """The hypernetwork's inputs for the tasks with these indices, ``[k, in_dim]``."""
-        idx = torch.tensor(indices, device=self.device)
-        if self.cfg.embedding == "learned":
-            return self.embeddings[idx]
-        return self.projection(self.contexts[idx])
+    # ---------------------------------------------------------------- masks
 
     def masks_from(self, flat: Tensor, sparsity: float) -> list[Tensor]:
         """Per target tensor ``|tanh(h)|``, values below the tensor's ``sparsity``-th percentile zeroed, except
@@ -226,28 +182,14 @@ class HyperMask(Method):
                 self._cache[task.index] = {k: v.detach() for k, v in self.masked_weights(self.masks_from(flat, self.cfg.sparsity)).items()}
         return self._cache[task.index]
 
-    def target(self, x: Tensor, weights: dict[str, Tensor]) -> Tensor:
-        return functional_call(self.model, weights, (x,))
-
-    def forward(self, x: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
-        return self.mask_logits(self.target(x, self.task_weights(task)), task, task_ids)
-
     # ---------------------------------------------------------------- hooks
 
     def before_task(self, task: Task) -> None:
-        self._position = next(i for i, t in enumerate(self.stream.tasks) if t.index == task.index)
-        n = int(self.training_data(task).y.shape[0])
-        tc = self.trainer_cfg
-        self._task_iterations = tc.iterations_per_task or tc.epochs * math.ceil(n / tc.batch_size)
-        self.task_step.zero_()
+        self.begin_task(task)  # position, iterations, the earlier tasks' targets (main.py:561-563)
         if self.cfg.reset_optimizer:  # main.py:532-538: a new Adam at every task
             self.optimizer = self.make_optimizer(self.parameters())
         with torch.no_grad():
-            if self._position > 0:  # get_current_targets (main.py:561-563): every earlier task, recomputed now
-                prev = [t.index for t in self.stream.tasks[: self._position]]
-                self.targets[: self._position] = self.hnet.flat(self.hnet_input(prev))
             self.anchor.copy_(torch.cat([p.detach().flatten() for p in self.model.parameters()]))  # main.py:567
-        self._cache.clear()
 
     def current_sparsity(self) -> float:
         if self._position == 0 and self.cfg.sparsity_ramp:  # main.py:619-625
@@ -259,54 +201,28 @@ class HyperMask(Method):
         self.optimizer.zero_grad(set_to_none=True)
         pos = self._position
         x = random_crop(batch.x, 4) if self.cfg.augment == "crop" else batch.x
-        indices = [task.index] + [t.index for t in self.stream.tasks[:pos]]
-        flat = self.hnet.flat(self.hnet_input(indices))  # the current task and every earlier one, one call
+        earlier = self.regularised_positions()  # every earlier task (reg_subset: k of them)
+        indices = [task.index] + [self.stream.tasks[j].index for j in earlier]
+        flat = self.hnet.flat(self.hnet_input(indices))  # the current task and the earlier ones, one call
         masks = self.masks_from(flat[0], self.current_sparsity())
         logits = self.mask_logits(self.target(x, self.masked_weights(masks)), task, batch.task_ids)
         ce = F.cross_entropy(logits, batch.y)
         loss = ce
         out = {"ce": ce.detach()}
         if pos > 0:
-            reg = (flat[1:] - self.targets[:pos]).pow(2).sum() / pos  # calc_fix_target_reg: mean over earlier tasks
+            reg = self.output_regularizer(flat[1:], earlier)  # calc_fix_target_reg: mean over the earlier tasks
             l1 = ce.new_zeros(())
             for p, a, m in zip(self.model.parameters(), self.anchor.split(self.hnet.sizes), masks):
                 change = p - a.view_as(p)
                 l1 = l1 + (change * m if self.cfg.l1_masked else change).abs().sum()
             loss = loss + self.cfg.beta * reg / pos + self.cfg.lambda_ * l1  # main.py:690-696
-            out.update(output_reg=reg.detach(), l1=l1.detach())
+            out.update(output_reg=reg.detach(), l1=l1.detach(), reg_tasks=torch.tensor(float(len(earlier))))
         loss.backward()
         self.optimizer.step()
         self.task_step += 1
         return {"loss": loss.detach(), **out}
 
-    def after_task(self, task: Task) -> None:
-        self.tasks_trained.fill_(self._position + 1)
-        self._cache.clear()
-
     # ---------------------------------------------------------------- test time
-
-    def candidates(self) -> list[Task]:
-        """The tasks entropy inference chooses among: those trained so far (the first before any)."""
-        return self.stream.tasks[: max(1, int(self.tasks_trained))]
-
-    def infer(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits from the mask of the candidate task whose softmax has the lowest entropy, per sample, and
-        which task that was (its position in ``candidates()``) (``entropy.py:21-77``)."""
-        logits = torch.stack([self.mask_logits(self.target(x, self.task_weights(c)), c) for c in self.candidates()])
-        entropy = torch.special.entr(torch.softmax(logits, dim=-1)).sum(-1)  # [tasks, batch]; 0 log 0 = 0
-        chosen = entropy.argmin(dim=0)
-        return logits[chosen, torch.arange(x.shape[0], device=x.device)], chosen
-
-    @torch.no_grad()
-    def predict(self, x: Tensor, task: Task) -> Tensor:
-        if self.cfg.task_inference == "entropy":
-            return self.infer(x)[0]
-        return self(x, task)
-
-    def test_time_info(self) -> TestTimeInfo:
-        if self.cfg.task_inference == "entropy":
-            return "none"
-        return "context" if self.cfg.embedding == "context" else "task_id"
 
     def task_masks(self, task: Task) -> list[Tensor]:
         """The task's masks at the full sparsity, one per target tensor (the output bias's unapplied)."""
@@ -319,21 +235,7 @@ class HyperMask(Method):
 
     @torch.no_grad()
     def extra_results(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+        return {
             "mask_value_mean": [float(torch.cat([m.flatten() for m in self.task_masks(t)[:-1]]).mean()) for t in self.stream.tasks],
-            "task_inference": self.cfg.task_inference,
+            **self.task_inference_results(),
         }
-        if self.cfg.task_inference == "entropy":
-            was = self.training
-            self.eval()
-            accs = []
-            for pos, t in enumerate(self.stream.tasks):
-                hits = 0
-                for start in range(0, t.num_test, self.trainer_cfg.eval_batch_size):
-                    chosen = self.infer(t.x_test[start : start + self.trainer_cfg.eval_batch_size])[1]
-                    hits += int((chosen == pos).sum())
-                accs.append(hits / max(1, t.num_test))
-            self.train(was)
-            out["task_inference_acc"] = accs
-            out["task_inference_acc_mean"] = sum(accs) / len(accs)
-        return out

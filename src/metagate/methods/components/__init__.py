@@ -1,0 +1,1 @@
+"""Pieces several methods share (DESIGN.md: "shared pieces live once under nn/ or methods/components/")."""
