@@ -164,3 +164,31 @@ def test_lookup_training_stores_the_looked_up_mask() -> None:
     first = method.unit_mask(stream.tasks[0])
     train_through(method, stream.tasks[:2])
     assert torch.equal(method.unit_mask(stream.tasks[1]), first)  # the only trained task's mask, kept while it trains
+
+
+def _nearest_recall(encoding: str, seed: int) -> float:
+    """Mean share of a novel task's oracle units that the nearest earlier context's mask holds
+    (the default stream's sizes, data kept small: only contexts and masks matter here)."""
+    stream = build_stream(ComposedTeacher.Config(encoding=encoding, train_per_task=20, test_per_task=10), seed)
+    tasks = stream.tasks
+    shares = []
+    for t in range(len(tasks) - 10, len(tasks)):
+        ctx = torch.stack([u.context for u in tasks[:t]])
+        d = (ctx - tasks[t].context).norm(dim=1)
+        near = int(torch.nonzero(d <= d.min() + 1e-6).max())
+        a, b = tasks[t].oracle_mask[0], tasks[near].oracle_mask[0]
+        shares.append(float((a & b).sum() / a.sum()))
+    return sum(shares) / len(shares)
+
+
+def test_with_numbers_near_contexts_select_other_groups_so_a_lookup_recovers_little() -> None:
+    """The default numeric code: one value step is a small move of the context but another unit group
+    (the step function), so the nearest earlier context's mask holds about a third of a novel task's
+    units (only groups of exactly equal values are shared), though each of its groups was trained."""
+    cfg = ComposedTeacher.Config()
+    assert cfg.encoding == "numbers"
+    a, b = ComposedTeacher.encode(cfg, [2, 3, 1]), ComposedTeacher.encode(cfg, [3, 3, 1])
+    assert float((a - b).norm()) == pytest.approx(1 / (cfg.values - 1))
+    ma, mb = ComposedTeacher.mask_from_context(cfg, a), ComposedTeacher.mask_from_context(cfg, b)
+    assert int((ma & mb).sum()) == 2 * cfg.units_per_group  # factors 1 and 2 shared, factor 0's groups disjoint
+    assert max(_nearest_recall("numbers", s) for s in range(3)) < 0.45
