@@ -89,7 +89,7 @@ def main() -> None:
         parts += ["**XdG on permuted Fashion-MNIST** (`experiments/xdg_permuted.py`):", "",
                   (folder / "table.md").read_text().strip(), ""]
     for folder in args.metagate:
-        parts += ["**metagate against XdG + SI, with its controls** (`experiments/metagate_benchmarks.py`):", "",
+        parts += ["**metagate against XdG + SI, the oracle, the nearest-context lookup and baselines that see the context** (`experiments/metagate_benchmarks.py`):", "",
                   (folder / "table.md").read_text().strip(), ""]
         FIGURES.mkdir(parents=True, exist_ok=True)
         for stream in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "table.md").is_file()):
