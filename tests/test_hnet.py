@@ -141,6 +141,7 @@ def test_the_lookahead_is_adams_next_step_on_the_task_loss() -> None:
         F.cross_entropy(method.mask_logits(method.target(x, method.weights_from(flat[0])), t1), y).backward()
         predicted = {k: v.detach().clone() for k, v in method.lookahead_params().items()}
         method.optimizer.step()
+        method.count_step()  # as train_step does after its optimiser step
         for name, p in method.theta():
             assert torch.allclose(predicted[name], p.detach(), rtol=0, atol=1e-6), name
 

@@ -65,7 +65,7 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("method", ["metagate", "xdg", "si", "finetune"])
+@pytest.mark.parametrize("method", ["metagate", "xdg", "si", "finetune", "hypermask", "hnet", "active_dendrites"])
 def test_a_training_step_reads_nothing_back_from_the_device(method: str, host_reads: list[str]) -> None:
     m, stream = make(method)
     train_tasks(m, stream.tasks[:2])
@@ -202,3 +202,13 @@ def test_joint_runs_are_deterministic() -> None:
            "trainer": {"epochs": 1, "progress": False}}
     a, b = Trainer(config_from_dict(raw)).fit(), Trainer(config_from_dict(raw)).fit()
     assert a["acc_matrix"] == b["acc_matrix"]
+
+
+def test_hypermask_ramps_its_sparsity_on_the_first_task_without_reading_back(host_reads: list[str]) -> None:
+    m, stream = make("hypermask", sparsity=30.0)
+    task = stream.tasks[0]
+    m.before_task(task)
+    host_reads.clear()
+    for s in range(3):
+        m.train_step(batch(task, start=64 * s), task)
+    assert host_reads == []

@@ -184,7 +184,7 @@ class HNet(HypernetCL):
                 self._scratch[name] = (torch.zeros_like(p), torch.zeros_like(p))  # zeros: paged in now, not mid-task
             m, v = self._scratch[name]
             state = self.optimizer.state.get(p, {})
-            step = int(state["step"]) + 1 if "step" in state else 1
+            step = self._steps + 1  # Adam's step count: a fresh Adam per task, one step per training step (read on the host)
             # m' = sm * m_, v' = sv * v_ (the scales folded into the last pass: 5 passes over the tensor)
             if "exp_avg" in state:
                 m_ = torch.add(state["exp_avg"], g, alpha=(1 - b1) / b1, out=m)
@@ -233,9 +233,9 @@ class HNet(HypernetCL):
             (self.cfg.beta * reg).backward()
             loss = ce.detach() + self.cfg.beta * reg.detach()
         if earlier:
-            out.update(output_reg=reg.detach(), reg_tasks=torch.tensor(float(len(earlier))))
+            out.update(output_reg=reg.detach(), reg_tasks=torch.full((), float(len(earlier)), device=self.device))
         self.optimizer.step()
-        self.task_step += 1
+        self.count_step()
         return {"loss": loss.detach(), **out}
 
     # ---------------------------------------------------------------- results

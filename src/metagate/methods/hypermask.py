@@ -193,7 +193,7 @@ class HyperMask(HypernetCL):
 
     def current_sparsity(self) -> float:
         if self._position == 0 and self.cfg.sparsity_ramp:  # main.py:619-625
-            return ramped_sparsity(int(self.task_step) + 1, self.cfg.sparsity, self._task_iterations)
+            return ramped_sparsity(self._steps + 1, self.cfg.sparsity, self._task_iterations)
         return self.cfg.sparsity
 
     def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
@@ -216,10 +216,10 @@ class HyperMask(HypernetCL):
                 change = p - a.view_as(p)
                 l1 = l1 + (change * m if self.cfg.l1_masked else change).abs().sum()
             loss = loss + self.cfg.beta * reg / pos + self.cfg.lambda_ * l1  # main.py:690-696
-            out.update(output_reg=reg.detach(), l1=l1.detach(), reg_tasks=torch.tensor(float(len(earlier))))
+            out.update(output_reg=reg.detach(), l1=l1.detach(), reg_tasks=torch.full((), float(len(earlier)), device=self.device))
         loss.backward()
         self.optimizer.step()
-        self.task_step += 1
+        self.count_step()
         return {"loss": loss.detach(), **out}
 
     # ---------------------------------------------------------------- test time

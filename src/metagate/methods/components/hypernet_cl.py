@@ -105,8 +105,27 @@ class HypernetCL(Method):
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long, device=self.device))
         self._task_iterations = 0
         self._position = 0
+        self._steps = 0  # ``task_step`` on the host, so that a training step never reads it back
         self._cache: dict[int, dict[str, Tensor]] = {}
-        self.register_load_state_dict_post_hook(lambda module, _: module._cache.clear())
+        # task indices as device tensors, made once (a host list copied to the device would sync each step)
+        self._index_tensors: dict[tuple[int, ...], Tensor] = {}
+        self.register_load_state_dict_post_hook(lambda module, _: module._after_load())
+
+    def _after_load(self) -> None:
+        self._cache.clear()
+        self._steps = int(self.task_step)  # one read, at load time
+
+    def count_step(self) -> None:
+        """One more optimiser step on the current task (device counter and its host mirror)."""
+        self.task_step += 1
+        self._steps += 1
+
+    def index_tensor(self, indices: list[int]) -> Tensor:
+        """``indices`` as a long tensor on the device, cached (the default lists are made in ``begin_task``)."""
+        key = tuple(indices)
+        if key not in self._index_tensors:
+            self._index_tensors[key] = torch.tensor(indices, device=self.device)
+        return self._index_tensors[key]
 
     def register_extra_buffers(self) -> None:
         """A subclass's own checkpointed buffers (registered between ``targets`` and ``tasks_trained``)."""
@@ -116,7 +135,7 @@ class HypernetCL(Method):
     def hnet_input(self, indices: list[int], params: dict[str, Tensor] | None = None) -> Tensor:
         """The hypernetwork's inputs for the tasks with these indices, ``[k, in_dim]`` (``params``: values for
         the context projection's ``weight`` / ``bias`` instead of its own, for the lookahead)."""
-        idx = torch.tensor(indices, device=self.device)
+        idx = self.index_tensor(indices)
         if self.cfg.embedding == "learned":
             return self.embeddings[idx]
         if params and isinstance(self.projection, nn.Linear):
@@ -143,6 +162,10 @@ class HypernetCL(Method):
         tc = self.trainer_cfg
         self._task_iterations = tc.iterations_per_task or tc.epochs * math.ceil(n / tc.batch_size)
         self.task_step.zero_()
+        self._steps = 0
+        earlier = self.earlier_indices()
+        for indices in ([task.index], earlier, [task.index, *earlier]):  # the lists a step asks for by default
+            self.index_tensor(indices)
         with torch.no_grad():
             if self._position > 0:
                 self.targets[: self._position] = self.hnet.flat(self.hnet_input(self.earlier_indices()))
