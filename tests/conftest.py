@@ -45,3 +45,34 @@ def small_config(**sections: Any) -> dict[str, Any]:
 @pytest.fixture
 def small() -> Any:
     return small_config
+
+
+class Interrupted(Exception):
+    """Raised by :func:`whole_and_resumed` to stop a run as a kill would."""
+
+
+def whole_and_resumed(raw: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch, stop_at: int = 2) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The results of ``raw`` run uninterrupted (``tmp_path/whole``), and of the same run stopped as task
+    ``stop_at`` begins and resumed from its last checkpoint (``tmp_path/cut``)."""
+    from metagate.config import config_from_dict
+    from metagate.methods import METHODS
+    from metagate.runs import RunDir
+    from metagate.train import Trainer
+
+    fit = lambda run, resume=False: Trainer(config_from_dict(raw), run).fit(resume=resume)  # noqa: E731
+    whole = fit(RunDir.create(tmp_path / "whole"))
+    cls = METHODS.get(raw["method"]["name"])
+    original = cls.before_task
+
+    def stop(self, task):  # noqa: ANN001, ANN202
+        if task.index == stop_at:
+            raise Interrupted
+        return original(self, task)
+
+    run = RunDir.create(tmp_path / "cut")
+    with monkeypatch.context() as m:
+        m.setattr(cls, "before_task", stop)
+        with pytest.raises(Interrupted):
+            fit(run)
+    assert not run.has_results()
+    return whole, fit(RunDir.open_for_resume(tmp_path / "cut"), resume=True)

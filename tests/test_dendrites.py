@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import whole_and_resumed
 from metagate.config import config_from_dict, load_config
 from metagate.data import build_stream
 from metagate.methods import create_method
-from metagate.methods.active_dendrites import ActiveDendrites
 from metagate.methods.base import Batch
 from metagate.nn.dendrites import DendriticLayer, DendriticMLP, KWinners, kwinners
-from metagate.runs import RunDir
 from metagate.train import Trainer, task_seed
 
 pytest.importorskip("sklearn")  # the permuted digits stream
@@ -179,20 +178,7 @@ def test_state_dict_round_trip_is_exact_with_si() -> None:
 
 
 def test_resume_equals_uninterrupted(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    config = raw(dendrites(si_c=0.1), epochs=1)
-    whole = Trainer(config_from_dict(config), RunDir.create(tmp_path / "whole")).fit()
-    original = ActiveDendrites.before_task
-
-    def stop_at_task_2(self, task):  # noqa: ANN001, ANN202
-        if task.index == 2:
-            raise KeyboardInterrupt
-        return original(self, task)
-
-    with monkeypatch.context() as m:
-        m.setattr(ActiveDendrites, "before_task", stop_at_task_2)
-        with pytest.raises(KeyboardInterrupt):
-            Trainer(config_from_dict(config), RunDir.create(tmp_path / "cut")).fit()
-    resumed = Trainer(config_from_dict(config), RunDir.open_for_resume(tmp_path / "cut")).fit(resume=True)
+    whole, resumed = whole_and_resumed(raw(dendrites(si_c=0.1), epochs=1), tmp_path, monkeypatch)
     for key in ("acc_matrix", "acc", "bwt", "val_acc_matrix", "prototype_hit_rate"):
         assert resumed[key] == whole[key], key
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import whole_and_resumed
 from metagate.config import config_from_dict
 from metagate.data import build_stream
 from metagate.methods import create_method
@@ -256,29 +257,9 @@ def test_ready_configs_load() -> None:
         assert cfg.method.name == "hnet"
 
 
-class Interrupt(Exception):
-    pass
-
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    from metagate.methods.hnet import HNet
-    from metagate.runs import RunDir
-
-    raw = raw_config({"chunk_size": 400, "task_inference": "entropy"})
-    fit = lambda run, resume=False: Trainer(config_from_dict(raw), run).fit(resume=resume)  # noqa: E731
-    whole = fit(RunDir.create(tmp_path / "whole"))
-    original = HNet.before_task
-
-    def stop_at_task_2(self, task):  # noqa: ANN001, ANN202
-        if task.index == 2:
-            raise Interrupt
-        return original(self, task)
-
-    with monkeypatch.context() as m:
-        m.setattr(HNet, "before_task", stop_at_task_2)
-        with pytest.raises(Interrupt):
-            fit(RunDir.create(tmp_path / "cut"))
-    resumed = fit(RunDir.open_for_resume(tmp_path / "cut"), resume=True)
+    whole, resumed = whole_and_resumed(raw_config({"chunk_size": 400, "task_inference": "entropy"}), tmp_path, monkeypatch)
     for key in ("acc_matrix", "initial_acc", "task_inference_acc", "compression_ratio"):
         assert resumed[key] == whole[key], key
     assert whole["test_time_info"] == "none" and whole["task_inference"] == "entropy"

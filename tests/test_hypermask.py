@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import whole_and_resumed
 from metagate.config import config_from_dict
 from metagate.data import build_stream
 from metagate.methods import create_method
 from metagate.methods.base import Batch
 from metagate.methods.hypermask import HyperMask, ramped_sparsity, random_crop
 from metagate.nn.hypernetwork import HyperNetwork, percentile
-from metagate.runs import RunDir
 from metagate.train import Trainer, task_seed
 
 SMALL = {"backbone": {"hidden": [32, 32]}, "hnet_hidden": [16, 16], "embedding_dim": 8}
@@ -172,26 +172,9 @@ def test_state_dict_round_trip_gives_identical_predictions_and_identical_continu
             assert torch.equal(p, q), name
 
 
-class Interrupt(Exception):
-    pass
-
 
 def test_resume_equals_uninterrupted(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    raw = raw_config({"sparsity": 30.0, "task_inference": "entropy"})
-    fit = lambda run, resume=False: Trainer(config_from_dict(raw), run).fit(resume=resume)  # noqa: E731
-    whole = fit(RunDir.create(tmp_path / "whole"))
-    original = HyperMask.before_task
-
-    def stop_at_task_2(self, task):  # noqa: ANN001, ANN202
-        if task.index == 2:
-            raise Interrupt
-        return original(self, task)
-
-    with monkeypatch.context() as m:
-        m.setattr(HyperMask, "before_task", stop_at_task_2)
-        with pytest.raises(Interrupt):
-            fit(RunDir.create(tmp_path / "cut"))
-    resumed = fit(RunDir.open_for_resume(tmp_path / "cut"), resume=True)
+    whole, resumed = whole_and_resumed(raw_config({"sparsity": 30.0, "task_inference": "entropy"}), tmp_path, monkeypatch)
     for key in ("acc_matrix", "initial_acc", "mask_density", "mask_overlap", "task_inference_acc", "mask_value_mean"):
         assert resumed[key] == whole[key], key
     saved = json.loads((tmp_path / "whole" / "results.json").read_text())
