@@ -131,7 +131,7 @@ def main() -> None:
         method._position = 4  # the fifth task: 4 earlier embeddings in the regulariser
         fifth = seconds_per_step(method, s.tasks[4], args.iters)
         print(f"{label:24s} hypernetwork {n_hnet / 1e6:.1f}M params, target {method.hnet.num_outputs / 1e6:.2f}M: "
-              f"task 1 {first[0]:.2f} s/it (CPU {first[1]:.2f}), task 5 {fifth[0]:.2f} s/it (CPU {fifth[1]:.2f})")
+              f"task 1 {1e3 * first[0]:.1f} ms/it (CPU {1e3 * first[1]:.1f}), task 5 {1e3 * fifth[0]:.1f} ms/it (CPU {1e3 * fifth[1]:.1f})")
         del method
         gc.collect()
     print(f"load average after: {os.getloadavg()}")

@@ -26,6 +26,9 @@ pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available
 BENCH = {"name": "gated_teacher", "num_tasks": 3, "train_per_task": 300, "test_per_task": 100}
 # the methods that use the teacher's masks need the student at the teacher's width
 HIDDEN = {"oracle": [64], "nearest_context": [64]}
+# host-side bookkeeping a training step never reads: XdG's mask seed (drawn into CPU generators), metagate's
+# record of trained tasks (read when the stored masks change, between tasks)
+HOST_STATE = {"mask_seed", "trained"}
 NO_STEP = {"joint"}  # trains on the union of the tasks: covered by the whole-run test
 
 
@@ -84,7 +87,8 @@ def test_a_whole_run_on_cuda_finishes_with_every_tensor_on_the_device(name: str,
     trainer = Trainer(config_from_dict(raw), RunDir.create(tmp_path / "r"))
     results = trainer.fit()
     assert results["device"].startswith(DEVICE)
-    assert all(t.device.type == DEVICE for t in trainer.method.state_dict().values() if isinstance(t, torch.Tensor))
+    elsewhere = {k.rsplit(".", 1)[-1] for k, t in trainer.method.state_dict().items() if isinstance(t, torch.Tensor) and t.device.type != DEVICE}
+    assert elsewhere <= HOST_STATE
     final = results["acc_matrix"][-1]
     assert all(0.0 <= a <= 1.0 for a in final) and sum(final) / len(final) > 0.15  # above chance (0.1)
 

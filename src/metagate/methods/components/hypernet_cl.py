@@ -93,7 +93,7 @@ class HypernetCL(Method):
             for t in tasks:
                 contexts[t.index] = t.context.float().cpu()
             self.register_buffer("contexts", contexts.to(self.device), persistent=False)
-            self.projection = nn.Linear(self.stream.context_dim, cfg.embedding_dim) if cfg.context_projection else nn.Identity()
+            self.projection = (nn.Linear(self.stream.context_dim, cfg.embedding_dim) if cfg.context_projection else nn.Identity()).to(self.device)
             in_dim = cfg.embedding_dim if cfg.context_projection else self.stream.context_dim
         self.hnet = HyperNetwork(
             in_dim, shapes, cfg.hnet_hidden, cfg.activation, cfg.chunk_size, cfg.chunk_emb_dim, self.hnet_init
