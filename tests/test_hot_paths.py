@@ -77,6 +77,18 @@ def test_a_training_step_reads_nothing_back_from_the_device(method: str, host_re
     assert host_reads == []
 
 
+def test_metagate_windowed_and_batched_steps_read_nothing_back(host_reads: list[str]) -> None:
+    """agent_every, reg_batch, consolidation_batch and the additive agent (issue 13) keep the step free of syncs."""
+    m, stream = make("metagate", agent="additive", agent_hidden=[16], agent_every=2, reg_batch=2, consolidation_batch=2)
+    train_tasks(m, stream.tasks[:2])
+    task = stream.tasks[2]
+    m.before_task(task)
+    host_reads.clear()
+    for s in range(5):  # two whole windows and an open one
+        m.train_step(batch(task, start=64 * s), task)
+    assert host_reads == []
+
+
 def test_metagate_unpacks_stored_masks_once_per_task(monkeypatch: pytest.MonkeyPatch) -> None:
     m, stream = make("metagate", consolidation_steps=5)
     train_tasks(m, stream.tasks[:2])

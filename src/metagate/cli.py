@@ -70,7 +70,9 @@ def run(
             saved = RunDir.open_for_resume(out)
             saved.unlock()  # the run itself takes the lock again
             cfg = config_from_dict(saved.read_config(), overrides) if config is None else load_config(config, overrides)
-            reference_done = cfg.reference is None or (out / orchestrate.REFERENCE_DIR / RunDir.RESULTS).is_file()
+            reference_done = all(
+                (out / orchestrate.reference_dir(i) / RunDir.RESULTS).is_file() for i in range(len(cfg.reference_configs()))
+            )
             if saved.has_results() and reference_done:
                 _fail(f"{out} holds a finished run (results.json); nothing to resume")
         else:
@@ -89,7 +91,7 @@ def run(
 
     again = f"metagate run --resume --out {out}"
     try:
-        results, reference = orchestrate.run_with_reference(cfg, out, resume, typer.echo, announce)
+        results, references = orchestrate.run_with_reference(cfg, out, resume, typer.echo, announce)
     except KeyboardInterrupt:
         _interrupted(out, cfg.trainer.checkpoint, again)
     except orchestrate.RunProblem as e:
@@ -98,7 +100,7 @@ def run(
     typer.echo((out / orchestrate.PER_TASK).read_text().rstrip())
     typer.echo("")
     typer.echo(f"{cfg.method.name}: {report.summary_line(results)}")
-    if reference is not None:
+    for reference in references:
         typer.echo(f"{reference['method']}: {report.summary_line(reference)}")
 
 

@@ -160,11 +160,19 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     _check_method(METHODS.get(sections["method"].name), sections["method"], "method")
     reference = raw.get("reference")
     if reference is not None:
-        entry = entry_for("reference", METHODS, reference, "reference is a method section (e.g. reference.name=xdg), or null")
-        # The reference runs on the method's backbone unless it names its own.
-        reference = {"backbone": sections["method"].backbone.model_dump(mode="json"), **reference}
-        sections["reference"] = validate_section("reference", entry.Config, reference)
-        _check_method(entry, sections["reference"], "reference")
+        # one method section, or a list of them (several references, each run on the same stream and seed)
+        many = isinstance(reference, list)
+        if many and not reference:
+            raise ConfigError("reference is an empty list; give one method section, a list of them, or null")
+        refs = []
+        for i, ref in enumerate(reference if many else [reference]):
+            where = f"reference[{i}]" if many else "reference"
+            entry = entry_for(where, METHODS, ref, "reference is a method section (e.g. reference.name=xdg), a list of them, or null")
+            # A reference runs on the method's backbone unless it names its own.
+            ref = {"backbone": sections["method"].backbone.model_dump(mode="json"), **ref}
+            refs.append(validate_section(where, entry.Config, ref))
+            _check_method(entry, refs[-1], where)
+        sections["reference"] = refs if many else refs[0]
     trainer = validate_section("trainer", TrainerConfig, raw.get("trainer") or {})
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):

@@ -134,9 +134,9 @@ def _train_with_table(prepared: Prepared) -> dict[str, Any]:
 
 def run_with_reference(
     cfg: ExperimentConfig, out: Path, resume: bool, echo: Echo = _quiet, on_ready: Callable[[Prepared], None] | None = None
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """``metagate run``: the method into ``out``, then the config's reference (if any) into
-    ``out/reference``, and ``per_task.md`` with both. ``on_ready`` sees the prepared run before it trains."""
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``metagate run``: the method into ``out``, then the config's references (if any) into
+    ``out/reference``, ``out/reference-2``, ..., and ``per_task.md`` with all. ``on_ready`` sees the prepared run before it trains."""
     run = RunDir(out)
     if resume and run.has_results():
         results = finished_results(cfg, out)
@@ -145,13 +145,18 @@ def run_with_reference(
         if on_ready is not None:
             on_ready(prepared)
         results = train(prepared)
-    reference = None
-    ref_cfg = cfg.reference_config()
-    if ref_cfg is not None:
-        echo(f"reference: {ref_cfg.method.name} on the same stream and seed -> {out / REFERENCE_DIR}")
-        reference = run_or_reuse(ref_cfg, out / REFERENCE_DIR, resume, echo)
-    atomic_write_text(out / PER_TASK, report.per_task_table(results, reference) + "\n")
-    return results, reference
+    references = []
+    for i, ref_cfg in enumerate(cfg.reference_configs()):
+        folder = out / reference_dir(i)
+        echo(f"reference: {ref_cfg.method.name} on the same stream and seed -> {folder}")
+        references.append(run_or_reuse(ref_cfg, folder, resume, echo))
+    atomic_write_text(out / PER_TASK, report.per_task_table(results, references) + "\n")
+    return results, references
+
+
+def reference_dir(i: int) -> str:
+    """The folder, inside a run's, of its ``i``-th reference run: ``reference``, ``reference-2``, ..."""
+    return REFERENCE_DIR if i == 0 else f"{REFERENCE_DIR}-{i + 1}"
 
 
 # --------------------------------------------------------------------------- comparisons

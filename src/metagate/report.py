@@ -34,31 +34,32 @@ def _task_columns(results: dict[str, Any]) -> dict[str, list[str]]:
     return cols
 
 
-def per_task_table(results: dict[str, Any], reference: dict[str, Any] | None = None) -> str:
+def per_task_table(results: dict[str, Any], reference: dict[str, Any] | list[dict[str, Any]] | None = None) -> str:
     """One row per task: zero-shot accuracy (before training it), just after training it, at the end,
-    and steps to 90% of its final accuracy (with learning curves); with a ``reference`` run on the same
-    stream, each figure of both, the method's first."""
+    and steps to 90% of its final accuracy (with learning curves); with ``reference`` runs on the same
+    stream (one or a list), each figure of every run, the method's first."""
+    refs = [] if reference is None else reference if isinstance(reference, list) else [reference]
     names = results["task_names"]
     cols = _task_columns(results)
-    if reference is None:
+    if not refs:
         r = np.asarray(results["acc_matrix"])
         cols["change (pt)"] = [pct(r[-1, j] - r[j, j]) for j in range(len(names))]
         header, columns = list(cols), list(cols.values())
     else:
-        ref = _task_columns(reference)
-        a, b = results["method"], reference["method"]
+        others = [_task_columns(ref) for ref in refs]
         header, columns = [], []
         for key in cols:
-            if key in ref:
-                header += [f"{key} {a}", f"{key} {b}"]
-                columns += [cols[key], ref[key]]
+            runs = [(results["method"], cols)] + [(ref["method"], o) for ref, o in zip(refs, others) if key in o]
+            header += [f"{key} {name}" for name, _ in runs]
+            columns += [c[key] for _, c in runs]
     rows = [[str(j), name, *(c[j] for c in columns)] for j, name in enumerate(names)]
     table = markdown_table(["task", "name", *header], rows)
-    if reference is not None and results.get("test_time_info") != reference.get("test_time_info"):
-        table += (
-            f"\n\nNot like for like: {results['method']} uses {uses_at_test(results.get('test_time_info'))} at test, "
-            f"{reference['method']} uses {uses_at_test(reference.get('test_time_info'))}."
-        )
+    for ref in refs:
+        if results.get("test_time_info") != ref.get("test_time_info"):
+            table += (
+                f"\n\nNot like for like: {results['method']} uses {uses_at_test(results.get('test_time_info'))} at test, "
+                f"{ref['method']} uses {uses_at_test(ref.get('test_time_info'))}."
+            )
     return table
 
 

@@ -90,13 +90,17 @@ class ExperimentConfig(Section):
     benchmark: SerializeAsAny[BenchmarkConfig]
     method: SerializeAsAny[MethodConfig]
     trainer: TrainerConfig = TrainerConfig()
-    reference: SerializeAsAny[MethodConfig] | None = None
+    reference: SerializeAsAny[MethodConfig] | list[SerializeAsAny[MethodConfig]] | None = None
 
     def reference_config(self) -> "ExperimentConfig | None":
-        """The config of the reference run: this one with ``reference`` as its method."""
-        if self.reference is None:
-            return None
-        return self.model_copy(update={"method": self.reference, "reference": None})
+        """The config of the (first) reference run: this one with ``reference`` as its method."""
+        refs = self.reference_configs()
+        return refs[0] if refs else None
+
+    def reference_configs(self) -> "list[ExperimentConfig]":
+        """The configs of every reference run (``reference`` is one method section or a list of them)."""
+        refs = [] if self.reference is None else self.reference if isinstance(self.reference, list) else [self.reference]
+        return [self.model_copy(update={"method": r, "reference": None}) for r in refs]
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

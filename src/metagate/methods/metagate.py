@@ -37,6 +37,45 @@ class MetaAgent(nn.Module):
         return self.net(context)
 
 
+class AdditiveAgent(nn.Module):
+    """``context -> mask logits`` as a sum of one small ReLU network per context coordinate, with biases:
+    ``logits = b + sum_d g_d(c_d)``, ``g_d: R -> R^units`` (one hidden layer of ``hidden`` units).
+
+    A generalised additive model over the context's coordinates: tasks that share a coordinate's value share
+    that coordinate's contribution to every unit's logit, so a new combination of known values gets the
+    sum of what each value selected (composition), which a nearest-neighbour lookup cannot give. With
+    biases, ``g_d`` can be a bump around one value (a step-function code: one value selects a group, its
+    neighbours another), which the bias-free MLP, positively homogeneous in the context, cannot be.
+    Each coordinate is rescaled to [0, 1] over the training tasks' contexts (a fixed buffer), and the
+    hidden units' kinks start spread evenly over [0, 1] (a piecewise-linear basis) with random slopes' signs.
+    For low-dimensional contexts (factors, angles): the parameters grow as ``dims x hidden x units``."""
+
+    MAX_DIMS = 64
+
+    def __init__(self, contexts: Tensor, num_units: int, hidden: int) -> None:
+        super().__init__()
+        dims = contexts.shape[1]
+        if dims > self.MAX_DIMS:
+            raise ValueError(
+                f"method.agent=additive takes contexts of at most {self.MAX_DIMS} numbers (one network per number); this "
+                f"stream's have {dims}: use method.agent=mlp"
+            )
+        lo, hi = contexts.min(0).values, contexts.max(0).values
+        self.register_buffer("lo", lo.clone())
+        self.register_buffer("span", (hi - lo).clamp_min(1e-6))
+        knots = torch.linspace(0, 1, hidden).repeat(dims, 1)  # [dims, hidden]
+        sign = torch.where(torch.rand(dims, hidden) < 0.5, -1.0, 1.0)
+        self.w1 = nn.Parameter(sign)
+        self.b1 = nn.Parameter(-sign * knots + 0.5 / hidden * sign)  # each kink just off a knot: no exact zero slope at 0
+        self.w2 = nn.Parameter(torch.randn(dims, hidden, num_units) / (dims * hidden) ** 0.5)
+        self.b2 = nn.Parameter(torch.zeros(num_units))
+
+    def forward(self, context: Tensor) -> Tensor:
+        c = (context - self.lo) / self.span  # [n, dims] in [0, 1] over the training tasks
+        h = torch.relu(c.unsqueeze(-1) * self.w1 + self.b1)  # [n, dims, hidden]
+        return torch.einsum("ndh,dhu->nu", h, self.w2) + self.b2
+
+
 def topk_mask(logits: Tensor, widths: list[int], density: float) -> Tensor:
     """Per layer, switch on the ``density`` fraction of units with the largest logits. Forward: the
     hard 0/1 mask; backward: the gradient of ``sigmoid(logits)`` (a straight-through estimator)."""
@@ -115,7 +154,24 @@ class MetaGate(Method):
         context_mode: Literal["given", "shuffled", "onehot"] = "given"
         meta_learning: bool = Field(True, description="the task loss trains the meta-agent (else it only regresses masks)")
         adapt: bool = Field(True, description="adapt the mask on the task after the zero-shot mask")
-        agent_hidden: list[int] = Field(default_factory=lambda: [128, 128])
+        agent: Literal["mlp", "additive"] = Field(
+            "mlp", description="mlp: a bias-free MLP of the whole context; additive: a sum of one small network per context number "
+            "(with biases: composition of known factor values; contexts of at most 64 numbers)"
+        )
+        agent_hidden: list[int] = Field(default_factory=lambda: [128, 128], description="the MLP agent's widths (additive: the first is each number's)")
+        reg_batch: int = Field(
+            0, ge=0, description="stored masks in the output regulariser per training step: a random k with replacement (0: all; "
+            "k > 0 keeps a step's cost flat as tasks accumulate)"
+        )
+        agent_every: int = Field(
+            1, ge=1, description="meta-learning: the agent is updated every k-th step with the task loss's mask gradient "
+            "accumulated over the k steps (its mean) and the regulariser once; the mask stays the one the agent gave at the "
+            "window's start (1: every step; k > 1 makes k - 1 of k steps as cheap as XdG's)"
+        )
+        consolidation_batch: int = Field(
+            0, ge=0, description="stored masks per consolidation step: a random k with replacement (0: all; k > 0 keeps the "
+            "consolidation's cost per task flat)"
+        )
         agent_lr: float = Field(1e-3, gt=0)
         mask_lr: float = Field(0.05, gt=0, description="learning rate of the free scores (meta_learning=false)")
         beta: float = Field(1.0, ge=0, description="output regulariser on stored tasks' masks")
@@ -152,7 +208,10 @@ class MetaGate(Method):
         self.register_buffer("prior_scores", torch.randn(len(tasks), num_units, generator=gen).to(self.device))
         self.slot = {t.index: i for i, t in enumerate(tasks)}
         self.register_buffer("slot_ids", torch.arange(len(tasks), device=self.device), persistent=False)
-        self.agent = MetaAgent(given.shape[1], num_units, cfg.agent_hidden).to(self.device)
+        if cfg.agent == "additive":
+            self.agent: nn.Module = AdditiveAgent(given[: stream.num_tasks], num_units, cfg.agent_hidden[0]).to(self.device)
+        else:
+            self.agent = MetaAgent(given.shape[1], num_units, cfg.agent_hidden).to(self.device)
         self.agent_optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.agent_lr)
         self.scores = nn.Parameter(torch.zeros(num_units, device=self.device))
         self.stored = nn.ModuleList(BitMask(torch.zeros(num_units, dtype=torch.bool)).to(self.device) for _ in stream.tasks)
@@ -161,6 +220,9 @@ class MetaGate(Method):
         self.register_buffer("zero_shot", torch.zeros(stream.num_tasks, num_units, dtype=torch.bool, device=self.device))
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.current: int | None = None
+        # agent_every > 1: the open window of steps (the agent's logits and regulariser at its start, the hard mask
+        # as a leaf whose gradient accumulates, the steps taken); closed by the k-th step or the task's end
+        self._window: tuple[Tensor, Tensor | None, Tensor, int] | None = None
         # Host-side caches of the stored masks, rebuilt when they change (after_task, load_state_dict):
         # each trained task's unpacked mask, and the regression's slots and targets, so that a training
         # step neither unpacks bits nor reads ``trained`` back from the device.
@@ -235,15 +297,28 @@ class MetaGate(Method):
         with torch.no_grad():
             self.zero_shot[task.index] = self.generated_mask(task).bool()
         self.current = task.index
+        self._window = None
         if self.cfg.adapt and not self.cfg.meta_learning:
             with torch.no_grad():
                 self.scores.copy_(self.logits(self.slots(task))[0])
 
-    def _regression_loss(self) -> Tensor | None:
-        """BCE between the agent's logits for every stored task's context and its stored mask."""
+    def _stored_batch(self, k: int) -> tuple[Tensor, Tensor] | None:
+        """The stored tasks' (slots, masks): all of them (``k = 0``), or ``k`` drawn uniformly with replacement on
+        the device (an unbiased estimate of the mean over all, at a cost that does not grow with the tasks)."""
         if self._targets is None:
             return None
         slots, targets = self._targets
+        if k <= 0:
+            return slots, targets
+        pick = torch.randint(slots.shape[0], (k,), device=slots.device)
+        return slots[pick], targets[pick]
+
+    def _regression_loss(self, k: int = 0) -> Tensor | None:
+        """BCE between the agent's logits for the stored tasks' contexts (all, or ``k`` drawn) and their masks."""
+        stored = self._stored_batch(k)
+        if stored is None:
+            return None
+        slots, targets = stored
         return F.binary_cross_entropy_with_logits(self.logits(slots), targets)
 
     def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
@@ -253,16 +328,18 @@ class MetaGate(Method):
         network's gradient is the task loss's alone when SI reads it; then the SI penalty's backward."""
         assert self.stabilizer is not None
         meta = self.cfg.adapt and self.cfg.meta_learning
+        if meta and self.cfg.agent_every > 1:
+            return self._windowed_step(batch, task)
         self.optimizer.zero_grad(set_to_none=True)
         self.agent_optimizer.zero_grad(set_to_none=True)
         reg = None
         if meta:
-            stored = self._targets is not None
-            slots = torch.cat([self.slots(task), self._targets[0]]) if stored else self.slots(task)  # type: ignore[index]
+            batch_stored = self._stored_batch(self.cfg.reg_batch)
+            slots = self.slots(task) if batch_stored is None else torch.cat([self.slots(task), batch_stored[0]])
             z = self.logits(slots)
             mask = topk_mask(z[0], self.widths, self.cfg.density)
-            if stored:
-                reg = F.binary_cross_entropy_with_logits(z[1:], self._targets[1])  # type: ignore[index]
+            if batch_stored is not None:
+                reg = F.binary_cross_entropy_with_logits(z[1:], batch_stored[1])
             logits = self.model(batch.x, unit_masks=list(mask.split(self.widths)))
             loss = F.cross_entropy(self.mask_logits(logits, task, batch.task_ids), batch.y)
         else:
@@ -279,7 +356,57 @@ class MetaGate(Method):
         self.stabilizer.after_step()
         return out
 
+    def _windowed_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
+        """A step of a window of ``agent_every = k`` steps: the first runs the agent (the current task's logits and
+        the regulariser's stored tasks, kept with their graph) and fixes the hard mask; every step trains the
+        target network through that mask as a leaf, whose gradient accumulates; the k-th step (or the task's end)
+        updates the agent with the mean of the k mask gradients through the straight-through estimator's
+        ``sigmoid'(z)`` plus ``beta`` x the regulariser's gradient. With the agent unchanged inside a window, this is
+        the gradient of k separate steps summed, taken once (gradient accumulation for the agent alone)."""
+        assert self.stabilizer is not None
+        if self._window is None:
+            stored = self._stored_batch(self.cfg.reg_batch)
+            slots = self.slots(task) if stored is None else torch.cat([self.slots(task), stored[0]])
+            z = self.logits(slots)
+            reg = None if stored is None else F.binary_cross_entropy_with_logits(z[1:], stored[1])
+            leaf = topk_mask(z[0].detach(), self.widths, self.cfg.density).detach().requires_grad_(True)
+            self._window = (z[0], reg, leaf, 0)
+        z0, reg, leaf, n = self._window
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(batch.x, unit_masks=list(leaf.split(self.widths)))
+        loss = F.cross_entropy(self.mask_logits(logits, task, batch.task_ids), batch.y)
+        loss.backward()
+        self.stabilizer.after_backward()
+        penalty = self.stabilizer.add_penalty_grad()
+        self.optimizer.step()
+        self.stabilizer.after_step()
+        self._window = (z0, reg, leaf, n + 1)
+        if n + 1 == self.cfg.agent_every:
+            self._close_window()
+        out = {"loss": loss.detach(), "penalty": loss.new_zeros(()) if penalty is None else penalty.detach()}
+        if reg is not None:
+            out["mask_reg"] = reg.detach()
+        return out
+
+    def _close_window(self) -> None:
+        """The agent's update for the steps of the open window (nothing when none is open)."""
+        if self._window is None:
+            return
+        z0, reg, leaf, n = self._window
+        self._window = None
+        if n == 0 or leaf.grad is None:
+            return
+        self.agent_optimizer.zero_grad(set_to_none=True)
+        soft = torch.sigmoid(z0.detach())
+        grad = leaf.grad / n * soft * (1 - soft)  # d mask / d z of the straight-through estimator
+        if reg is None:
+            z0.backward(grad)
+        else:
+            torch.autograd.backward([z0, self.cfg.beta * reg], [grad, torch.ones_like(reg)])
+        self.agent_optimizer.step()
+
     def after_task(self, task: Task) -> None:
+        self._close_window()
         with torch.no_grad():
             final = self.mask_for(task).bool()
         self.current = None
@@ -288,7 +415,7 @@ class MetaGate(Method):
         self._refresh_masks()
         for _ in range(self.cfg.consolidation_steps):
             self.agent_optimizer.zero_grad(set_to_none=True)
-            loss = self._regression_loss()
+            loss = self._regression_loss(self.cfg.consolidation_batch)
             assert loss is not None
             loss.backward()
             self.agent_optimizer.step()
