@@ -275,3 +275,19 @@ def test_pathnet_resume_is_exact(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
     raw = raw_config({"name": "pathnet", **FAST_PATHNET})
     whole, resumed = whole_and_resumed(raw, tmp_path, monkeypatch)
     assert resumed["acc_matrix"] == whole["acc_matrix"] and resumed["pathnet"]["paths"] == whole["pathnet"]["paths"]
+
+
+# ------------------------------------------------------------------------------------------------ bytes per task
+
+
+def test_results_count_the_bytes_each_task_adds_and_the_comparison_shows_them() -> None:
+    from metagate import report
+
+    xdg = Trainer(config_from_dict(raw_config({"name": "xdg", "backbone": {"hidden": [30, 20]}}, epochs=1))).fit()
+    assert xdg["task_bytes"] == [math.ceil(30 / 8) + math.ceil(20 / 8)] * 3  # one bit per hidden unit
+    fine = Trainer(config_from_dict(raw_config({"name": "finetune"}, epochs=1))).fit()
+    assert fine["task_bytes"] == [0, 0, 0] and fine["bytes_per_task"] == 0
+    summary = {"xdg": report.aggregate([xdg]), "finetune": report.aggregate([fine])}
+    table = report.comparison_table(summary)
+    assert table.splitlines()[0].endswith("| time (s) | bytes / task |")
+    assert table.splitlines()[2].endswith(f"| {xdg['bytes_per_task']:.0f} ± 0 |")

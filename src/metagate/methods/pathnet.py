@@ -30,23 +30,23 @@ class PathNet(Method):
     paths (HAT: 2, a binary tournament) is evolved:
 
     * at the start of the task every module not on an earlier task's best path is reset to its initial
-      weights (``pathnet.py:48-57``, "reinit modules not in bestPath"); each path gets ``N`` distinct random
-      modules per layer (``pathnet.py:60-69``);
+      weights (``pathnet.py:50-58``, "reinit modules not in bestPath"); each path gets ``N`` distinct random
+      modules per layer (``pathnet.py:61-72``);
     * ``generations`` times: each path in turn trains (plain SGD, gradients clipped to norm ``clipgrad``) on
-      the modules of its path that no earlier best path holds (``unfreeze_path``, ``alexnet_pathnet.py:118-131``)
+      the modules of its path that no earlier best path holds (``unfreeze_path``, ``alexnet_pathnet.py:115-131``)
       for ``evals_per_path`` rounds, each round followed by the validation loss of that path (its fitness). The
       model with the lowest validation loss so far is kept (a snapshot) and its path is the winner; each path
       has its own learning rate, divided by ``lr_factor`` after ``lr_patience`` rounds without improving, and
-      stops when it falls below ``lr_min`` (``pathnet.py:78-125``);
+      stops when it falls below ``lr_min`` (``pathnet.py:79-126``);
     * at the end of a generation the model goes back to the snapshot, and every other path becomes a copy of
       the winner in which each entry mutates with probability ``1 / (N L)`` by adding an integer in
-      ``[-2, 2]`` modulo ``M`` (``pathnet.py:127-143``), with the winner's learning rate and a fresh patience;
-    * after the last generation the winner is the task's best path, frozen for good (``pathnet.py:148``).
+      ``[-2, 2]`` modulo ``M`` (``pathnet.py:128-144``), with the winner's learning rate and a fresh patience;
+    * after the last generation the winner is the task's best path, frozen for good (``pathnet.py:150``).
 
     A task is predicted with its best path and its head (task-aware inference). Frozen modules and earlier
     heads receive no update afterwards, so backward transfer is exactly zero.
 
-    Defaults from HAT's code: ``M = 16``, ``N = 3`` ("better config found by us", ``alexnet_pathnet.py:28-31``;
+    Defaults from HAT's code: ``M = 16``, ``N = 3`` ("better config found by us", ``alexnet_pathnet.py:27-31``;
     the paper's Sec. 2.4 / 2.5 configurations are ``M = 10, N = 3`` and ``M = 20, N = 5``), ``P = 2``,
     ``generations = 20`` ("grid search [5, 10, 20, 50, 100, 200]; best was 20"), SGD ``lr = 0.05``,
     ``lr_min = 1e-4``, ``lr_factor = 3``, ``lr_patience = 5``, ``clipgrad = 1000`` (``pathnet.py:12``,
@@ -258,12 +258,12 @@ class PathNet(Method):
         p = (j // R) % P
         val = self.validation_loss(task, self.paths[p])
         live = self.path_lr[p] >= cfg.lr_min
-        better = live & (val < self.best_overall)  # pathnet.py:103-107
+        better = live & (val < self.best_overall)  # pathnet.py:106-110
         for snap, t in zip(self._snapshot, self._params(task)):
             snap.copy_(torch.where(better, t, snap))
         self.winner.copy_(torch.where(better, p, self.winner))
         self.best_overall.copy_(torch.where(better, val, self.best_overall))
-        improved = val < self.path_best[p]  # pathnet.py:109-120
+        improved = val < self.path_best[p]  # pathnet.py:113-125
         patience = torch.where(improved, float(cfg.lr_patience), self.patience[p] - 1)
         decay = ~improved & (patience <= 0)
         lr = torch.where(decay, self.path_lr[p] / cfg.lr_factor, self.path_lr[p])
@@ -273,23 +273,23 @@ class PathNet(Method):
         self.path_lr[p] = torch.where(live, lr, self.path_lr[p])
         if p != P - 1 or j % R != R - 1:
             return
-        for snap, t in zip(self._snapshot, self._params(task)):  # pathnet.py:127: restore the winner's model
+        for snap, t in zip(self._snapshot, self._params(task)):  # pathnet.py:129: restore the best model
             t.copy_(snap)
         L, M, N = self.model.num_layers, cfg.modules, cfg.active
         won = self.winner_path().expand(P, L, N)
-        flip = torch.rand(P, L, N, device=self.device) < 1.0 / (N * L)  # pathnet.py:133-143
+        flip = torch.rand(P, L, N, device=self.device) < 1.0 / (N * L)  # pathnet.py:134-144
         shift = torch.randint(-2, 3, (P, L, N), device=self.device)
         mutants = torch.where(flip, torch.remainder(won + shift, M), won)
         loser = self.path_ids != self.winner
         self.paths.copy_(torch.where(loser.view(P, 1, 1), mutants, self.paths))
         self.path_best.copy_(torch.where(loser, math.inf, self.path_best))
-        self.path_lr.copy_(torch.where(loser, self.path_lr[self.winner], self.path_lr))
+        self.path_lr.copy_(torch.where(loser, self.path_lr.index_select(0, self.winner.view(1)), self.path_lr))
         self.patience.copy_(torch.where(loser, float(cfg.lr_patience), self.patience))
 
     def after_task(self, task: Task) -> None:
         with torch.no_grad():
             best = self.winner_path()
-            self.best_path[task.index] = best  # pathnet.py:148
+            self.best_path[task.index] = best  # pathnet.py:150
             self.trained[task.index] = True
             self.frozen |= self.layer_mask(best)
         self._current = None

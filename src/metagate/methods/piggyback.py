@@ -111,17 +111,17 @@ class Piggyback(Method):
     As in the code (``src/main.py``, ``src/modnets/layers.py``, ``src/networks.py``, ``src/utils.py``,
     ``src/scripts/run_piggyback_training.sh`` of arunmallya/piggyback at 5a6094c):
 
-    * ``Binarizer`` (``layers.py:12-25``): ``0`` where ``s <= threshold``, ``1`` where ``s > threshold``,
+    * ``Binarizer`` (``layers.py:9-26``): ``0`` where ``s <= threshold``, ``1`` where ``s > threshold``,
       backward the identity; ``DEFAULT_THRESHOLD = 5e-3``; scores start at ``mask_scale = 1e-2`` everywhere
-      (``mask_init='1s'``, ``layers.py:94-99``; ``uniform``: ``U(-mask_scale, mask_scale)``).
+      (``mask_init='1s'``, ``layers.py:93-97``; ``uniform``: ``U(-mask_scale, mask_scale)``).
     * masked layers: every ``ElementWiseConv2d`` / ``ElementWiseLinear`` of the ``shared`` part, i.e. every
-      conv and linear layer but the classifier; biases are frozen and unmasked (``layers.py:83-88,115-121``).
+      conv and linear layer but the classifier; biases are frozen and unmasked (``layers.py:83-88,175-180``).
     * a new ``nn.Linear`` classifier per data set (``networks.py``, ``add_dataset``), default init.
     * optimisers: Adam on the scores (``lr_mask = 1e-4``) and Adam on the classifier (``lr_classifier =
-      1e-4``) (``main.py:462-465``, ``--mask_adam``), step decay ``lr * 0.1 ** floor((epoch - 1) / 15)``
+      1e-4``) (``main.py:427-436``, ``--mask_adam``), step decay ``lr * 0.1 ** floor((epoch - 1) / 15)``
       (``utils.py:6-12``, decay every 15 epochs), batch 32, 30 epochs (``run_piggyback_training.sh``);
-      ``mask_scale_gradients`` ``none`` (the script's), ``average`` or ``individual`` (``main.py:164-171``).
-    * batch norm: frozen, in eval mode (``train_nobn``, ``--train_bn`` off; ``main.py:173-180``); dropout in
+      ``mask_scale_gradients`` ``none`` (the script's), ``average`` or ``individual`` (``main.py:165-172``).
+    * batch norm: frozen, in eval mode (``train_nobn``, ``--train_bn`` off; ``main.py:174-182``); dropout in
       the backbone stays on while masks train.
     * weights checked unchanged after training (``Manager.check``): here ``tests/test_piggyback.py``.
 
@@ -296,7 +296,7 @@ class Piggyback(Method):
         with torch.no_grad():
             for s in self.scores:
                 if cfg.mask_init == "1s":
-                    s.fill_(cfg.mask_scale)  # layers.py:96-97
+                    s.fill_(cfg.mask_scale)  # layers.py:94-95
                 else:
                     s.uniform_(-cfg.mask_scale, cfg.mask_scale)
         self.optimizer = self._adam(
@@ -321,7 +321,7 @@ class Piggyback(Method):
             params = dict(self.model.named_parameters())
             for name, s in zip(self.weight_names, self.scores):
                 w = params[name].detach().abs()
-                s.grad.div_(w.mean() if self.cfg.mask_scale_gradients == "average" else w)  # main.py:164-171
+                s.grad.div_(w.mean() if self.cfg.mask_scale_gradients == "average" else w)  # main.py:165-172
         self.optimizer.step()
         self._step += 1
         return {"loss": loss.detach()}
