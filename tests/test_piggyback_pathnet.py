@@ -291,3 +291,22 @@ def test_results_count_the_bytes_each_task_adds_and_the_comparison_shows_them() 
     table = report.comparison_table(summary)
     assert table.splitlines()[0].endswith("| time (s) | bytes / task |")
     assert table.splitlines()[2].endswith(f"| {xdg['bytes_per_task']:.0f} ± 0 |")
+
+
+# ------------------------------------------------------------------------------------------------ conv layouts
+
+
+@pytest.mark.parametrize("name", ["piggyback", "pathnet"])
+def test_conv_layouts_train_and_keep_bwt_at_zero(name: str) -> None:
+    extra = FAST_PATHNET if name == "pathnet" else {"lr_mask": 1e-2}
+    raw = {
+        "seed": 0,
+        "benchmark": {"name": "split", "dataset": "digits", "num_tasks": 3, "scenario": "task"},
+        "method": {"name": name, "backbone": {"kind": "cnn", "channels": [8], "hidden": [16]}, **extra},
+        "trainer": {"epochs": 3, "batch_size": 32, "progress": False},
+    }
+    res = Trainer(config_from_dict(raw)).fit()
+    assert res["bwt"] == 0.0
+    assert res["acc"] > 0.6  # two or three digits a task: well above chance
+    if name == "piggyback":  # the conv kernel is masked too
+        assert res["piggyback"]["masked_weights"] == 8 * 1 * 9 + 8 * 4 * 4 * 16

@@ -139,6 +139,8 @@ class Piggyback(Method):
       (the code's head has exactly the task's classes: the same function). Only the binarizer is built (the
       ternarizer, ``{-1, 0, 1}``, is an ablation of the paper).
     * A task never trained is predicted with an all-ones mask (the backbone as it is) and its untrained head.
+    * ``pretrain=file`` / ``torchvision`` read a weights file when the method is built: the one place a method
+      here reads from disk (nothing is ever written or downloaded).
     """
 
     class Config(BaseMethodConfig):
