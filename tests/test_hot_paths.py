@@ -65,9 +65,15 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("method", ["metagate", "xdg", "si", "finetune", "hypermask", "hnet", "active_dendrites"])
+# pathnet: 10 rounds over the 15 steps of a task, so its three steps end two rounds, one a generation's last
+HOT_SETTINGS = {"pathnet": {"generations": 5, "evals_per_path": 1}}
+
+
+@pytest.mark.parametrize(
+    "method", ["metagate", "xdg", "si", "finetune", "hypermask", "hnet", "active_dendrites", "piggyback", "pathnet"]
+)
 def test_a_training_step_reads_nothing_back_from_the_device(method: str, host_reads: list[str]) -> None:
-    m, stream = make(method)
+    m, stream = make(method, **HOT_SETTINGS.get(method, {}))
     train_tasks(m, stream.tasks[:2])
     task = stream.tasks[2]
     m.before_task(task)

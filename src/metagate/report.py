@@ -90,7 +90,7 @@ def mean_std(values: Sequence[float | None], planned: int | None = None) -> dict
     return out
 
 
-COMPARED = ("acc", "bwt", "fwt", "forgetting", "train_seconds")
+COMPARED = ("acc", "bwt", "fwt", "forgetting", "train_seconds", "bytes_per_task")
 
 
 def aggregate(runs: Sequence[dict[str, Any]], planned: int | None = None) -> dict[str, Any]:
@@ -132,6 +132,9 @@ def comparison_table(summary: dict[str, dict[str, Any]], failed: dict[str, int] 
         ]
         for m, s in summary.items()
     ]
+    if any(s.get("bytes_per_task", {}).get("mean") is not None for s in summary.values()):
+        header.append("bytes / task")
+        rows = [[*row, fmt_stat(s.get("bytes_per_task") or {"mean": None}, 1.0, 0)] for row, s in zip(rows, summary.values())]
     if any(failed.values()):
         header.append("failed runs")
         rows = [[*row, str(failed.get(m, 0))] for row, m in zip(rows, summary)]

@@ -359,6 +359,7 @@ class Trainer:
             "device": str(self.device),
             "threads": self.threads,
             "data": self.stream.provenance,
+            **self._storage(),
             **self.method.extra_results(),
             **self._mask_figures(),
         }
@@ -374,6 +375,15 @@ class Trainer:
             "initial_val_acc": state["initial_val"],
             **{f"val_{k}": v for k, v in metrics.summary(rows, state["initial_val"]).items()},
         }
+
+    def _storage(self) -> dict[str, Any]:
+        """``task_bytes``: what each task added to what the method keeps (its mask bits, head, embedding, ...);
+        ``bytes_per_task``: their mean over the tasks after the first (the first may carry a backbone)."""
+        sizes = [self.method.task_bytes(t) for t in self.stream.tasks]
+        if any(s is None for s in sizes):
+            return {"task_bytes": None, "bytes_per_task": None}
+        later = sizes[1:] or sizes
+        return {"task_bytes": sizes, "bytes_per_task": sum(later) / len(later)}  # type: ignore[arg-type]
 
     def _mask_figures(self) -> dict[str, Any]:
         """Density and overlap of the tasks' masks, for gating methods (those with ``unit_mask``)."""

@@ -1,7 +1,7 @@
 """Continual-learning methods, one file each, registered by name."""
 
 from metagate.methods.base import METHODS, Batch, Method, TrainingData, create_method
-from metagate.methods import active_dendrites, ewc, finetune, hnet, hypermask, joint, metagate, nearest_context, online_ewc, oracle, si, xdg  # noqa: F401  (fill the registry)
+from metagate.methods import active_dendrites, ewc, finetune, hnet, hypermask, joint, metagate, nearest_context, online_ewc, oracle, pathnet, piggyback, si, xdg  # noqa: F401  (fill the registry)
 
 __all__ = ["METHODS", "Batch", "Method", "TrainingData", "create_method", "list_methods"]
 

@@ -259,6 +259,20 @@ class Method(nn.Module):
         """Method-specific figures for results.json (masks' density and overlap, ...)."""
         return {}
 
+    def task_bytes(self, task: Task) -> int | None:
+        """Bytes that training ``task`` adds to what the method keeps (its mask bits, head, embedding, ...),
+        beyond the state every task shares; ``None`` where the method does not count it."""
+        return None
+
+    def head_bytes(self) -> int:
+        """Bytes of one task's output layer (float32) with ``heads=per_task``, else 0 (the head is shared)."""
+        if self.num_heads == 1:
+            return 0
+        head = self.model.head if hasattr(self.model, "head") else None
+        if head is None:
+            return 0
+        return (head.weight.numel() + (head.bias.numel() if head.bias is not None else 0)) * 4 // self.num_heads
+
 
 METHODS: Registry[type[Method]] = Registry("method")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from metagate.data.stream import Task
 from metagate.methods.base import METHODS, BaseMethodConfig, Method
 
 
@@ -15,3 +16,7 @@ class Finetune(Method):
         name: Literal["finetune"] = "finetune"
 
     name = "finetune"
+
+    def task_bytes(self, task: Task) -> int:
+        """Nothing is kept per task (one shared network), but a task's own head with ``heads=per_task``."""
+        return self.head_bytes()

@@ -428,6 +428,10 @@ class MetaGate(Method):
         super().set_extra_state(state)
         self.agent_optimizer.load_state_dict(copy.deepcopy(state["agent_optimizer"]))  # a copy, as the base's
 
+    def task_bytes(self, task: Task) -> int:
+        """The task's stored mask as bits (the agent and the network are shared)."""
+        return self.stored[task.index].nbytes
+
     def extra_results(self) -> dict[str, Any]:
         """How well the agent regenerates each stored mask from its context (IoU), at the end."""
         ious = []

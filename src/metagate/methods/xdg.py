@@ -148,3 +148,7 @@ class XdG(Method):
 
     def unit_mask(self, task: Task) -> Tensor:
         return torch.cat(self.task_masks(task)).bool()
+
+    def task_bytes(self, task: Task) -> int:
+        """The task's unit mask as bits (SI's importance and anchor are shared by all tasks)."""
+        return sum(m.nbytes for m in self.masks[str(task.index)]) + self.head_bytes()

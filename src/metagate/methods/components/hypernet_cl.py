@@ -221,6 +221,10 @@ class HypernetCL(Method):
             return self.infer(x)[0]
         return self(x, task)
 
+    def task_bytes(self, task: Task) -> int:
+        """The task's learned embedding (float32; none with ``embedding=context``): the hypernetwork is shared."""
+        return self.cfg.embedding_dim * 4 if self.cfg.embedding == "learned" else 0
+
     def test_time_info(self) -> TestTimeInfo:
         if self.cfg.task_inference == "entropy":
             return "none"
