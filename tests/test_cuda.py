@@ -29,11 +29,13 @@ HIDDEN = {"oracle": [64], "nearest_context": [64]}
 # host-side bookkeeping a training step never reads: XdG's mask seed (drawn into CPU generators), metagate's
 # record of trained tasks (read when the stored masks change, between tasks)
 HOST_STATE = {"mask_seed", "trained"}
+# options a method needs on a stream this small (pathnet splits a task's few steps into its search rounds)
+OPTIONS = {"pathnet": {"generations": 1, "evals_per_path": 1}}
 NO_STEP = {"joint"}  # trains on the union of the tasks: covered by the whole-run test
 
 
 def method_on_cuda(name: str, **method: Any):  # noqa: ANN201
-    cfg = config_from_dict({"benchmark": BENCH, "method": {"name": name, "backbone": {"hidden": HIDDEN.get(name, [32, 32])}, **method},
+    cfg = config_from_dict({"benchmark": BENCH, "method": {"name": name, "backbone": {"hidden": HIDDEN.get(name, [32, 32])}, **OPTIONS.get(name, {}), **method},
                             "trainer": {"device": DEVICE, "progress": False}})
     device = torch.device(DEVICE)
     stream = build_stream(cfg.benchmark, 0).to(device)
@@ -82,7 +84,7 @@ def test_a_cuda_training_step_never_syncs_with_the_host(name: str, method: dict[
 
 @pytest.mark.parametrize("name", sorted(METHODS.names()))
 def test_a_whole_run_on_cuda_finishes_with_every_tensor_on_the_device(name: str, tmp_path) -> None:  # noqa: ANN001
-    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": name, "backbone": {"hidden": HIDDEN.get(name, [32, 32])}},
+    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": name, "backbone": {"hidden": HIDDEN.get(name, [32, 32])}, **OPTIONS.get(name, {})},
            "trainer": {"epochs": 1, "batch_size": 64, "device": DEVICE, "progress": False}}
     trainer = Trainer(config_from_dict(raw), RunDir.create(tmp_path / "r"))
     results = trainer.fit()
