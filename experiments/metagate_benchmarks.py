@@ -111,6 +111,17 @@ SI_METHODS = {"xdg", "oracle", "nearest_context", "metagate", "si"}  # the varia
 # The composed teacher: the student's width is the teacher's (209 units), masks keep 33 of them (3 of
 # 19 groups): XdG, metagate and the lookups at the oracle's density.
 COMPOSED_XDG = ["method.input_dropout=0.0", "method.gate_fraction=0.842"]
+# metagate as issue 13 leaves it: the additive agent (composition of factor values) and stored-mask batches (cost
+# flat in the tasks); "metagate-k4" also updates the agent every 4th step with 100 consolidation steps (cost per
+# step); "metagate-mlp" is issue 12's metagate (the bias-free MLP agent, every stored mask each step).
+METAGATE13 = ["method.agent=additive", "method.agent_hidden=[64]", "method.reg_batch=32", "method.consolidation_batch=64"]
+K4 = ["method.agent_every=4", "method.consolidation_steps=100"]
+# The published hypernetwork methods with the task's context as the hypernetwork's input (issue 14, item 4): each
+# with its official code's defaults (HyperMask's permuted-MNIST values, hnet's), not tuned here.
+HYPERNET_CONTEXT: dict[str, tuple[str, list[str]]] = {
+    "hypermask-context": ("hypermask", ["method.embedding=context"]),
+    "hnet-context": ("hnet", ["method.embedding=context"]),
+}
 
 STREAMS = {
     "composed": Stream(
@@ -124,10 +135,14 @@ STREAMS = {
             "oracle": ("oracle", []),
             "nearest": ("nearest_context", []),
             "vote": ("nearest_context", ["method.ties=true"]),
-            "metagate": ("metagate", ["method.density=0.158"]),
-            "shuffled": ("metagate", ["method.density=0.158", "method.context_mode=shuffled"]),
-            "onehot": ("metagate", ["method.density=0.158", "method.context_mode=onehot"]),
+            "metagate": ("metagate", ["method.density=0.158", *METAGATE13]),
+            "shuffled": ("metagate", ["method.density=0.158", *METAGATE13, "method.context_mode=shuffled"]),
+            "metagate-k4": ("metagate", ["method.density=0.158", *METAGATE13, *K4]),
+            "metagate-mlp": ("metagate", ["method.density=0.158"]),
+            "shuffled-mlp": ("metagate", ["method.density=0.158", "method.context_mode=shuffled"]),
+            "onehot-mlp": ("metagate", ["method.density=0.158", "method.context_mode=onehot"]),
             **CONTEXT_BASELINES,
+            **HYPERNET_CONTEXT,
             # every task's prototype is the same here (inputs are N(0, I) for all): the stream's context
             # vector instead, given at test; the student's width and the stream's training, as the others
             "dendrites": ("active_dendrites", ["method.context=stream", "method.test_context=given"]),
@@ -211,13 +226,18 @@ class Chosen:
     c: float
     prior: float
     own_c: dict[str, float]
+    prior_mlp: float | None = None  # issue 12's metagate (the "-mlp" variants), chosen for it alone
 
     def c_for(self, label: str) -> float:
         return self.own_c.get(label, self.c)
 
+    def prior_for(self, label: str) -> float:
+        return self.prior_mlp if label.endswith("-mlp") and self.prior_mlp is not None else self.prior
+
     def describe(self, stream: Stream) -> str:
         own = "".join(f", {label} c = {c:g} from {stream.c_grid}" for label, c in self.own_c.items())
-        return f"SI c = {self.c:g} from {stream.c_grid} (XdG + SI; every gated variant), metagate prior = {self.prior:g} from {PRIOR_GRID}{own}"
+        mlp = "" if self.prior_mlp is None else f", metagate-mlp prior = {self.prior_mlp:g} from {PRIOR_GRID}"
+        return f"SI c = {self.c:g} from {stream.c_grid} (XdG + SI; every gated variant), metagate prior = {self.prior:g} from {PRIOR_GRID}{mlp}{own}"
 
 
 def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tuning_seeds: int) -> Chosen:
@@ -227,13 +247,19 @@ def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tunin
     c = float(choose(stream, root / f"{name}-tuning-c", "xdg", f"method.c={c_grid}", [*stream.xdg, f"method.xi={stream.xi}"], extra, tuning_seeds).split("=")[1])
     prior_grid = ",".join(str(p) for p in PRIOR_GRID)
     fixed = [*stream.variants["metagate"][1], f"method.c={c}", f"method.xi={stream.xi}"]
-    prior = float(choose(stream, root / f"{name}-tuning-prior", "metagate", f"method.prior={prior_grid}", fixed, extra, tuning_seeds).split("=")[1])
+    # issue 13's metagate (additive agent) has its own folder; issue 12's (kept as "-mlp") keeps the old one
+    folder = root / (f"{name}-tuning-prior-13" if "metagate-mlp" in stream.variants else f"{name}-tuning-prior")
+    prior = float(choose(stream, folder, "metagate", f"method.prior={prior_grid}", fixed, extra, tuning_seeds).split("=")[1])
+    prior_mlp = None
+    if "metagate-mlp" in stream.variants:
+        fixed = [*stream.variants["metagate-mlp"][1], f"method.c={c}", f"method.xi={stream.xi}"]
+        prior_mlp = float(choose(stream, root / f"{name}-tuning-prior", "metagate", f"method.prior={prior_grid}", fixed, extra, tuning_seeds).split("=")[1])
     own = {}
     for label, (method, opts) in stream.variants.items():
         if label in CONTEXT_BASELINES:
             folder = root / f"{name}-tuning-{label}"
             own[label] = float(choose(stream, folder, method, f"method.c={c_grid}", [*opts, f"method.xi={stream.xi}"], extra, tuning_seeds).split("=")[1])
-    return Chosen(c, prior, own)
+    return Chosen(c, prior, own, prior_mlp)
 
 
 def run_compare(stream: Stream, out: Path, seeds: int, extra: list[str], chosen: Chosen) -> list[str]:
@@ -242,7 +268,7 @@ def run_compare(stream: Stream, out: Path, seeds: int, extra: list[str], chosen:
         f"{k}:{o}"
         for k, (m, opts) in stream.variants.items()
         for o in [*opts, *([f"method.c={chosen.c_for(k)}", f"method.xi={stream.xi}"] if m in SI_METHODS else []),
-                  *([f"method.prior={chosen.prior}"] if m == "metagate" else [])]
+                  *([f"method.prior={chosen.prior_for(k)}"] if m == "metagate" else [])]
     ]
     cmd = [
         str(Path(sys.executable).parent / "metagate"), "compare", stream.config, *stream.common, "reference=null",
