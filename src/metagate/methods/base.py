@@ -259,6 +259,11 @@ class Method(nn.Module):
         """Method-specific figures for results.json (masks' density and overlap, ...)."""
         return {}
 
+    def artifacts(self, task: Task) -> dict[str, Tensor]:
+        """Images the run folder keeps after ``task`` (generators' sample grids): file name (``.png``) ->
+        ``[C, H, W]`` or ``[H, W]`` values in ``[0, 1]``. The Trainer writes them; a method never writes files."""
+        return {}
+
 
 METHODS: Registry[type[Method]] = Registry("method")
 
