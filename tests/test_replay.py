@@ -83,8 +83,9 @@ def test_er_replays_earlier_tasks_with_their_own_label_masks() -> None:
     m.task_loss = lambda b, t: seen.append(b) or original(m, b, t)  # type: ignore[method-assign]
     train(m, stream.tasks[1], 2)
     b = seen[-1]
-    assert b.x.shape[0] == 64 and set(b.task_ids[32:].tolist()) == {0, 1} or set(b.task_ids[32:].tolist()) <= {0, 1}
-    assert 0 in b.task_ids[32:].tolist()  # earlier task's samples come back
+    assert b.x.shape[0] == 64  # the current batch and as many replayed samples
+    assert b.task_ids[:32].tolist() == [1] * 32
+    assert set(b.task_ids[32:].tolist()) <= {0, 1} and 0 in b.task_ids[32:].tolist()  # the earlier task comes back
     for y, t in zip(b.y.tolist(), b.task_ids.tolist()):
         assert y in stream.tasks[t].classes  # each replayed label belongs to its own task
 
