@@ -61,7 +61,7 @@ class MeRGAN(Method):
     the stream's classes (here ``evaluator``, a backbone trained by the method itself at the end of the first
     task, never used in training) classifies ``eval_samples`` generated images of every class learned so far;
     ``results.json`` gets ``generated_class_acc`` (row ``t``: per class after task ``t``, ``null`` for classes
-    not yet learned) and ``generated_acc`` (their mean per row). After each task a grid of 10 samples per
+    not yet learned) and ``generated_acc`` (their mean per row), and ``evaluator_test_acc`` (the evaluator's accuracy on the real test images). After each task a grid of 10 samples per
     learned class from fixed noise is saved (``samples_task<t>.png``; the code saves 100 per class,
     ``mergan.py:181-195``). ``predict`` is the AC-GAN head's (label-masked in task-incremental streams).
 
@@ -111,6 +111,7 @@ class MeRGAN(Method):
         self.optimizer = self.gan.c_opt  # nothing else trains; keeps the base class's optimiser slot meaningful
         self.evaluator = build_backbone(self.cfg.evaluator, s.input_shape, s.num_outputs).to(self.device)
         self.register_buffer("evaluator_ready", torch.zeros((), dtype=torch.bool, device=self.device))
+        self.register_buffer("evaluator_acc", torch.zeros((), device=self.device))  # its accuracy on all real test images
         self.register_buffer("grid_noise", torch.randn(10, self.cfg.gan.z_dim, generator=torch.Generator().manual_seed(0)).to(self.device))
         self.register_buffer("gen_acc", torch.full((s.num_tasks, s.num_outputs), float("nan"), device=self.device))
         self.old: list[nn.Module] = []  # the frozen previous generator (not state: copied at each task's start)
@@ -193,6 +194,9 @@ class MeRGAN(Method):
                 opt.step()
         self.evaluator.eval()
         self.evaluator_ready.fill_(True)
+        with torch.no_grad():
+            hits = sum((self.evaluator(t.x_test).argmax(1) == t.y_test).sum() for t in self.stream.tasks)
+            self.evaluator_acc.fill_(hits / sum(t.num_test for t in self.stream.tasks))
 
     @torch.no_grad()
     def generated_accuracy(self, classes: list[int]) -> Tensor:
@@ -219,7 +223,7 @@ class MeRGAN(Method):
     def extra_results(self) -> dict[str, Any]:
         rows = [[None if v != v else v for v in row] for row in self.gen_acc.cpu().tolist()]
         means = [None if all(v is None for v in r) else sum(v for v in r if v is not None) / sum(v is not None for v in r) for r in rows]
-        return {"generated_class_acc": rows, "generated_acc": means}
+        return {"generated_class_acc": rows, "generated_acc": means, "evaluator_test_acc": float(self.evaluator_acc)}
 
     @torch.no_grad()
     def artifacts(self, task: Task) -> dict[str, Tensor]:
