@@ -213,7 +213,7 @@ def test_mergan_records_generated_accuracy_and_saves_sample_grids(tmp_path: Any)
     import matplotlib.image as mpimg
 
     grid = mpimg.imread(run.path / "samples_task1.png")
-    assert grid.shape[0] == 4 * 9 - 1 and grid.shape[1] == 10 * 9 - 1  # 4 classes x 10 samples of 8x8, 1-pixel gaps
+    assert grid.shape[0] == 4 * 33 - 1 and grid.shape[1] == 10 * 33 - 1  # 4 classes x 10 samples of 8x8 shown at 32x32, 1-pixel gaps
     table = per_task_table(results)
     assert "![samples_task1.png](samples_task1.png)" in table and "Generated-sample accuracy" in table
 

@@ -278,12 +278,16 @@ class VAE(nn.Module):
         return self.range.from_unit(torch.sigmoid(self.decoder(z))).reshape(n, *self.shape)
 
 
-def image_grid(images: Tensor, rows: int, lo: Tensor, hi: Tensor) -> Tensor:
-    """``[rows*cols, C, H, W]`` data-space images as one ``[C, rows*(H+1)-1, cols*(W+1)-1]`` grid in ``[0, 1]``."""
+def image_grid(images: Tensor, rows: int, lo: Tensor, hi: Tensor, min_side: int = 28) -> Tensor:
+    """``[rows*cols, C, H, W]`` data-space images as one ``[C, rows*(H+1)-1, cols*(W+1)-1]`` grid in ``[0, 1]``;
+    images smaller than ``min_side`` are first enlarged by an integer factor (nearest neighbour)."""
     x = ((images - lo) / (hi - lo)).clamp(0, 1).detach().cpu()
     if x.ndim == 2:  # flat inputs: show each as a square-ish strip
         side = math.ceil(math.sqrt(x.shape[1]))
         x = F.pad(x, (0, side * side - x.shape[1])).reshape(-1, 1, side, side)
+    factor = max(1, math.ceil(min_side / max(x.shape[2], x.shape[3])))
+    if factor > 1:
+        x = x.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
     n, c, h, w = x.shape
     cols = n // rows
     grid = torch.ones(c, rows * (h + 1) - 1, cols * (w + 1) - 1)
