@@ -22,7 +22,10 @@ Memory: about 205.6M x 4 bytes x (weights, gradient, 2 Adam moments) = 3.3 GB, p
 buffers for hnet; the script checks ``MemAvailable`` first and skips a variant that does not fit.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/hypermask_speed.py [--iters 3] [--threads 1]
-        [--only hypermask,hnet] [--input 1024]
+        [--only hypermask,hnet] [--input 1024] [--device cuda]
+
+On a GPU (``--device cuda``) each measured step ends with a device synchronisation (so the time is the
+step's own), the memory check reads the device's free memory, and CPU time means little.
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ def stream(input_dim: int, num_tasks: int = 5) -> Stream:
     return Stream(name="random", tasks=tasks, input_shape=(input_dim,), num_outputs=10, scenario="domain", context_dim=8)
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seconds_per_step(method, task: Task, iters: int) -> tuple[float, float]:  # noqa: ANN001
     """Mean wall and CPU (user + system, this process) seconds per step after one warm-up step."""
     method.train()
@@ -77,9 +85,12 @@ def seconds_per_step(method, task: Task, iters: int) -> tuple[float, float]:  # 
     g = torch.Generator().manual_seed(1)
     wall, cpu = [], []
     for i in range(iters + 1):
-        idx = torch.randint(0, task.num_train, (BATCH,), generator=g)
+        idx = torch.randint(0, task.num_train, (BATCH,), generator=g).to(task.x_train.device)
+        batch = Batch(task.x_train[idx], task.y_train[idx])
+        sync(task.x_train.device)
         start, start_cpu = time.perf_counter(), time.process_time()
-        method.train_step(Batch(task.x_train[idx], task.y_train[idx]), task)
+        method.train_step(batch, task)
+        sync(task.x_train.device)
         if i > 0:  # the first step allocates Adam's moments
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
@@ -92,32 +103,35 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     p.add_argument("--input", type=int, default=1024, help="target input size (1024: MNIST padded to 32x32, the code's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    s = stream(args.input)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()}, "
-          f"MemAvailable {available_gb():.1f} GB")
+    device = torch.device(args.device)
+    s = stream(args.input).to(device)
+    free = (lambda: torch.cuda.mem_get_info(device)[0] / 2**30) if device.type == "cuda" else available_gb
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU thread(s)"
+    print(f"torch {torch.__version__}, {where}, load average {os.getloadavg()}, free memory {free():.1f} GB")
     chosen = [v.strip() for v in args.only.split(",") if v.strip()] or list(VARIANTS)
     for label in chosen:
         method_cfg = {"backbone": {"hidden": [1000, 1000], "dropout": 0.0}, **VARIANTS[label]}
         need = 0.5 if method_cfg.get("chunk_size") else 4.0 if method_cfg["name"] == "hypermask" else 5.5
-        if available_gb() < need + 1.0:
-            print(f"{label:24s} skipped: needs about {need:.1f} GB (+1 GB headroom), {available_gb():.1f} GB available")
+        if free() < need + 1.0:
+            print(f"{label:24s} skipped: needs about {need:.1f} GB (+1 GB headroom), {free():.1f} GB available")
             continue
         cfg = config_from_dict({
             "seed": 0, "benchmark": {"name": "gated_teacher"}, "method": method_cfg,
-            "trainer": {"batch_size": BATCH, "lr": 1e-3, "optimizer": "adam", "progress": False, "device": "cpu",
+            "trainer": {"batch_size": BATCH, "lr": 1e-3, "optimizer": "adam", "progress": False, "device": args.device,
                         "iterations_per_task": 10},
         })
         torch.manual_seed(0)
-        method = create_method(cfg.method, s, cfg.trainer, torch.device("cpu"))
+        method = create_method(cfg.method, s, cfg.trainer, device)
         n_hnet = sum(p.numel() for p in method.hnet.parameters())
         first = seconds_per_step(method, s.tasks[0], args.iters)
         method.after_task(s.tasks[0])
         method._position = 4  # the fifth task: 4 earlier embeddings in the regulariser
         fifth = seconds_per_step(method, s.tasks[4], args.iters)
         print(f"{label:24s} hypernetwork {n_hnet / 1e6:.1f}M params, target {method.hnet.num_outputs / 1e6:.2f}M: "
-              f"task 1 {first[0]:.2f} s/it (CPU {first[1]:.2f}), task 5 {fifth[0]:.2f} s/it (CPU {fifth[1]:.2f})")
+              f"task 1 {1e3 * first[0]:.1f} ms/it (CPU {1e3 * first[1]:.1f}), task 5 {1e3 * fifth[0]:.1f} ms/it (CPU {1e3 * fifth[1]:.1f})")
         del method
         gc.collect()
     print(f"load average after: {os.getloadavg()}")

@@ -93,7 +93,7 @@ class HypernetCL(Method):
             for t in tasks:
                 contexts[t.index] = t.context.float().cpu()
             self.register_buffer("contexts", contexts.to(self.device), persistent=False)
-            self.projection = nn.Linear(self.stream.context_dim, cfg.embedding_dim) if cfg.context_projection else nn.Identity()
+            self.projection = (nn.Linear(self.stream.context_dim, cfg.embedding_dim) if cfg.context_projection else nn.Identity()).to(self.device)
             in_dim = cfg.embedding_dim if cfg.context_projection else self.stream.context_dim
         self.hnet = HyperNetwork(
             in_dim, shapes, cfg.hnet_hidden, cfg.activation, cfg.chunk_size, cfg.chunk_emb_dim, self.hnet_init
@@ -121,10 +121,15 @@ class HypernetCL(Method):
         self._steps += 1
 
     def index_tensor(self, indices: list[int]) -> Tensor:
-        """``indices`` as a long tensor on the device, cached (the default lists are made in ``begin_task``)."""
+        """``indices`` as a long tensor on the device, cached (the default lists are made in ``begin_task``). A
+        list first seen inside a step (``reg_subset``'s random subsets) is copied from pinned host memory without
+        waiting for the device (a plain ``torch.tensor(..., device=cuda)`` synchronises: the CUDA test caught it)."""
         key = tuple(indices)
         if key not in self._index_tensors:
-            self._index_tensors[key] = torch.tensor(indices, device=self.device)
+            host = torch.tensor(indices, dtype=torch.long)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            self._index_tensors[key] = host.to(self.device, non_blocking=True)
         return self._index_tensors[key]
 
     def register_extra_buffers(self) -> None:

@@ -1,0 +1,101 @@
+"""Every method on a CUDA device (skipped without one): a training step never synchronises with the host
+(``torch.cuda.set_sync_debug_mode("error")`` turns any sync into an error), whole runs finish with their
+state on the device, and a resumed CUDA run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import whole_and_resumed
+from metagate.config import config_from_dict
+from metagate.data import build_stream
+from metagate.methods import METHODS, create_method
+from metagate.methods.base import Batch
+from metagate.runs import RunDir
+from metagate.train import Trainer, task_seed
+
+# METAGATE_TEST_DEVICE=cpu runs the same checks on the CPU (the sync check then checks nothing): a dry run of
+# this file on a machine without a GPU before device time is spent on it
+DEVICE = os.environ.get("METAGATE_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+
+BENCH = {"name": "gated_teacher", "num_tasks": 3, "train_per_task": 300, "test_per_task": 100}
+# the methods that use the teacher's masks need the student at the teacher's width
+HIDDEN = {"oracle": [64], "nearest_context": [64]}
+# host-side bookkeeping a training step never reads: XdG's mask seed (drawn into CPU generators), metagate's
+# record of trained tasks (read when the stored masks change, between tasks)
+HOST_STATE = {"mask_seed", "trained"}
+NO_STEP = {"joint"}  # trains on the union of the tasks: covered by the whole-run test
+
+
+def method_on_cuda(name: str, **method: Any):  # noqa: ANN201
+    cfg = config_from_dict({"benchmark": BENCH, "method": {"name": name, "backbone": {"hidden": HIDDEN.get(name, [32, 32])}, **method},
+                            "trainer": {"device": DEVICE, "progress": False}})
+    device = torch.device(DEVICE)
+    stream = build_stream(cfg.benchmark, 0).to(device)
+    torch.manual_seed(task_seed(0, -1))
+    return create_method(cfg.method, stream, cfg.trainer, device), stream
+
+
+def batches(task, steps: int = 3, n: int = 64) -> list[Batch]:  # noqa: ANN001
+    return [Batch(task.x_train[n * s : n * (s + 1)], task.y_train[n * s : n * (s + 1)]) for s in range(steps)]
+
+
+VARIANTS = [(name, {}) for name in sorted(METHODS.names()) if name not in NO_STEP] + [
+    ("metagate", {"meta_learning": False}),
+    ("metagate", {"context_mode": "shuffled"}),
+    ("hypermask", {"sparsity": 30.0}),
+    ("hypermask", {"embedding": "context", "reg_subset": 1}),
+    ("hnet", {"chunk_size": 500, "chunk_emb_dim": 8}),
+    ("si", {"context_input": "film"}),
+]
+
+
+@pytest.mark.parametrize(("name", "method"), VARIANTS, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in m.items())}" for n, m in VARIANTS])
+def test_a_cuda_training_step_never_syncs_with_the_host(name: str, method: dict[str, Any]) -> None:
+    m, stream = method_on_cuda(name, **method)
+    for task in stream.tasks[:2]:
+        m.before_task(task)
+        for b in batches(task):
+            m.train_step(b, task)
+        m.after_task(task)
+    task = stream.tasks[2]
+    m.before_task(task)
+    steps = batches(task)
+    m.train_step(steps[0], task)  # warm-up: lazily built state (optimiser moments) is allowed one sync
+    on_cuda = DEVICE == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in steps[1:]:
+            m.train_step(b, task)
+    finally:
+        if on_cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(p.device.type == DEVICE for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS.names()))
+def test_a_whole_run_on_cuda_finishes_with_every_tensor_on_the_device(name: str, tmp_path) -> None:  # noqa: ANN001
+    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": name, "backbone": {"hidden": HIDDEN.get(name, [32, 32])}},
+           "trainer": {"epochs": 1, "batch_size": 64, "device": DEVICE, "progress": False}}
+    trainer = Trainer(config_from_dict(raw), RunDir.create(tmp_path / "r"))
+    results = trainer.fit()
+    assert results["device"].startswith(DEVICE)
+    elsewhere = {k.rsplit(".", 1)[-1] for k, t in trainer.method.state_dict().items() if isinstance(t, torch.Tensor) and t.device.type != DEVICE}
+    assert elsewhere <= HOST_STATE
+    final = results["acc_matrix"][-1]
+    assert all(0.0 <= a <= 1.0 for a in final) and sum(final) / len(final) > 0.15  # above chance (0.1)
+
+
+@pytest.mark.parametrize("name", ["metagate", "xdg", "hypermask"])
+def test_a_resumed_cuda_run_equals_an_uninterrupted_one(name: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": name, "backbone": {"hidden": [32, 32]}},
+           "trainer": {"epochs": 1, "batch_size": 64, "device": DEVICE, "progress": False}}
+    whole, resumed = whole_and_resumed(raw, tmp_path, monkeypatch)
+    assert resumed["acc_matrix"] == whole["acc_matrix"]
