@@ -73,6 +73,11 @@ def test_balanced_buffer_gives_every_class_its_share() -> None:
         m.insert(x[start : start + 40], y[start : start + 40], torch.zeros(len(y[start : start + 40]), dtype=torch.long))
     counts = torch.bincount(m.mem_y[: m.capacity][m.filled[: m.capacity] > 0], minlength=c)
     assert counts.tolist() == [100 // c] * c
+    m.filled[3] = 0.0  # an empty slot is never drawn; the filled ones are drawn alike
+    xs, ys, _ = m.sample(4000)
+    assert not (xs.flatten(1) == m.mem_x[3].flatten()).all(1).any()
+    drawn = torch.bincount(ys, minlength=c).float() / 4000
+    assert (drawn - 0.25).abs().max() < 0.03  # 4000 draws: sd 0.007
 
 
 def test_er_replays_earlier_tasks_with_their_own_label_masks() -> None:

@@ -92,7 +92,9 @@ class ER(Method):
         self.filled[self.capacity] = 0.0
 
     def sample(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        idx = torch.multinomial(self.filled[: self.capacity], k, replacement=True)
+        """``k`` samples drawn uniformly, with replacement, from the filled slots (inverse CDF on the device: no sync)."""
+        cdf = self.filled[: self.capacity].cumsum(0)
+        idx = torch.searchsorted(cdf, torch.rand(k, device=cdf.device) * cdf[-1], right=True).clamp_(max=self.capacity - 1)
         return self.mem_x[idx], self.mem_y[idx], self.mem_task[idx]
 
     def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
