@@ -24,6 +24,8 @@ DEVICE = os.environ.get("METAGATE_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
 
 BENCH = {"name": "gated_teacher", "num_tasks": 3, "train_per_task": 300, "test_per_task": 100}
+# methods that learn new classes (MeRGAN: task- and class-incremental only) run on a split stream
+BENCH_OF = {"mergan": {"name": "split", "dataset": "digits", "num_tasks": 3, "scenario": "task"}}
 # the methods that use the teacher's masks need the student at the teacher's width
 HIDDEN = {"oracle": [64], "nearest_context": [64]}
 # host-side bookkeeping a training step never reads: XdG's mask seed (drawn into CPU generators), metagate's
@@ -35,7 +37,7 @@ NO_STEP = {"joint"}  # trains on the union of the tasks: covered by the whole-ru
 
 
 def method_on_cuda(name: str, **method: Any):  # noqa: ANN201
-    cfg = config_from_dict({"benchmark": BENCH, "method": {"name": name, "backbone": {"hidden": HIDDEN.get(name, [32, 32])}, **OPTIONS.get(name, {}), **method},
+    cfg = config_from_dict({"benchmark": BENCH_OF.get(name, BENCH), "method": {"name": name, "backbone": {"hidden": HIDDEN.get(name, [32, 32])}, **OPTIONS.get(name, {}), **method},
                             "trainer": {"device": DEVICE, "progress": False}})
     device = torch.device(DEVICE)
     stream = build_stream(cfg.benchmark, 0).to(device)
@@ -84,7 +86,7 @@ def test_a_cuda_training_step_never_syncs_with_the_host(name: str, method: dict[
 
 @pytest.mark.parametrize("name", sorted(METHODS.names()))
 def test_a_whole_run_on_cuda_finishes_with_every_tensor_on_the_device(name: str, tmp_path) -> None:  # noqa: ANN001
-    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": name, "backbone": {"hidden": HIDDEN.get(name, [32, 32])}, **OPTIONS.get(name, {})},
+    raw = {"seed": 0, "benchmark": BENCH_OF.get(name, BENCH), "method": {"name": name, "backbone": {"hidden": HIDDEN.get(name, [32, 32])}, **OPTIONS.get(name, {})},
            "trainer": {"epochs": 1, "batch_size": 64, "device": DEVICE, "progress": False}}
     trainer = Trainer(config_from_dict(raw), RunDir.create(tmp_path / "r"))
     results = trainer.fit()

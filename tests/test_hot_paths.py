@@ -70,7 +70,7 @@ HOT_SETTINGS = {"pathnet": {"generations": 5, "evals_per_path": 1}}
 
 
 @pytest.mark.parametrize(
-    "method", ["metagate", "xdg", "si", "finetune", "hypermask", "hnet", "active_dendrites", "piggyback", "pathnet"]
+    "method", ["metagate", "xdg", "si", "finetune", "hypermask", "hnet", "active_dendrites", "piggyback", "pathnet", "er", "dgr"]
 )
 def test_a_training_step_reads_nothing_back_from_the_device(method: str, host_reads: list[str]) -> None:
     m, stream = make(method, **HOT_SETTINGS.get(method, {}))
@@ -229,4 +229,22 @@ def test_hypermask_ramps_its_sparsity_on_the_first_task_without_reading_back(hos
     host_reads.clear()
     for s in range(3):
         m.train_step(batch(task, start=64 * s), task)
+    assert host_reads == []
+
+
+@pytest.mark.parametrize("variant", ["replay_alignment", "joint_retraining"])
+def test_mergan_steps_read_nothing_back_from_the_device(variant: str, host_reads: list[str]) -> None:
+    """Replay methods (issue 17): MeRGAN's critic and generator steps, with old classes to replay."""
+    cfg = config_from_dict({"benchmark": {"name": "split", "dataset": "digits", "num_tasks": 2, "classes_per_task": 2, "scenario": "class"},
+                            "method": {"name": "mergan", "variant": variant, "gan": {"dim": 4, "z_dim": 8}}, "trainer": {"batch_size": 32}})
+    stream = build_stream(cfg.benchmark, 0)
+    m = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
+    m.before_task(stream.tasks[0])
+    for s in range(2):
+        m.train_step(batch(stream.tasks[0], 32, 32 * s), stream.tasks[0])
+    task = stream.tasks[1]
+    m.before_task(task)
+    host_reads.clear()
+    for s in range(6):  # a generator step at the 5th
+        m.train_step(batch(task, 32, 32 * s), task)
     assert host_reads == []

@@ -54,6 +54,7 @@ def per_task_table(results: dict[str, Any], reference: dict[str, Any] | list[dic
             columns += [c[key] for _, c in runs]
     rows = [[str(j), name, *(c[j] for c in columns)] for j, name in enumerate(names)]
     table = markdown_table(["task", "name", *header], rows)
+    table += generated_section(results)
     for ref in refs:
         if results.get("test_time_info") != ref.get("test_time_info"):
             table += (
@@ -146,3 +147,21 @@ def comparison_table(summary: dict[str, dict[str, Any]], failed: dict[str, int] 
             f"({', '.join(sorted(uses_at_test(i) for i in infos))}); compare within the same 'uses at test'."
         )
     return table
+
+
+def generated_section(results: dict[str, Any]) -> str:
+    """Generative replay: the generated-sample accuracy per class after each task (``generated_class_acc``,
+    MeRGAN's evaluation) and the sample grids saved in the run folder (``artifacts``), as Markdown."""
+    out = ""
+    rows = results.get("generated_class_acc")
+    if rows:
+        classes = [c for c in range(len(rows[0])) if any(r[c] is not None for r in rows)]
+        means = results.get("generated_acc") or [None] * len(rows)
+        body = [[str(t), *(pct(r[c]) for c in classes), pct(means[t])] for t, r in enumerate(rows)]
+        out += "\n\nGenerated-sample accuracy (%) per class (output unit), scored by a classifier trained on all classes' real data:\n\n"
+        out += markdown_table(["after task", *(str(c) for c in classes), "mean"], body)
+    images = [a for a in results.get("artifacts") or [] if a.endswith(".png")]
+    if images:
+        out += "\n\nSamples after each task (one row per class learned so far, or 10 x 10 unconditional samples):\n\n"
+        out += "\n".join(f"![{name}]({name})" for name in images)
+    return out

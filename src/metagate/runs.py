@@ -258,6 +258,20 @@ class RunDir:
     def write_results(self, results: dict[str, Any]) -> None:
         atomic_write_json(self.file(self.RESULTS), results)
 
+    def write_image(self, name: str, image: torch.Tensor) -> None:
+        """``image`` (``[C, H, W]`` or ``[H, W]``, values in ``[0, 1]``) as the PNG ``<run>/<name>``, atomically."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        array = image.detach().float().cpu().clamp(0, 1)
+        if array.ndim == 3:
+            array = array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)
+        buffer = io.BytesIO()
+        plt.imsave(buffer, array.numpy(), cmap="gray", vmin=0, vmax=1, format="png")
+        atomic_write_bytes(self.path / name, buffer.getvalue())
+
     def read_results(self) -> dict[str, Any]:
         return json.loads(self.file(self.RESULTS).read_text())
 

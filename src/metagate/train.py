@@ -293,6 +293,10 @@ class Trainer:
             state["heldout_rows"].append(held)
             state["next_task"] = t + 1
             self._log({"type": "eval", "task": t, "step": state["steps"], "acc": row, "heldout_acc": held, "val_acc": val})
+            for name, image in method.artifacts(task).items():  # sample grids of generative replay methods
+                if self.run is not None:
+                    self.run.write_image(name, image)
+                state.setdefault("artifacts", []).append(name)
             self._save_state(state)
             bar.set_postfix(acc=f"{np.mean(row[: t + 1]):.3f}")
             bar.update()
@@ -360,6 +364,7 @@ class Trainer:
             "threads": self.threads,
             "data": self.stream.provenance,
             **self._storage(),
+            **({"artifacts": state["artifacts"]} if state.get("artifacts") else {}),
             **self.method.extra_results(),
             **self._mask_figures(),
         }

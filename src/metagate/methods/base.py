@@ -273,6 +273,11 @@ class Method(nn.Module):
             return 0
         return (head.weight.numel() + (head.bias.numel() if head.bias is not None else 0)) * 4 // self.num_heads
 
+    def artifacts(self, task: Task) -> dict[str, Tensor]:
+        """Images the run folder keeps after ``task`` (generators' sample grids): file name (``.png``) ->
+        ``[C, H, W]`` or ``[H, W]`` values in ``[0, 1]``. The Trainer writes them; a method never writes files."""
+        return {}
+
 
 METHODS: Registry[type[Method]] = Registry("method")
 
