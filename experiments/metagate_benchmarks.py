@@ -112,8 +112,8 @@ SI_METHODS = {"xdg", "oracle", "nearest_context", "metagate", "si"}  # the varia
 # 19 groups): XdG, metagate and the lookups at the oracle's density.
 COMPOSED_XDG = ["method.input_dropout=0.0", "method.gate_fraction=0.842"]
 # metagate as issue 13 leaves it: the additive agent (composition of factor values) and stored-mask batches (cost
-# flat in the tasks); "metagate-k4" also updates the agent every 4th step with 100 consolidation steps (cost per
-# step); "metagate-mlp" is issue 12's metagate (the bias-free MLP agent, every stored mask each step).
+# flat in the tasks); "metagate-mlp" is issue 12's metagate (the bias-free MLP agent, every stored mask each step).
+# K4 (the agent updated every 4th step, 100 consolidation steps: cost per step) is in the default run, not here.
 METAGATE13 = ["method.agent=additive", "method.agent_hidden=[64]", "method.reg_batch=32", "method.consolidation_batch=64"]
 K4 = ["method.agent_every=4", "method.consolidation_steps=100"]
 # The published hypernetwork methods with the task's context as the hypernetwork's input (issue 14, item 4): each
@@ -137,7 +137,6 @@ STREAMS = {
             "vote": ("nearest_context", ["method.ties=true"]),
             "metagate": ("metagate", ["method.density=0.158", *METAGATE13]),
             "shuffled": ("metagate", ["method.density=0.158", *METAGATE13, "method.context_mode=shuffled"]),
-            "metagate-k4": ("metagate", ["method.density=0.158", *METAGATE13, *K4]),
             "metagate-mlp": ("metagate", ["method.density=0.158"]),
             "shuffled-mlp": ("metagate", ["method.density=0.158", "method.context_mode=shuffled"]),
             "onehot-mlp": ("metagate", ["method.density=0.158", "method.context_mode=onehot"]),
@@ -227,6 +226,7 @@ class Chosen:
     prior: float
     own_c: dict[str, float]
     prior_mlp: float | None = None  # issue 12's metagate (the "-mlp" variants), chosen for it alone
+    prior_given: bool = False  # the prior came from the command line (--prior), not from validation
 
     def c_for(self, label: str) -> float:
         return self.own_c.get(label, self.c)
@@ -237,10 +237,11 @@ class Chosen:
     def describe(self, stream: Stream) -> str:
         own = "".join(f", {label} c = {c:g} from {stream.c_grid}" for label, c in self.own_c.items())
         mlp = "" if self.prior_mlp is None else f", metagate-mlp prior = {self.prior_mlp:g} from {PRIOR_GRID}"
-        return f"SI c = {self.c:g} from {stream.c_grid} (XdG + SI; every gated variant), metagate prior = {self.prior:g} from {PRIOR_GRID}{mlp}{own}"
+        prior = f"metagate prior = {self.prior:g} given (--prior), not chosen here" if self.prior_given else f"metagate prior = {self.prior:g} from {PRIOR_GRID}"
+        return f"SI c = {self.c:g} from {stream.c_grid} (XdG + SI; every gated variant), {prior}{mlp}{own}"
 
 
-def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tuning_seeds: int) -> Chosen:
+def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tuning_seeds: int, given_prior: float | None = None) -> Chosen:
     """SI's c (for XdG + SI), then metagate's prior with that c, then each context baseline's c, all
     chosen on validation."""
     c_grid = ",".join(str(c) for c in stream.c_grid)
@@ -249,7 +250,10 @@ def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tunin
     fixed = [*stream.variants["metagate"][1], f"method.c={c}", f"method.xi={stream.xi}"]
     # issue 13's metagate (additive agent) has its own folder; issue 12's (kept as "-mlp") keeps the old one
     folder = root / (f"{name}-tuning-prior-13" if "metagate-mlp" in stream.variants else f"{name}-tuning-prior")
-    prior = float(choose(stream, folder, "metagate", f"method.prior={prior_grid}", fixed, extra, tuning_seeds).split("=")[1])
+    if given_prior is None:
+        prior = float(choose(stream, folder, "metagate", f"method.prior={prior_grid}", fixed, extra, tuning_seeds).split("=")[1])
+    else:
+        prior = given_prior
     prior_mlp = None
     if "metagate-mlp" in stream.variants:
         fixed = [*stream.variants["metagate-mlp"][1], f"method.c={c}", f"method.xi={stream.xi}"]
@@ -457,6 +461,8 @@ def main() -> None:
     p.add_argument("--streams", default=DEFAULT_STREAMS, help=f"comma-separated, of {', '.join(STREAMS)}")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--tuning-seeds", type=int, default=2)
+    p.add_argument("--prior", type=float, default=None, help="metagate's prior as given, instead of choosing it on validation "
+                   "(the table then says so)")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = p.parse_args()
     names = [s.strip() for s in args.streams.split(",") if s.strip()]
@@ -465,7 +471,8 @@ def main() -> None:
         p.error(f"unknown stream(s) {', '.join(unknown)}; choose from {', '.join(STREAMS)}")
     for name in names:
         stream, out = STREAMS[name], args.out / name
-        chosen = chosen_values(stream, name, args.out, args.overrides, args.tuning_seeds)
+        chosen = chosen_values(stream, name, args.out, args.overrides, args.tuning_seeds, args.prior)
+        chosen.prior_given = args.prior is not None
         cmd = run_compare(stream, out, args.seeds, args.overrides, chosen)
         runs = load_runs(out)
         short = stream.title.split(" (")[0]
