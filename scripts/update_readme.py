@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--xdg", type=Path, nargs="*", default=[], help="finished experiments/xdg_permuted.py --out folders whose tables to include")
     p.add_argument("--metagate", type=Path, nargs="*", default=[], help="finished experiments/metagate_benchmarks.py --out folders (tables and plots)")
     p.add_argument("--long-stream", type=Path, nargs="*", default=[], help="finished experiments/long_stream.py --out folders (table and plot)")
+    p.add_argument("--summary", type=Path, nargs="*", default=[], help="tables written by experiments/summarise_runs.py (runs made elsewhere, e.g. on a GPU)")
     args = p.parse_args()
     parts = [
         START,
@@ -105,6 +106,8 @@ def main() -> None:
         shutil.copyfile(folder / "q_vs_tasks_seen.png", target)
         parts += ["**Generalisation to future tasks as the stream grows** (`experiments/long_stream.py`):", "",
                   (folder / "table.md").read_text().strip(), "", f"![Q and zero-shot against tasks seen]({target.relative_to(ROOT)})", ""]
+    for path in args.summary:
+        parts += [path.read_text().strip(), ""]
     if not args.skip_speed:
         bench = run([str(BIN / "python"), "benchmarks/trainer_speed.py"])
         parts += ["**Trainer throughput against a bare PyTorch loop** (MLP 784-400-400-10, Adam):", "",
