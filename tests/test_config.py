@@ -12,19 +12,33 @@ from metagate.config import ConfigError, config_from_dict, list_ready_configs, l
 
 def test_default_config_loads() -> None:
     cfg = load_config()
-    assert (cfg.benchmark.name, cfg.method.name) == ("gated_teacher", "metagate")
-    ref = cfg.reference_config()
-    assert ref is not None and ref.method.name == "xdg" and ref.reference is None
-    assert ref.method.backbone == cfg.method.backbone and ref.method.c == cfg.method.c  # same net, same SI
-    assert (ref.seed, ref.benchmark, ref.trainer) == (cfg.seed, cfg.benchmark, cfg.trainer)
+    assert (cfg.benchmark.name, cfg.method.name) == ("composed_teacher", "metagate")
+    refs = cfg.reference_configs()
+    assert [r.method.name for r in refs] == ["xdg", "oracle"] and all(r.reference is None for r in refs)
+    xdg, oracle = refs
+    assert xdg.method.backbone == cfg.method.backbone and xdg.method.c == cfg.method.c  # same net, same SI
+    assert oracle.method.backbone.hidden == [209] and oracle.method.c == cfg.method.c
+    for ref in refs:
+        assert (ref.seed, ref.benchmark, ref.trainer) == (cfg.seed, cfg.benchmark, cfg.trainer)
+    assert cfg.reference_config() == xdg
+
+
+def test_a_reference_list_is_validated_item_by_item() -> None:
+    raw = {"benchmark": {"name": "gated_teacher"}, "method": {"name": "si"}}
+    cfg = config_from_dict({**raw, "reference": [{"name": "ewc"}, {"name": "finetune"}]})
+    assert [r.method.name for r in cfg.reference_configs()] == ["ewc", "finetune"]
+    with pytest.raises(ConfigError, match=r"reference\[1\]"):
+        config_from_dict({**raw, "reference": [{"name": "ewc"}, {"name": "magic"}]})
+    with pytest.raises(ConfigError, match="empty list"):
+        config_from_dict({**raw, "reference": []})
 
 
 def test_reference_switches_and_clears_like_the_method() -> None:
-    cfg = load_config(None, ["reference.name=si"])
+    cfg = load_config(None, ["reference.name=si"])  # a list of references becomes this one
     assert cfg.reference is not None and cfg.reference.name == "si" and not hasattr(cfg.reference, "gate_fraction")
     assert cfg.reference.backbone == cfg.method.backbone
     assert load_config(None, ["reference=null"]).reference is None
-    own = load_config(None, ["reference.backbone.hidden=[32]"])
+    own = load_config(None, ["reference.name=xdg", "reference.backbone.hidden=[32]"])
     assert own.reference is not None and own.reference.backbone.hidden == [32]
 
 
