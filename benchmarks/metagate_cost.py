@@ -12,7 +12,7 @@ against regularising and consolidating over every stored mask.
    (flat: about 1), for the default's batches and for ``reg_batch=0 consolidation_batch=0`` (every stored
    mask each step: grows with the tasks).
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/metagate_cost.py [--repeats 3] [--tasks 100] [--steps 50]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/metagate_cost.py [--repeats 3] [--tasks 100] [--steps 50] [key=value ...]
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from metagate.runs import RunDir
 from metagate.train import Trainer, task_seed
 
 
-def default_run_seconds(repeats: int) -> None:
-    cfg = load_config("default", ["trainer.progress=false", "trainer.checkpoint=false"])
+def default_run_seconds(repeats: int, overrides: list[str]) -> None:
+    cfg = load_config("default", ["trainer.progress=false", "trainer.checkpoint=false", *overrides])
     ref = cfg.reference_configs()[0]
     times: dict[str, list[float]] = {cfg.method.name: [], f"{ref.method.name} (reference)": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +50,8 @@ def default_run_seconds(repeats: int) -> None:
 
 
 def seconds_per_task(tasks: int, steps: int, overrides: list[str]) -> list[float]:
-    cfg = load_config("default", [f"benchmark.num_tasks={tasks}", "benchmark.train_per_task=256", "benchmark.test_per_task=8", *overrides])
+    cfg = load_config("default", [f"benchmark.num_tasks={tasks}", "benchmark.novel_tasks=10", "benchmark.train_per_task=256",
+                                  "benchmark.test_per_task=8", *overrides])
     stream = build_stream(cfg.benchmark, 0)
     torch.manual_seed(task_seed(0, -1))
     method = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
@@ -74,14 +75,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50, help="training steps per task in part 2")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", choices=["default", "per-task"], default=None)
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the default config (e.g. method.consolidation_steps=20)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()}")
     if args.only in (None, "default"):
-        default_run_seconds(args.repeats)
+        default_run_seconds(args.repeats, args.overrides)
     if args.only in (None, "per-task"):
         for label, extra in (("stored-mask batches (default)", []), ("every stored mask", ["method.reg_batch=0", "method.consolidation_batch=0"])):
-            t = seconds_per_task(args.tasks, args.steps, extra)
+            t = seconds_per_task(args.tasks, args.steps, [*args.overrides, *extra])
             first, mid, last = (statistics.mean(t[a : a + 10]) for a in (0, len(t) // 2 - 5, len(t) - 10))
             print(f"{label:32s} s/task: tasks 1-10 {first:.3f}, middle 10 {mid:.3f}, last 10 {last:.3f}; last / first {last / first:.2f}")
     print(f"load average after: {os.getloadavg()}")
