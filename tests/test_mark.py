@@ -222,3 +222,14 @@ def test_mark_refuses_what_it_cannot_run() -> None:
     with pytest.raises(ValueError, match="iterations_per_task"):
         cfg = config_from_dict(raw(), ["trainer.iterations_per_task=10"])
         create_method(cfg.method, build_stream(cfg.benchmark, 0), cfg.trainer, torch.device("cpu"))
+
+
+def test_meta_statistics_show_the_direction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without weight decay the KB's change over the meta phase points along sum D (toward) or against it (away)."""
+    for direction, sign in (("toward", 1.0), ("away", -1.0)):
+        m, stream = make(meta_direction=direction, meta_weight_decay=0.0)
+        run_task(m, stream.tasks[0])
+        stats = m.extra_results()
+        assert stats["mark_meta_alignment"][0] == pytest.approx(sign, abs=1e-3)  # float32 rounding of a small change
+        assert stats["mark_meta_kb_change"][0] > 0
+        assert stats["mark_meta_alignment"][1] is None  # not trained yet

@@ -312,6 +312,10 @@ class Mark(Method):
             self.label_position.append(table)
         self.model = MarkNet(cfg, shape, [len(c) for c in self.class_index]).to(self.device)  # type: ignore[assignment]
         self.outer_lr = cfg.outer_lr if cfg.outer_lr is not None else cfg.lr_meta * 0.1  # approach.py:259,262
+        # per trained task, what its meta-learning did to the KB (read only for results.json): the KB's change
+        # over the meta phase relative to its norm, the cosine of that change with the summed meta directions
+        # sum D (+1: toward the mini-tasks' changes, -1: against them), the mini-tasks' mean accuracy
+        self.register_buffer("meta_stats", torch.full((len(stream.tasks), 3), float("nan"), device=self.device))
         self.optimizer = None  # type: ignore[assignment]  # one SGD per phase, made as the phase starts
         self._phases: list[Phase] = []
         self._meta_before: Phase | None = None
@@ -452,6 +456,8 @@ class Mark(Method):
         n = int(data.y.shape[0])
         size = min(cfg.mini_task_size or self.trainer_cfg.batch_size, n)
         kb_params = list(self.model.kb.parameters())
+        start = torch.cat([p.detach().flatten() for p in kb_params])
+        directions, mean_acc = torch.zeros_like(start), start.new_zeros(())
         for _ in range(cfg.meta_epochs):
             order = torch.cat([torch.randperm(n, device=self.device) for _ in range(math.ceil(cfg.mini_tasks * size / n))])
             deltas, accs = [], []
@@ -460,7 +466,16 @@ class Mark(Method):
                 adapted, acc = self.mini_task(data.x[idx], self.class_position(data.y[idx], slot), slot)
                 deltas.append([a - p.detach() for a, p in zip(adapted, kb_params)])
                 accs.append(acc)
-            self.meta_step(kb_params, weighted_kb_direction(deltas, torch.stack(accs)))
+            direction = weighted_kb_direction(deltas, torch.stack(accs))
+            self.meta_step(kb_params, direction)
+            directions += torch.cat([d.flatten() for d in direction])
+            mean_acc += torch.stack(accs).mean() / cfg.meta_epochs
+        pos = self.position(task)
+        if pos < self.meta_stats.shape[0]:
+            change = torch.cat([p.detach().flatten() for p in kb_params]) - start
+            self.meta_stats[pos, 0] = change.norm() / start.norm().clamp_min(1e-12)
+            self.meta_stats[pos, 1] = F.cosine_similarity(change, directions, dim=0)
+            self.meta_stats[pos, 2] = mean_acc
 
     def meta_step(self, kb_params: list[nn.Parameter], direction: list[Tensor]) -> None:
         """One fresh SGD(outer_lr, weight decay) step on the KB with ``-D`` (``toward``) or ``D`` (``away``,
@@ -532,9 +547,16 @@ class Mark(Method):
         scale above 0 (``mark_mask_sample_density``), the mean scale, how far a sample's mask is from its task's
         mean mask (``mark_mask_within_task_cosine``: mean cosine of each sample's mask with its task's mean), and
         the cosine between tasks' mean masks (``mark_mask_between_task_cosine``, matrix, and its off-diagonal mean)."""
+        stats = self.meta_stats.cpu()
+        rows = [None if bool(torch.isnan(r[0])) else [float(v) for v in r] for r in stats]
+        meta = {
+            "mark_meta_kb_change": [None if r is None else r[0] for r in rows],
+            "mark_meta_alignment": [None if r is None else r[1] for r in rows],
+            "mark_meta_mini_task_acc": [None if r is None else r[2] for r in rows],
+        }
         per = [self.sample_masks(t) for t in self.stream.tasks]
         if any(m is None for m in per):
-            return {"mark_masks": False}
+            return {"mark_masks": False, **meta}
         means = torch.stack([m.mean(0) for m in per])  # type: ignore[union-attr]
         unit = F.normalize(means, dim=1)
         between = unit @ unit.T
@@ -549,4 +571,5 @@ class Mark(Method):
             ],
             "mark_mask_between_task_cosine": between.tolist(),
             "mark_mask_between_task_cosine_mean": float(off.mean()) if t > 1 else None,
+            **meta,
         }
