@@ -233,3 +233,14 @@ def test_meta_statistics_show_the_direction(monkeypatch: pytest.MonkeyPatch) -> 
         assert stats["mark_meta_alignment"][0] == pytest.approx(sign, abs=1e-3)  # float32 rounding of a small change
         assert stats["mark_meta_kb_change"][0] > 0
         assert stats["mark_meta_alignment"][1] is None  # not trained yet
+
+
+def test_a_diverged_mini_task_adds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    m, stream = make(outer_lr=1.0, meta_weight_decay=0.0)
+    theta = [p.detach().clone() for p in m.model.kb.parameters()]
+    returns = iter([([t + 2 for t in theta], torch.tensor(0.5)), ([t * float("nan") for t in theta], torch.tensor(0.5))])
+    monkeypatch.setattr(m, "mini_task", lambda x, y, slot: next(returns))
+    m.meta_learn(stream.tasks[0])
+    for t, p in zip(theta, m.model.kb.parameters()):
+        torch.testing.assert_close(p.detach(), t + 2 / 2)  # weight 1 on the finite one, divided by K = 2
+    assert m.extra_results()["mark_meta_diverged_mini_tasks"][0] == 1

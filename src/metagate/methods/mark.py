@@ -232,7 +232,10 @@ class Mark(Method):
       reads nothing back from the device. The masks of a mini-task are computed once (F^t and M^t are fixed
       during it and its batch does not change: the code recomputes the same values at each inner step);
       F^t's batch-norm running statistics are left as they were (the code updates them on a copy it discards).
-    * The accuracy weights fall back to equal weights when all mini-tasks score 0 (the code divides by 0).
+    * A mini-task whose inner loop diverges (non-finite weights) gets weight 0 and change 0 (the code would
+      write NaN into the KB: on split Fashion-MNIST, seed 2, task 1, one of them ended the run with a NaN loss);
+      ``mark_meta_diverged_mini_tasks`` counts them per task. The accuracy weights fall back to equal weights
+      when all mini-tasks score 0 (the code divides by 0).
     * With ``masks=false`` F^t and M^t are not trained (nothing reads them; the code trains F^t anyway).
     * The meta-learning phase runs inside the training step that starts phase 5 (the Trainer counts the
       epoch-phases through :meth:`epochs_for`); ``trainer.lr`` / ``trainer.optimizer`` are unused (MARK's
@@ -314,8 +317,9 @@ class Mark(Method):
         self.outer_lr = cfg.outer_lr if cfg.outer_lr is not None else cfg.lr_meta * 0.1  # approach.py:259,262
         # per trained task, what its meta-learning did to the KB (read only for results.json): the KB's change
         # over the meta phase relative to its norm, the cosine of that change with the summed meta directions
-        # sum D (+1: toward the mini-tasks' changes, -1: against them), the mini-tasks' mean accuracy
-        self.register_buffer("meta_stats", torch.full((len(stream.tasks), 3), float("nan"), device=self.device))
+        # sum D (+1: toward the mini-tasks' changes, -1: against them), the mini-tasks' mean accuracy, and how many
+        # mini-tasks were left out because their inner loop diverged
+        self.register_buffer("meta_stats", torch.full((len(stream.tasks), 4), float("nan"), device=self.device))
         self.optimizer = None  # type: ignore[assignment]  # one SGD per phase, made as the phase starts
         self._phases: list[Phase] = []
         self._meta_before: Phase | None = None
@@ -457,15 +461,18 @@ class Mark(Method):
         size = min(cfg.mini_task_size or self.trainer_cfg.batch_size, n)
         kb_params = list(self.model.kb.parameters())
         start = torch.cat([p.detach().flatten() for p in kb_params])
-        directions, mean_acc = torch.zeros_like(start), start.new_zeros(())
+        directions, mean_acc, dropped = torch.zeros_like(start), start.new_zeros(()), start.new_zeros(())
         for _ in range(cfg.meta_epochs):
             order = torch.cat([torch.randperm(n, device=self.device) for _ in range(math.ceil(cfg.mini_tasks * size / n))])
             deltas, accs = [], []
             for k in range(cfg.mini_tasks):  # approach.py:123-147: mini-task k is batch k of a fresh shuffled pass
                 idx = order[k * size : (k + 1) * size]
                 adapted, acc = self.mini_task(data.x[idx], self.class_position(data.y[idx], slot), slot)
-                deltas.append([a - p.detach() for a, p in zip(adapted, kb_params)])
-                accs.append(acc)
+                # a mini-task whose inner loop diverged adds nothing (the code would write its NaN into the KB)
+                finite = torch.stack([torch.isfinite(a).all() for a in adapted]).all()
+                deltas.append([torch.where(finite, a - p.detach(), torch.zeros_like(a)) for a, p in zip(adapted, kb_params)])
+                accs.append(torch.where(finite, acc, torch.zeros_like(acc)))
+                dropped += (~finite).float()
             direction = weighted_kb_direction(deltas, torch.stack(accs))
             self.meta_step(kb_params, direction)
             directions += torch.cat([d.flatten() for d in direction])
@@ -476,6 +483,7 @@ class Mark(Method):
             self.meta_stats[pos, 0] = change.norm() / start.norm().clamp_min(1e-12)
             self.meta_stats[pos, 1] = F.cosine_similarity(change, directions, dim=0)
             self.meta_stats[pos, 2] = mean_acc
+            self.meta_stats[pos, 3] = dropped
 
     def meta_step(self, kb_params: list[nn.Parameter], direction: list[Tensor]) -> None:
         """One fresh SGD(outer_lr, weight decay) step on the KB with ``-D`` (``toward``) or ``D`` (``away``,
@@ -553,6 +561,7 @@ class Mark(Method):
             "mark_meta_kb_change": [None if r is None else r[0] for r in rows],
             "mark_meta_alignment": [None if r is None else r[1] for r in rows],
             "mark_meta_mini_task_acc": [None if r is None else r[2] for r in rows],
+            "mark_meta_diverged_mini_tasks": [None if r is None else int(r[3]) for r in rows],
         }
         per = [self.sample_masks(t) for t in self.stream.tasks]
         if any(m is None for m in per):
