@@ -15,3 +15,8 @@ $PY -m metagate.cli compare mark-split-fmnist $CAPS trainer.progress=false \
   mark-code-sign:method.meta_direction=away mark-no-meta:method.kb_update=sgd \
   mark-no-masks:method.masks=false mark-kb-frozen:method.freeze_kb_after=1 \
   --seeds 3 --out "$OUT/mark" --resume
+# The meta step's direction with a 100x larger step on D (outer_lr 0.1; weight decay 0.001 keeps the code's
+# lr x decay = 1e-4): does moving toward (the paper) or against (the code) the mini-tasks' changes matter? 2 seeds.
+$PY -m metagate.cli compare mark-split-fmnist $CAPS trainer.progress=false method.outer_lr=0.1 method.meta_weight_decay=0.001 \
+  --methods mark-100x=mark,mark-100x-code-sign=mark mark-100x-code-sign:method.meta_direction=away \
+  --seeds 2 --out "$OUT/direction" --resume

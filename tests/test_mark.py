@@ -244,3 +244,19 @@ def test_a_diverged_mini_task_adds_nothing(monkeypatch: pytest.MonkeyPatch) -> N
     for t, p in zip(theta, m.model.kb.parameters()):
         torch.testing.assert_close(p.detach(), t + 2 / 2)  # weight 1 on the finite one, divided by K = 2
     assert m.extra_results()["mark_meta_diverged_mini_tasks"][0] == 1
+
+
+def test_inner_clip_equals_torch_clip_grad_norm() -> None:
+    from metagate.methods.mark import clip_norm
+
+    torch.manual_seed(0)
+    grads = [torch.randn(3, 4) * 5, torch.randn(7)]
+    ref = [g.clone().requires_grad_(False) for g in grads]
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p, g in zip(params, ref):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 0.5)
+    for mine, p in zip(clip_norm(grads, 0.5), params):
+        torch.testing.assert_close(mine, p.grad)
+    small = [torch.full((2,), 1e-3)]
+    assert torch.equal(clip_norm(small, 0.5)[0], small[0])  # under the limit: unchanged

@@ -151,6 +151,14 @@ def sgd_step(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None
             p.sub_(g * lr)
 
 
+def clip_norm(grads: list[Tensor], max_norm: float) -> list[Tensor]:
+    """``torch.nn.utils.clip_grad_norm_``'s rule on a list of gradients, without a host sync: scaled by
+    ``min(1, max_norm / (total L2 norm + 1e-6))``."""
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    return [g * coef for g in grads]
+
+
 def weighted_kb_direction(deltas: list[list[Tensor]], accs: Tensor) -> list[Tensor]:
     """``sum_i w_i * delta_i / K`` per KB tensor, ``w_i = acc_i / sum_j acc_j`` (``approach.py:151-156``);
     equal weights when every mini-task scored 0 (the code divides by zero there)."""
@@ -236,6 +244,10 @@ class Mark(Method):
       write NaN into the KB: on split Fashion-MNIST, seed 2, task 1, one of them ended the run with a NaN loss);
       ``mark_meta_diverged_mini_tasks`` counts them per task. The accuracy weights fall back to equal weights
       when all mini-tasks score 0 (the code divides by 0).
+    * ``inner_clip`` (off by default, as in the code) clips the inner loop's gradient norms as the code's
+      commented-out lines would (0.5). ``mark-split-fmnist`` turns it on: with the code's rates the 2-class
+      Fashion-MNIST tasks drive the masked KB's logits so high (training loss exactly 0) that on seed 2, task 1,
+      11 of 30 mini-tasks diverged and a finite one moved the KB to 2.7e17.
     * With ``masks=false`` F^t and M^t are not trained (nothing reads them; the code trains F^t anyway).
     * The meta-learning phase runs inside the training step that starts phase 5 (the Trainer counts the
       epoch-phases through :meth:`epochs_for`); ``trainer.lr`` / ``trainer.optimizer`` are unused (MARK's
@@ -272,6 +284,10 @@ class Mark(Method):
         inner_momentum: float = Field(0.9, ge=0, description="momentum of the inner loop (code: 0.9)")
         inner_weight_decay: float = Field(0.1, ge=0, description="weight decay of the inner loop (code: 0.1)")
         inner_plateau: bool = Field(True, description="ReduceLROnPlateau(0.5, 5, 1e-3) on the inner loss (code: yes)")
+        inner_clip: float = Field(
+            0.0, ge=0, description="> 0: clip the inner loop's gradient norm (KB copy and classifier apart) to this (code: off; "
+            "its commented-out lines, approach.py:108-109, clip to 0.5)",
+        )
         meta_weight_decay: float = Field(0.1, ge=0, description="weight decay of the meta step and of kb_update=sgd (code: 0.1)")
         masks: bool = Field(True, description="false: the KB unmasked (the paper's no-mask ablation; code use_mask)")
         freeze_kb_after: int = Field(0, ge=0, description="k > 0: the KB is updated on the first k tasks only (ablation: 1)")
@@ -515,8 +531,10 @@ class Mark(Method):
         for _ in range(cfg.inner_steps):
             with torch.enable_grad():
                 loss = F.cross_entropy(logits(), y)
-                grads = torch.autograd.grad(loss, params)
-            sgd_step(params, list(grads), bufs, plateau.lr, cfg.inner_momentum, cfg.inner_weight_decay)
+                grads = list(torch.autograd.grad(loss, params))
+            if cfg.inner_clip > 0:  # approach.py:108-109 (commented out there): the KB copy and the classifier apart
+                grads = [*clip_norm(grads[: len(weights)], cfg.inner_clip), *clip_norm(grads[len(weights) :], cfg.inner_clip)]
+            sgd_step(params, grads, bufs, plateau.lr, cfg.inner_momentum, cfg.inner_weight_decay)
             if cfg.inner_plateau:  # scheduler.step(loss) after opti.step() (approach.py:112-114)
                 plateau = plateau_step(plateau, loss.detach())
         with torch.no_grad():
