@@ -209,17 +209,27 @@ class Mark(Method):
 
     **The meta step's direction** (``meta_direction``). The code (``approach.py:151-161``, ``utils.py:70-84``)
     writes ``D = sum_i w_i (new_i - old) / K`` into the KB's ``.grad`` and calls ``SGD.step()``, so the KB moves
-    to ``theta - outer_lr * (D + 0.1 theta)``: *against* the mini-tasks' weighted change. The paper presents its
-    KB update as Reptile-style meta-learning, which moves the shared weights *toward* the adapted ones
-    (``theta + outer_lr * D``). ``toward`` (default) implements the paper's rule; ``away`` reproduces the code's
-    sign. Everything else (weights, ``1 / K``, weight decay, rates) is identical between the two. Default
-    ``toward`` because it is what the paper states and what makes the step meta-learning at all; the
-    measured effect of the switch is in the README/issue report (with the code's small rate, 1e-3 x D / K,
-    the KB moves by about 1e-4 of a mini-task change per meta-epoch, so either sign changes little).
+    to ``theta - outer_lr * (D + 0.1 theta)``: *against* the mini-tasks' weighted change. The paper describes the
+    KB update as meta-learning in the manner of Reptile: the mini-tasks' weight changes, averaged with accuracy
+    weights, are applied to the KB at the meta learning rate, i.e. the KB moves *toward* the adapted weights,
+    ``theta + outer_lr * D`` (only the paper's abstract and introduction could be read where this was written;
+    the rule follows the issue's reading of the paper's algorithm and Reptile's update, which the code's
+    ``meta_training`` follows in every other respect). ``toward`` (default) implements that; ``away`` reproduces
+    the code's sign; nothing else differs between the two (weights, ``1 / K``, weight decay, rates). Default
+    ``toward``: it is the stated rule, and with ``away`` the "meta-learning" undoes what the mini-tasks learned.
+    ``mark_meta_alignment`` in ``results.json`` is the cosine between each task's KB change over its meta phase
+    and the summed ``D`` (+1 toward, -1 against, when the step on ``D`` outweighs the weight decay; ``D`` itself
+    is mostly the inner loop's weight decay, so at the code's rates both signs read about +1). Measured
+    (``experiments/mark_split_fmnist.sh``, ``mark-split-fmnist``, seeds 0-2, at commit 008e3b1): at the code's
+    rates the meta phase moves the KB by 3.3e-4 (toward) or 2.8e-4 (away) of its norm per task and ACC is
+    96.9 ± 1.8% either way, BWT 0.0; with a 100x larger step on ``D`` (``outer_lr=0.1``, decay 0.001; seeds 0-1)
+    the KB moves 2.8e-3 / 2.2e-3 per task with alignment +1.00 / -1.00, and ACC is still 95.7 ± 0.6% for both.
+    On this stream the KB's meta-learning does not change accuracy in either direction (``freeze_kb_after=1``
+    gives the same 96.9%): the masks and heads carry the tasks.
 
-    Ablations (the paper's Table 3): ``kb_update=sgd`` (no meta-learning), ``masks=false`` (the KB is used
-    unmasked; the code's ``use_mask=False`` replaces the masks by ones), ``freeze_kb_after=1`` (the KB is
-    trained on the first task only, then frozen).
+    Ablations of the paper's ablation study: ``kb_update=sgd`` (no meta-learning: the KB trains by SGD on the
+    task, the code's ``use_meta=False``), ``masks=false`` (the KB unmasked; the code's ``use_mask=False`` replaces
+    the masks by ones), ``freeze_kb_after=1`` (the KB trained on the first task only, then frozen).
 
     Defaults are the code's CIFAR-100 configuration (``configs/config_cifar100.yml`` and ``main.py``'s flags):
     ``lr_task=0.1``, ``lr_meta=0.01``, ``latent=128``, batch 128 (``trainer.batch_size``), 50 epochs per phase
@@ -240,6 +250,10 @@ class Mark(Method):
       reads nothing back from the device. The masks of a mini-task are computed once (F^t and M^t are fixed
       during it and its batch does not change: the code recomputes the same values at each inner step);
       F^t's batch-norm running statistics are left as they were (the code updates them on a copy it discards).
+    * Mini-task ``k`` of a meta-epoch is slice ``k`` of a fresh permutation of the task's training data, always
+      ``mini_task_size`` (default ``trainer.batch_size``) samples, further permutations appended when the task
+      has fewer than ``mini_tasks x size`` samples (the code takes batch ``k`` of a fresh shuffled loader, whose
+      last batch may be smaller, and restarts the loader when it runs out).
     * A mini-task whose inner loop diverges (non-finite weights) gets weight 0 and change 0 (the code would
       write NaN into the KB: on split Fashion-MNIST, seed 2, task 1, one of them ended the run with a NaN loss);
       ``mark_meta_diverged_mini_tasks`` counts them per task. The accuracy weights fall back to equal weights
