@@ -220,7 +220,7 @@ class Mark(Method):
     ``mark_meta_alignment`` in ``results.json`` is the cosine between each task's KB change over its meta phase
     and the summed ``D`` (+1 toward, -1 against, when the step on ``D`` outweighs the weight decay; ``D`` itself
     is mostly the inner loop's weight decay, so at the code's rates both signs read about +1). Measured
-    (``experiments/mark_split_fmnist.sh``, ``mark-split-fmnist``, seeds 0-2, at commit 008e3b1): at the code's
+    (``experiments/mark_split_fmnist.sh``, ``mark-split-fmnist``, seeds 0-2, at commit 681358a): at the code's
     rates the meta phase moves the KB by 3.3e-4 (toward) or 2.8e-4 (away) of its norm per task and ACC is
     96.9 ± 1.8% either way, BWT 0.0; with a 100x larger step on ``D`` (``outer_lr=0.1``, decay 0.001; seeds 0-1)
     the KB moves 2.8e-3 / 2.2e-3 per task with alignment +1.00 / -1.00, and ACC is still 95.7 ± 0.6% for both.
