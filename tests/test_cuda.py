@@ -26,6 +26,8 @@ pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available
 BENCH = {"name": "gated_teacher", "num_tasks": 3, "train_per_task": 300, "test_per_task": 100}
 # methods that learn new classes (MeRGAN: task- and class-incremental only) run on a split stream
 BENCH_OF = {"mergan": {"name": "split", "dataset": "digits", "num_tasks": 3, "scenario": "task"}}
+# MARK's conv knowledge base needs images
+BENCH_OF["mark"] = {"name": "split", "dataset": "digits", "num_tasks": 3, "scenario": "task"}
 # the methods that use the teacher's masks need the student at the teacher's width
 HIDDEN = {"oracle": [64], "nearest_context": [64]}
 # host-side bookkeeping a training step never reads: XdG's mask seed (drawn into CPU generators), metagate's
@@ -33,6 +35,7 @@ HIDDEN = {"oracle": [64], "nearest_context": [64]}
 HOST_STATE = {"mask_seed", "trained"}
 # options a method needs on a stream this small (pathnet splits a task's few steps into its search rounds)
 OPTIONS = {"pathnet": {"generations": 1, "evals_per_path": 1}}
+OPTIONS["mark"] = {"kernels": "3x3", "kb_channels": [4, 8], "f_channels": [4], "latent": 8, "meta_epochs": 1, "mini_tasks": 2, "inner_steps": 3}
 NO_STEP = {"joint"}  # trains on the union of the tasks: covered by the whole-run test
 
 
@@ -103,3 +106,26 @@ def test_a_resumed_cuda_run_equals_an_uninterrupted_one(name: str, tmp_path, mon
            "trainer": {"epochs": 1, "batch_size": 64, "device": DEVICE, "progress": False}}
     whole, resumed = whole_and_resumed(raw, tmp_path, monkeypatch)
     assert resumed["acc_matrix"] == whole["acc_matrix"]
+
+
+def test_mark_phases_and_meta_learning_on_cuda_never_sync_with_the_host() -> None:
+    """MARK: every phase of a task, the phase changes and the meta-learning inside the step that starts the last phase."""
+    m, stream = method_on_cuda("mark")
+    task = stream.tasks[1]
+    m.before_task(task)
+    n = len(task.y_train)
+    steps = m.epochs_for(task, m.trainer_cfg.epochs) * -(-n // m.trainer_cfg.batch_size)
+    bs = m.trainer_cfg.batch_size
+    m.train_step(Batch(task.x_train[:bs], task.y_train[:bs]), task)  # warm-up
+    on_cuda = DEVICE == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for s in range(1, steps):
+            start = (s * bs) % n
+            m.train_step(Batch(task.x_train[start : start + bs], task.y_train[start : start + bs]), task)
+    finally:
+        if on_cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    assert m._phase == len(m._phases) - 1

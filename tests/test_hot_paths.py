@@ -248,3 +248,24 @@ def test_mergan_steps_read_nothing_back_from_the_device(variant: str, host_reads
     for s in range(6):  # a generator step at the 5th
         m.train_step(batch(task, 32, 32 * s), task)
     assert host_reads == []
+
+
+def test_mark_training_steps_read_nothing_back_from_the_device(host_reads: list[str]) -> None:
+    """MARK (a conv KB, needs images): the steps of every phase, the phase changes and the meta-learning
+    that runs inside the step starting the last phase."""
+    cfg = config_from_dict({
+        "benchmark": {"name": "split", "dataset": "digits", "num_tasks": 2, "scenario": "task"},
+        "method": {"name": "mark", "kernels": "3x3", "kb_channels": [4, 8], "f_channels": [4], "latent": 8,
+                   "meta_epochs": 1, "mini_tasks": 2, "inner_steps": 3, "mini_task_size": 16},
+        "trainer": {"epochs": 1, "batch_size": 64},
+    })
+    stream = build_stream(cfg.benchmark, 0)
+    m = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
+    task = stream.tasks[1]
+    m.before_task(task)
+    steps = m.epochs_for(task, 1) * -(-len(task.y_train) // 64)
+    host_reads.clear()
+    for s in range(steps):
+        m.train_step(batch(task, start=(64 * s) % len(task.y_train)), task)
+    assert m._phase == len(m._phases) - 1  # every phase ran, the meta-learning before the last
+    assert host_reads == []

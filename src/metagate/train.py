@@ -145,6 +145,7 @@ class Trainer:
             "val_rows": [],
             "initial_val": evaluate(self.method, self.stream.tasks, self.cfg.trainer.eval_batch_size, "val"),
             "train_seconds": 0.0,
+            "task_seconds": [],
             "samples_seen": 0,
             "steps": 0,
             "curves": [],
@@ -230,7 +231,7 @@ class Trainer:
             n = int(data.y.shape[0])
             steps_per_epoch = math.ceil(n / tc.batch_size)
             # trainer.iterations_per_task: that many steps, over full passes and a last one cut short
-            total_steps = tc.iterations_per_task or tc.epochs * steps_per_epoch
+            total_steps = tc.iterations_per_task or method.epochs_for(task, tc.epochs) * steps_per_epoch
             num_epochs = math.ceil(total_steps / steps_per_epoch)
             batches = tqdm(total=total_steps, desc=f"task {t}", unit="step", leave=False, disable=not bars)
             curve: list[tuple[int, float]] = []  # (steps on this task, accuracy on it), untimed
@@ -283,6 +284,8 @@ class Trainer:
             method.after_task(task)
             self._sync()
             state["train_seconds"] += time.perf_counter() - started
+            if "task_seconds" in state:  # absent in checkpoints written before it was recorded
+                state["task_seconds"].append(time.perf_counter() - started)
 
             row = evaluate(method, tasks, tc.eval_batch_size)
             held = evaluate(method, self.stream.heldout, tc.eval_batch_size)
@@ -357,6 +360,7 @@ class Trainer:
             "heldout_acc_matrix": state["heldout_rows"],
             "initial_heldout_acc": state["initial_heldout"],
             "train_seconds": secs,
+            "task_seconds": state.get("task_seconds"),  # training time of each task (None: a run resumed from an older checkpoint)
             "train_samples_per_second": state["samples_seen"] / secs if secs > 0 else None,
             "train_steps": state["steps"],
             "peak_memory_mb": self.memory.stop(),

@@ -221,6 +221,11 @@ class Method(nn.Module):
     def training_data(self, task: Task) -> TrainingData:
         return TrainingData(task.x_train, task.y_train)
 
+    def epochs_for(self, task: Task, epochs: int) -> int:
+        """Passes over ``training_data(task)`` the Trainer runs for ``task`` given ``trainer.epochs``: a method
+        that trains in several phases per task (MARK) asks for one ``epochs`` per phase. Default: ``epochs``."""
+        return epochs
+
     def task_loss(self, batch: Batch, task: Task) -> Tensor:
         return F.cross_entropy(self(batch.x, task, batch.task_ids), batch.y)
 
