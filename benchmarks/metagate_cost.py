@@ -10,7 +10,7 @@ against regularising and consolidating over every stored mask.
    default's student and metagate settings): each task gets ``--steps`` training steps, then ``after_task``
    (the consolidation); the mean seconds per task over the first, middle and last 10 tasks, and last / first
    (flat: about 1), for the default's batches and for ``reg_batch=0 consolidation_batch=0`` (every stored
-   mask each step: grows with the tasks).
+   mask each step: grows with the tasks), the two run task by task in turn.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/metagate_cost.py [--repeats 3] [--tasks 100] [--steps 50] [key=value ...]
 """
@@ -49,22 +49,27 @@ def default_run_seconds(repeats: int, overrides: list[str]) -> None:
           + ", ".join(f"{k} {v:.1f} s" for k, v in med.items()) + f"; metagate / XdG + SI = {a / b:.2f} (target <= 1.5)")
 
 
-def seconds_per_task(tasks: int, steps: int, overrides: list[str]) -> list[float]:
-    cfg = load_config("default", [f"benchmark.num_tasks={tasks}", "benchmark.novel_tasks=10", "benchmark.train_per_task=256",
-                                  "benchmark.test_per_task=8", *overrides])
-    stream = build_stream(cfg.benchmark, 0)
-    torch.manual_seed(task_seed(0, -1))
-    method = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
-    method.train()
-    out = []
-    for task in stream.tasks:
-        start = time.perf_counter()
-        method.before_task(task)
-        for s in range(steps):
-            i = (s * 64) % (task.num_train - 64)
-            method.train_step(Batch(task.x_train[i : i + 64], task.y_train[i : i + 64]), task)
-        method.after_task(task)
-        out.append(time.perf_counter() - start)
+def seconds_per_task(tasks: int, steps: int, variants: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Seconds per task (``steps`` training steps, then ``after_task``) of each variant, the variants run task by
+    task in turn, so that the machine's drift hits all alike."""
+    methods = {}
+    for label, overrides in variants.items():
+        cfg = load_config("default", [f"benchmark.num_tasks={tasks}", "benchmark.novel_tasks=10", "benchmark.train_per_task=256",
+                                      "benchmark.test_per_task=8", *overrides])
+        stream = build_stream(cfg.benchmark, 0)
+        torch.manual_seed(task_seed(0, -1))
+        methods[label] = (create_method(cfg.method, stream, cfg.trainer, torch.device("cpu")).train(), stream)
+    out: dict[str, list[float]] = {label: [] for label in variants}
+    for t in range(tasks):
+        for label, (method, stream) in methods.items():
+            task = stream.tasks[t]
+            start = time.perf_counter()
+            method.before_task(task)
+            for s in range(steps):
+                i = (s * 64) % (task.num_train - 64)
+                method.train_step(Batch(task.x_train[i : i + 64], task.y_train[i : i + 64]), task)
+            method.after_task(task)
+            out[label].append(time.perf_counter() - start)
     return out
 
 
@@ -82,8 +87,11 @@ def main() -> None:
     if args.only in (None, "default"):
         default_run_seconds(args.repeats, args.overrides)
     if args.only in (None, "per-task"):
-        for label, extra in (("stored-mask batches (default)", []), ("every stored mask", ["method.reg_batch=0", "method.consolidation_batch=0"])):
-            t = seconds_per_task(args.tasks, args.steps, [*args.overrides, *extra])
+        times = seconds_per_task(args.tasks, args.steps, {
+            "stored-mask batches (default)": args.overrides,
+            "every stored mask": [*args.overrides, "method.reg_batch=0", "method.consolidation_batch=0"],
+        })
+        for label, t in times.items():
             first, mid, last = (statistics.mean(t[a : a + 10]) for a in (0, len(t) // 2 - 5, len(t) - 10))
             print(f"{label:32s} s/task: tasks 1-10 {first:.3f}, middle 10 {mid:.3f}, last 10 {last:.3f}; last / first {last / first:.2f}")
     print(f"load average after: {os.getloadavg()}")
