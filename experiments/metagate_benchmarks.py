@@ -172,8 +172,10 @@ STREAMS = {
         0.1,
         {
             "xdg": ("xdg", XDG),
-            "metagate": ("metagate", []),
-            "shuffled": ("metagate", ["method.context_mode=shuffled"]),
+            "metagate": ("metagate", METAGATE13),
+            "shuffled": ("metagate", [*METAGATE13, "method.context_mode=shuffled"]),
+            "metagate-mlp": ("metagate", []),
+            "shuffled-mlp": ("metagate", ["method.context_mode=shuffled"]),
             **CONTEXT_BASELINES,
             "dendrites": DENDRITES,
         },
@@ -191,7 +193,8 @@ STREAMS = {
         [*FMNIST, *MLP, "method.backbone.hidden=[400,400]"],
         [3.0, 30.0, 300.0],
         0.1,
-        {"xdg": ("xdg", XDG), "metagate": ("metagate", []), **CONTEXT_BASELINES, "dendrites": DENDRITES},
+        {"xdg": ("xdg", XDG), "metagate": ("metagate", METAGATE13), "metagate-mlp": ("metagate", []), **CONTEXT_BASELINES,
+         "dendrites": DENDRITES},
     ),
 }
 DEFAULT_STREAMS = "composed,rotated,split,permuted"
