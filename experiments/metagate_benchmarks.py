@@ -7,10 +7,12 @@ For each stream, every gated variant runs over the same seeds with the same back
 * ``composed`` (default): the composed teacher (``configs/composed-teacher.yaml``: 50 tasks, 3 numeric
   context factors, the last 10 novel, MLP 209 = the teacher's width), masks at the oracle's density
   (33 of 209 units), with ``xdg``, ``oracle`` (the teacher's masks: the ceiling), ``nearest`` (the
-  nearest earlier context's mask) and ``vote`` (a vote over every equally near one), ``metagate``,
-  ``shuffled`` and ``onehot`` contexts;
+  nearest earlier context's mask) and ``vote`` (a vote over every equally near one), ``metagate`` (issue 13:
+  the additive agent with stored-mask batches) and ``shuffled`` contexts, issue 12's metagate as ``metagate-mlp``,
+  ``shuffled-mlp`` and ``onehot-mlp``, and HyperMask / hnet with the context as the hypernetwork's input
+  (``hypermask-context``, ``hnet-context``: the code's defaults, not tuned);
 * ``rotated``: rotated Fashion-MNIST, 10 angles in [0, 180] with (cos, sin) contexts and 2 + 2
-  held-out angles (inside / outside the range), MLP 256;
+  held-out angles (inside / outside the range), MLP 256 (metagate and issue 12's ``-mlp`` rows, as on composed);
 * ``split``: split Fashion-MNIST, 5 x 2 classes, task-incremental, 5-shot prototype contexts, MLP 256;
 * ``permuted``: permuted Fashion-MNIST, 10 tasks x 6000 images, random contexts (uninformative: no
   gain expected, and no harm allowed), MLP 2 x 400 as in ``configs/xdg-small.yaml``;
