@@ -55,14 +55,19 @@ def main() -> None:
             "task inference (%)", "train time (s)"]
     lines = [f"**{args.title}** (test figures; `python experiments/summarise_runs.py` over the run folders below)", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    sources = []
+    sources, uses = [], set()
     for spec in args.rows:
         label, _, pattern = spec.partition("=")
         folders = sorted(Path(f) for f in glob.glob(pattern) if (Path(f) / "results.json").is_file())
         if not folders:
             raise SystemExit(f"no finished run folder matches {pattern!r} (row {label!r})")
-        lines.append("| " + " | ".join(row(label, folders)) + " |")
+        cells = row(label, folders)
+        uses.add(cells[1])
+        lines.append("| " + " | ".join(cells) + " |")
         sources.append(f"{label}: `{pattern}`")
+    if len(uses) > 1:
+        lines += ["", f"Not like for like: these methods use different information at test time ({', '.join(sorted(uses))}); "
+                      "compare within the same 'uses at test'."]
     lines += ["", "Run folders: " + "; ".join(sources) + ".", ""]
     print("\n".join(lines))
     print(f"<!-- {shlex.join(['python', 'experiments/summarise_runs.py', *sys.argv[1:]])} -->")

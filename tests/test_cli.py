@@ -51,7 +51,7 @@ def test_default_run_is_metagate_next_to_xdg_and_the_oracle(tmp_path: Path) -> N
     row = next(line for line in res.output.splitlines() if line.startswith("| 1 |")).strip("| ").split(" | ")
     assert row[2:5] == [f"{100 * r['zero_shot_acc'][1]:.1f}" for r in (main, ref, oracle)]
     assert row[11:14] == [str(r["steps_to_90"][1]) for r in (main, ref, oracle)]
-    assert f"oracle: [domain-incremental" in res.output  # a summary line per reference
+    assert "oracle: [domain-incremental" in res.output  # a summary line per reference
 
 
 def test_resume_finishes_an_interrupted_reference_run(tmp_path: Path) -> None:

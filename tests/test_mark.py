@@ -4,7 +4,6 @@ changes what it claims, resume is exact."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest

@@ -105,17 +105,19 @@ class ActiveDendrites(Method):
         )
 
     name = "active_dendrites"
+    context_input_refusal = "active_dendrites reads the context through its dendrites; context_input is for methods without them"
     cfg: Config
 
     @classmethod
     def config_problem(cls, cfg: BaseMethodConfig) -> str | None:
         assert isinstance(cfg, cls.Config)
+        problem = super().config_problem(cfg)
+        if problem:
+            return problem
         if cfg.backbone.kind != "mlp" or not cfg.backbone.hidden:
             return "active_dendrites builds a dendritic MLP: method.backbone.kind=mlp with at least one hidden layer"
         if cfg.backbone.dropout > 0:
             return "active_dendrites has no dropout (the paper's model has none): set method.backbone.dropout=0"
-        if cfg.context_input != "none":
-            return "active_dendrites reads the context through its dendrites; context_input is for methods without them"
         if cfg.context == "stream" and cfg.test_context == "infer":
             return "context=stream cannot be inferred from a test input: use test_context=given (or leave it unset)"
         return None
@@ -123,9 +125,6 @@ class ActiveDendrites(Method):
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         cfg, stream = self.cfg, self.stream
-        problem = self.config_problem(cfg)
-        if problem:
-            raise ValueError(problem)
         self.test_mode = cfg.test_context or ("infer" if cfg.context == "prototype" else "given")
         tasks = [*stream.tasks, *stream.heldout]
         self.slot = {t.index: i for i, t in enumerate(tasks)}

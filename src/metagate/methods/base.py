@@ -74,6 +74,11 @@ class Method(nn.Module):
     name: ClassVar[str] = "base"
     scenarios: ClassVar[tuple[Scenario, ...]] = ("task", "domain", "class")
     gates: ClassVar[bool] = False  # gating methods mask hidden units: the backbone needs gated layers
+    # Why the method refuses method.context_input (it selects what a task uses another way; "{name}" is replaced
+    # by its name), and why it refuses method.heads=per_task (it has its own heads or one output layer).
+    # None: accepted (gating methods refuse context_input with the gating message).
+    context_input_refusal: ClassVar[str | None] = None
+    per_task_heads_refusal: ClassVar[str | None] = None
 
     @classmethod
     def config_problem(cls, cfg: BaseMethodConfig) -> str | None:
@@ -83,8 +88,14 @@ class Method(nn.Module):
                 f"{cls.name} gates hidden units, but the {cfg.backbone.kind} backbone has no hidden layer "
                 "(method.backbone.hidden=[]): give it at least one, e.g. method.backbone.hidden=[256]"
             )
-        if cfg.context_input != "none" and cls.gates:
-            return f"{cls.name} uses the context through its masks; context_input is for methods without gating (finetune, si, ewc, joint, ...)"
+        refusal = cls.context_input_refusal or (
+            "{name} uses the context through its masks; context_input is for methods without gating (finetune, si, ewc, joint, ...)"
+            if cls.gates else None
+        )
+        if cfg.context_input != "none" and refusal:
+            return refusal.replace("{name}", cls.name)
+        if cfg.heads != "shared" and cls.per_task_heads_refusal:
+            return cls.per_task_heads_refusal.replace("{name}", cls.name)
         if cfg.context_input == "concat" and cfg.backbone.kind != "mlp":
             return f"context_input=concat appends the context to a flat input: it needs backbone.kind=mlp, not {cfg.backbone.kind}"
         if cfg.context_input == "film" and cfg.backbone.kind not in ("mlp", "cnn"):
@@ -95,6 +106,9 @@ class Method(nn.Module):
 
     def __init__(self, cfg: BaseMethodConfig, stream: Stream, trainer: TrainerConfig, device: torch.device) -> None:
         super().__init__()
+        problem = self.config_problem(cfg)  # the config layer asks first; this catches a method built directly
+        if problem:
+            raise ValueError(problem)
         if stream.scenario not in self.scenarios:
             raise ValueError(
                 f"method {self.name!r} supports the {', '.join(self.scenarios)}-incremental scenario(s), "

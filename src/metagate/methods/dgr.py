@@ -53,11 +53,9 @@ class DGR(Method):
     name = "dgr"
     cfg: Config
 
-    @classmethod
-    def config_problem(cls, cfg: BaseMethodConfig) -> str | None:
-        if cfg.context_input != "none" or cfg.heads != "shared":
-            return f"{cls.name} labels replayed inputs with the previous solver, which knows no context or task head: context_input=none, heads=shared"
-        return super().config_problem(cfg)
+    context_input_refusal = per_task_heads_refusal = (
+        "{name} labels replayed inputs with the previous solver, which knows no context or task head: context_input=none, heads=shared"
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

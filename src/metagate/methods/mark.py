@@ -313,23 +313,14 @@ class Mark(Method):
             return self
 
     name = "mark"
+    context_input_refusal = "mark queries its knowledge base from the input through F^t and M^t; context_input is not used"
+    per_task_heads_refusal = "mark has a head per task already (task-incremental streams); leave method.heads=shared"
     scenarios = ("task",)
     cfg: Config
-
-    @classmethod
-    def config_problem(cls, cfg: BaseMethodConfig) -> str | None:
-        if cfg.context_input != "none":
-            return "mark queries its knowledge base from the input through F^t and M^t; context_input is not used"
-        if cfg.heads != "shared":
-            return "mark has a head per task already (task-incremental streams); leave method.heads=shared"
-        return None
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         cfg, stream = self.cfg, self.stream
-        problem = self.config_problem(cfg)
-        if problem:
-            raise ValueError(problem)
         if self.trainer_cfg.iterations_per_task:
             raise ValueError("mark runs trainer.epochs passes per phase; leave trainer.iterations_per_task unset (0)")
         shape = tuple(stream.input_shape)

@@ -95,12 +95,12 @@ class MeRGAN(Method):
     cfg: Config
     scenarios = ("task", "class")
 
+    context_input_refusal = per_task_heads_refusal = "mergan classifies with its critic's AC-GAN head: context_input=none, heads=shared"
+
     @classmethod
     def config_problem(cls, cfg: BaseMethodConfig) -> str | None:
         if cfg.gan.kind != "wgan_gp":  # type: ignore[attr-defined]
             return "mergan is a conditional WGAN-GP: method.gan.kind=wgan_gp"
-        if cfg.context_input != "none" or cfg.heads != "shared":
-            return "mergan classifies with its critic's AC-GAN head: context_input=none, heads=shared"
         return super().config_problem(cfg)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

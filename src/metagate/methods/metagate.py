@@ -151,8 +151,9 @@ class MetaGate(Method):
 
     * ``agent=additive`` (:class:`AdditiveAgent`): ``g(c) = b + sum_d g_d(c_d)``, one small network with biases
       per context number, so a new combination of known factor values gets the sum of what each value
-      selected. Measured on the composed teacher (seed 0, validation figures, last 10 novel tasks, prior 0.5):
-      zero-shot Q 0.52 against 0.11 for the bias-free MLP agent; shuffled contexts 0.10.
+      selected. Measured on the composed teacher (``experiments/metagate_benchmarks.py --streams composed``, last 10
+      of 50 tasks, 3 seeds, test, prior 0.5 as chosen on validation): zero-shot Q 0.58 against 0.16 for the bias-free
+      MLP agent (the oracle's 0.84, the nearest context's 0.14); shuffled contexts 0.06.
     * ``reg_batch=k`` / ``consolidation_batch=k``: the regulariser and the consolidation see ``k`` stored masks
       per step, drawn on the device with replacement (an unbiased estimate of the mean over all), so their
       cost does not grow with the number of tasks (``benchmarks/metagate_cost.py``).
@@ -328,6 +329,14 @@ class MetaGate(Method):
         pick = torch.randint(slots.shape[0], (k,), device=slots.device)
         return slots[pick], targets[pick]
 
+    def _agent_forward(self, task: Task) -> tuple[Tensor, Tensor | None]:
+        """One agent call for a meta-learning step: the current task's logits, and the output regulariser over
+        ``reg_batch`` stored tasks (``None`` before any task is stored)."""
+        stored = self._stored_batch(self.cfg.reg_batch)
+        slots = self.slots(task) if stored is None else torch.cat([self.slots(task), stored[0]])
+        z = self.logits(slots)
+        return z[0], None if stored is None else F.binary_cross_entropy_with_logits(z[1:], stored[1])
+
     def _regression_loss(self, k: int = 0) -> Tensor | None:
         """BCE between the agent's logits for the stored tasks' contexts (all, or ``k`` drawn) and their masks."""
         stored = self._stored_batch(k)
@@ -349,12 +358,8 @@ class MetaGate(Method):
         self.agent_optimizer.zero_grad(set_to_none=True)
         reg = None
         if meta:
-            batch_stored = self._stored_batch(self.cfg.reg_batch)
-            slots = self.slots(task) if batch_stored is None else torch.cat([self.slots(task), batch_stored[0]])
-            z = self.logits(slots)
-            mask = topk_mask(z[0], self.widths, self.cfg.density)
-            if batch_stored is not None:
-                reg = F.binary_cross_entropy_with_logits(z[1:], batch_stored[1])
+            z0, reg = self._agent_forward(task)
+            mask = topk_mask(z0, self.widths, self.cfg.density)
             logits = self.model(batch.x, unit_masks=list(mask.split(self.widths)))
             loss = F.cross_entropy(self.mask_logits(logits, task, batch.task_ids), batch.y)
         else:
@@ -380,12 +385,9 @@ class MetaGate(Method):
         the gradient of k separate steps summed, taken once (gradient accumulation for the agent alone)."""
         assert self.stabilizer is not None
         if self._window is None:
-            stored = self._stored_batch(self.cfg.reg_batch)
-            slots = self.slots(task) if stored is None else torch.cat([self.slots(task), stored[0]])
-            z = self.logits(slots)
-            reg = None if stored is None else F.binary_cross_entropy_with_logits(z[1:], stored[1])
-            leaf = topk_mask(z[0].detach(), self.widths, self.cfg.density).detach().requires_grad_(True)
-            self._window = (z[0], reg, leaf, 0)
+            z0, reg = self._agent_forward(task)
+            leaf = topk_mask(z0.detach(), self.widths, self.cfg.density).requires_grad_(True)
+            self._window = (z0, reg, leaf, 0)
         z0, reg, leaf, n = self._window
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.model(batch.x, unit_masks=list(leaf.split(self.widths)))

@@ -98,6 +98,8 @@ class PathNet(Method):
             return self
 
     name = "pathnet"
+    context_input_refusal = "pathnet selects a task's modules by its path (task identity); context_input is for methods without paths"
+    per_task_heads_refusal = "pathnet already trains a head per task: leave method.heads=shared"
     scenarios = ("task", "domain")
     cfg: Config
 
@@ -106,10 +108,6 @@ class PathNet(Method):
         problem = super().config_problem(cfg)
         if problem:
             return problem
-        if cfg.context_input != "none":
-            return "pathnet selects a task's modules by its path (task identity); context_input is for methods without paths"
-        if cfg.heads != "shared":
-            return "pathnet already trains a head per task: leave method.heads=shared"
         if cfg.backbone.kind not in ("mlp", "cnn"):
             return f"pathnet builds its module banks over an mlp or cnn layout, not {cfg.backbone.kind}"
         if not cfg.backbone.gated_widths():

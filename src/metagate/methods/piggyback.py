@@ -164,6 +164,8 @@ class Piggyback(Method):
         lr_decay_factor: float = Field(0.1, gt=0, le=1, description="learning-rate decay factor (code: 0.1)")
 
     name = "piggyback"
+    context_input_refusal = "piggyback selects a task's weights by its mask (task identity); context_input is for methods without masks"
+    per_task_heads_refusal = "piggyback already trains a head per task: leave method.heads=shared"
     scenarios = ("task", "domain")
     cfg: Config
 
@@ -173,10 +175,6 @@ class Piggyback(Method):
         if problem:
             return problem
         assert isinstance(cfg, Piggyback.Config)
-        if cfg.context_input != "none":
-            return "piggyback selects a task's weights by its mask (task identity); context_input is for methods without masks"
-        if cfg.heads != "shared":
-            return "piggyback already trains a head per task: leave method.heads=shared"
         if cfg.pretrain == "file" and not cfg.weights:
             return "method.pretrain=file needs method.weights=PATH (a state_dict of the backbone)"
         return None

@@ -67,16 +67,8 @@ class HypernetCL(Method):
     cfg: HypernetCLConfig
     hnet_init: Literal["torch", "xavier"] = "torch"
 
-    @classmethod
-    def config_problem(cls, cfg: BaseMethodConfig) -> str | None:
-        problem = super().config_problem(cfg)
-        if problem:
-            return problem
-        if cfg.context_input != "none":
-            return f"{cls.name} takes the context through its hypernetwork (method.embedding=context), not context_input"
-        if cfg.heads != "shared":
-            return f"{cls.name} has one target network with one output layer: method.heads=shared"
-        return None
+    context_input_refusal = "{name} takes the context through its hypernetwork (method.embedding=context), not context_input"
+    per_task_heads_refusal = "{name} has one target network with one output layer: method.heads=shared"
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
