@@ -3,8 +3,8 @@
 Sits above the registries: ``method.name`` and ``benchmark.name`` are resolved through them, so each
 benchmark's and method's own pydantic model checks its section, and unknown keys, wrong types and
 unknown names are refused before any training, with the valid choices named. Besides the schema, a
-config is checked for what the schema alone cannot see: backbone widths a method can gate, and
-devices this machine has (:func:`check_runnable`).
+config is checked for what the schema alone cannot see: backbone widths a method can gate, devices
+this machine has (:func:`check_runnable`), and the packages of the tracking backends switched on.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from metagate.data import BENCHMARKS
 from metagate.methods import METHODS
 from metagate.methods.base import BaseMethodConfig
 from metagate.registry import UnknownNameError
-from metagate.schema import ConfigError, ExperimentConfig, TrainerConfig
+from metagate.schema import ConfigError, ExperimentConfig, TrackingConfig, TrainerConfig
+from metagate.tracking import check_tracking
 
 __all__ = [
     "CONFIG_DIR",
@@ -141,7 +142,7 @@ def _check_method(method_cls: Any, section: Any, where: str) -> None:
 
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw dict into an :class:`ExperimentConfig`, section by section."""
-    allowed = {"seed", "benchmark", "method", "trainer", "reference"}
+    allowed = {"seed", "benchmark", "method", "trainer", "reference", "tracking"}
     extra = sorted(set(raw) - allowed)
     if extra:
         raise ConfigError(f"unknown top-level key(s) {', '.join(map(repr, extra))}; valid keys: {', '.join(sorted(allowed))}")
@@ -174,11 +175,18 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
             _check_method(entry, refs[-1], where)
         sections["reference"] = refs if many else refs[0]
     trainer = validate_section("trainer", TrainerConfig, raw.get("trainer") or {})
+    tracking = validate_section("tracking", TrackingConfig, raw.get("tracking") or {})
+    check_tracking(tracking)  # a backend switched on without its package: refused before anything runs
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     return ExperimentConfig(
-        seed=seed, benchmark=sections["benchmark"], method=sections["method"], trainer=trainer, reference=sections.get("reference")
+        seed=seed,
+        benchmark=sections["benchmark"],
+        method=sections["method"],
+        trainer=trainer,
+        reference=sections.get("reference"),
+        tracking=tracking,
     )
 
 

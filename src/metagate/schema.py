@@ -1,8 +1,8 @@
 """The config schema: typed sections every other module builds on (a leaf: imports no registry).
 
 A config has ``seed``, ``benchmark`` (``name`` + the benchmark's fields), ``method`` (``name`` + its
-hyperparameters), ``trainer`` and optionally ``reference`` (a second method, run on the same stream and
-seed). Benchmarks and methods subclass :class:`BenchmarkConfig` / :class:`MethodConfig` next to their
+hyperparameters), ``trainer``, optionally ``reference`` (a second method, run on the same stream and
+seed) and ``tracking`` (TensorBoard / MLflow logging, off by default; not part of what a run is). Benchmarks and methods subclass :class:`BenchmarkConfig` / :class:`MethodConfig` next to their
 code; :mod:`metagate.config` (the loader) resolves ``name`` through the registries and validates.
 """
 
@@ -85,12 +85,42 @@ class TrainerConfig(Section):
         return self.threads if self.threads is not None else default_threads()
 
 
+URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class TrackingConfig(Section):
+    """Optional experiment tracking (extras ``metagate[tensorboard]``, ``metagate[mlflow]``). Where the
+    numbers are sent, not what they are: a run resumed with other tracking settings is the same run."""
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in <run>/tensorboard/")
+    mlflow: bool = Field(False, description="log params and metrics to MLflow")
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (sqlite:///path/mlflow.db, http://host:5000, ...); "
+        "none = sqlite:///<the run folder's parent>/mlflow.db",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment; none = the benchmark's name")
+    run_name: str | None = Field(None, description="MLflow run name; none = the run folder's path")
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _is_uri(cls, value: str | None) -> str | None:
+        if value is not None and not URI_SCHEME.match(value) and value != "databricks":
+            raise ValueError("must be a URI such as sqlite:///runs/mlflow.db or http://host:5000 (null = the default store)")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.tensorboard or self.mlflow
+
+
 class ExperimentConfig(Section):
     seed: int = 0
     benchmark: SerializeAsAny[BenchmarkConfig]
     method: SerializeAsAny[MethodConfig]
     trainer: TrainerConfig = TrainerConfig()
     reference: SerializeAsAny[MethodConfig] | list[SerializeAsAny[MethodConfig]] | None = None
+    tracking: TrackingConfig = TrackingConfig()
 
     def reference_config(self) -> "ExperimentConfig | None":
         """The config of the (first) reference run: this one with ``reference`` as its method."""

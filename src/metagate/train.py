@@ -25,27 +25,33 @@ from metagate.methods import Batch, Method, create_method
 from metagate.runs import CheckpointError, RunDir, environment
 from metagate.runtime import PeakMemory, check_machine, configure_threads, resolve_device
 from metagate.schema import ExperimentConfig
+from metagate.tracking import Tracker, check_tracking, open_tracker, summary_figures, task_figures
 
 __all__ = ["Trainer", "TrainingDiverged", "differing_keys", "evaluate", "resolve_device", "run_identity", "same_run"]
 
 # Trainer fields that may differ between a run and its resumption (they do not change the numbers).
 RESUME_FREE_KEYS = ("device", "progress", "eval_batch_size", "checkpoint")
+# Top-level sections that are not part of a run: another run (reference), where its numbers are sent (tracking).
+NOT_THE_RUN = ("reference", "tracking")
+# metrics.jsonl record fields that say where a record belongs; the others are its values.
+RECORD_FIELDS = ("type", "task", "epoch", "step")
 
 
 def run_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What makes two configs the same run: all but the keys a resumed run may change and the
-    ``reference`` (another run)."""
+    """What makes two configs the same run: all but the keys a resumed run may change, the
+    ``reference`` (another run) and ``tracking`` (where the numbers are sent)."""
     trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in RESUME_FREE_KEYS}
-    return {**{k: v for k, v in config.items() if k != "reference"}, "trainer": trainer}
+    return {**{k: v for k, v in config.items() if k not in NOT_THE_RUN}, "trainer": trainer}
 
 
 def with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config read through today's schema: a field added since the run was written takes its
     default, which reproduces the behaviour from before the field existed (new fields are added that
     way here), so a finished run stays reusable. Explicit values are kept as written; a config that no
-    longer parses is returned unchanged (and then differs)."""
+    longer parses is returned unchanged (and then differs). ``tracking`` is read as off: it is not part
+    of the run, and comparing must not need a tracking backend's package."""
     try:
-        return config_from_dict(copy.deepcopy(saved)).to_dict()
+        return config_from_dict(copy.deepcopy({k: v for k, v in saved.items() if k != "tracking"})).to_dict()
     except Exception:  # noqa: BLE001 - any parse failure means "not the same run"; the caller says what differs
         return saved
 
@@ -126,12 +132,14 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, run: RunDir | None = None) -> None:
         self.cfg = cfg
         self.run = run
+        check_tracking(cfg.tracking)
         self.device = check_machine(cfg)
         self.threads = configure_threads(cfg.trainer.resolved_threads())
         seed_everything(cfg.seed)
         self.stream: Stream = build_stream(cfg.benchmark, cfg.seed).to(self.device)
         torch.manual_seed(task_seed(cfg.seed, -1))
         self.method: Method = create_method(cfg.method, self.stream, cfg.trainer, self.device)
+        self.tracker: Tracker = Tracker()  # opened by fit (TensorBoard, MLflow), when the config switches them on
 
     # ----------------------------------------------------------------- state
 
@@ -189,8 +197,12 @@ class Trainer:
         )
 
     def _log(self, record: dict[str, Any]) -> None:
+        """A metrics.jsonl record; its losses (numbers already on the host) also go to the tracker."""
         if self.run is not None:
             self.run.log(record)
+        if record["type"] in ("step", "epoch"):
+            prefix = "train" if record["type"] == "step" else "epoch"
+            self.tracker.log_step(record["step"], {f"{prefix}/{k}": v for k, v in record.items() if k not in RECORD_FIELDS})
 
     # ----------------------------------------------------------------- loop
 
@@ -205,7 +217,12 @@ class Trainer:
                 return self._fit(resume)
             finally:
                 self.run.unlock()
+        except BaseException as e:
+            self.tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
         finally:
+            self.tracker.close()  # a no-op once closed
+            self.tracker = Tracker()
             self.memory.stop()
 
     def _fit(self, resume: bool) -> dict[str, Any]:
@@ -214,6 +231,8 @@ class Trainer:
             self.run.write_config(cfg.to_dict(), self.stream.provenance)
             self.run.write_env(environment(self.device))
         state = self._load_state() if resume else self._fresh_state()
+        self.tracker = open_tracker(cfg, None if self.run is None else self.run.path, resume, state["steps"])
+        self.tracker.log_params(cfg.to_dict())
         tasks = self.stream.tasks
         bars = tc.progress and sys.stderr.isatty()  # bars on a terminal; in a log, one line per epoch
         lines = tc.progress and not bars
@@ -296,6 +315,7 @@ class Trainer:
             state["heldout_rows"].append(held)
             state["next_task"] = t + 1
             self._log({"type": "eval", "task": t, "step": state["steps"], "acc": row, "heldout_acc": held, "val_acc": val})
+            self.tracker.log_task(t, task_figures(t, row, val, held, (state.get("task_seconds") or [None])[-1]))
             for name, image in method.artifacts(task).items():  # sample grids of generative replay methods
                 if self.run is not None:
                     self.run.write_image(name, image)
@@ -309,6 +329,7 @@ class Trainer:
         results = self.results(state)
         if self.run is not None:
             self.run.write_results(results)
+        self.tracker.log_summary(summary_figures(results))
         return results
 
     def _divergence(self, means: dict[str, float], reference: float | None) -> str | None:
