@@ -309,3 +309,15 @@ def test_switching_mlflow_on_for_a_resume_starts_its_run_there(store: dict[str, 
     assert [s for s, _ in history(client, run.info.run_id, "task/acc")] == [1, 2]  # the tasks trained since
     assert run.data.metrics["final/acc"] == pytest.approx(results["acc"])
     assert run.data.params["method.name"] == "finetune"
+
+
+def test_a_reference_shares_its_runs_store_and_is_nested_under_it(store: dict[str, Any], tmp_path: Path) -> None:
+    from metagate.orchestrate import run_with_reference
+
+    cfg = config_from_dict(tiny(**store) | {"reference": {"name": "joint"}})
+    results, (reference,) = run_with_reference(cfg, tmp_path / "run", resume=False)
+    client, run = mlflow_run(tmp_path / "run")
+    ref_client, ref = mlflow_run(tmp_path / "run" / "reference")
+    assert ref_client.tracking_uri == client.tracking_uri  # the default store: tmp_path/mlflow.db for both
+    assert ref.data.tags["mlflow.parentRunId"] == run.info.run_id and ref.data.tags["metagate.method"] == "joint"
+    assert ref.data.metrics["final/acc"] == pytest.approx(reference["acc"]) and run.data.metrics["final/acc"] == pytest.approx(results["acc"])

@@ -90,8 +90,12 @@ def check_tracking(tc: TrackingConfig) -> None:
 
 def default_mlflow_uri(folder: Path) -> str:
     """The store of a run whose config names none: ``mlflow.db`` beside the run folder (``runs/mlflow.db``
-    for the default ``runs/<name>``), so that the runs of one folder share it."""
-    return f"sqlite:///{(Path(folder).resolve().parent / MLFLOW_DB)}"
+    for the default ``runs/<name>``), so that the runs of one folder share it. A reference's folder lies
+    inside its run's (``<run>/reference``): it shares that run's store."""
+    folder = Path(folder).resolve()
+    while (folder.parent / "config.yaml").is_file():  # the folder of a run holding this one
+        folder = folder.parent
+    return f"sqlite:///{folder.parent / MLFLOW_DB}"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -272,15 +276,20 @@ class MlflowTracker(Tracker):
             except MlflowException:  # created meanwhile by another run
                 experiment_id = self.client.get_experiment_by_name(name).experiment_id
         rel = os.path.relpath(self.folder.resolve())
+        tags = {
+            "metagate.run_folder": str(self.folder.resolve()),
+            "metagate.method": cfg.method.name,
+            "metagate.benchmark": cfg.benchmark.name,
+            "metagate.seed": str(cfg.seed),
+        }
+        try:  # a reference: shown nested under the run whose folder holds it, when both are in this store
+            outer = json.loads((self.folder.parent / MLFLOW_RUN_FILE).read_text())
+            if outer.get("tracking_uri") == self.uri and outer.get("run_id"):
+                tags["mlflow.parentRunId"] = outer["run_id"]
+        except (OSError, ValueError):
+            pass
         run = self.client.create_run(
-            experiment_id,
-            run_name=tc.run_name or (rel if not rel.startswith("..") else str(self.folder.resolve())),
-            tags={
-                "metagate.run_folder": str(self.folder.resolve()),
-                "metagate.method": cfg.method.name,
-                "metagate.benchmark": cfg.benchmark.name,
-                "metagate.seed": str(cfg.seed),
-            },
+            experiment_id, run_name=tc.run_name or (rel if not rel.startswith("..") else str(self.folder.resolve())), tags=tags
         )
         run_id = run.info.run_id
         atomic_write_json(self.folder / MLFLOW_RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": self.uri})
