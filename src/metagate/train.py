@@ -210,19 +210,19 @@ class Trainer:
         """Train the stream (from the last checkpoint with ``resume``), holding the run folder's lock."""
         self.memory = PeakMemory(self.device).start()
         try:
-            if self.run is None:
-                return self._fit(resume)
-            self.run.lock()
+            if self.run is not None:
+                self.run.lock()
             try:
                 return self._fit(resume)
+            except BaseException as e:
+                self.tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                raise
             finally:
-                self.run.unlock()
-        except BaseException as e:
-            self.tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            raise
+                self.tracker.close()  # a no-op once closed; before the folder is unlocked (TensorBoard writes into it)
+                self.tracker = Tracker()
+                if self.run is not None:
+                    self.run.unlock()
         finally:
-            self.tracker.close()  # a no-op once closed
-            self.tracker = Tracker()
             self.memory.stop()
 
     def _fit(self, resume: bool) -> dict[str, Any]:
