@@ -181,6 +181,24 @@ def test_a_tracking_server_that_is_down_is_a_warning_and_the_run_finishes(tmp_pa
     assert not (tmp_path / "run" / MLFLOW_RUN_FILE).exists()
 
 
+@needs_tensorboard
+def test_a_backend_failing_mid_run_is_dropped_and_the_run_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from metagate.tracking import TensorBoardTracker
+
+    calls = []
+
+    def fail(self, task_index, values):  # noqa: ANN001, ANN202
+        calls.append(task_index)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TensorBoardTracker, "log_task", fail)
+    with pytest.warns(TrackingWarning, match=r"tensorboard failed \(OSError: .*No space left") as caught:
+        results = fit(tiny(tensorboard=True), tmp_path / "run")
+    assert len([w for w in caught if issubclass(w.category, TrackingWarning)]) == 1 and calls == [0]
+    assert json.loads((tmp_path / "run" / RunDir.RESULTS).read_text())["acc"] == results["acc"]
+    assert [p[0] for p in scalars(tmp_path / "run")["train/loss"]] == [3, 6]  # what was logged before the failure
+
+
 # --------------------------------------------------------------------------- TensorBoard
 
 

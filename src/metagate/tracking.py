@@ -45,10 +45,12 @@ __all__ = [
     "MlflowTracker",
     "TensorBoardTracker",
     "Tracker",
+    "Tracking",
     "TrackingWarning",
     "check_tracking",
     "default_mlflow_uri",
     "open_tracker",
+    "summary_figures",
     "task_figures",
 ]
 
@@ -119,7 +121,7 @@ def task_figures(
     t: int, row: Sequence[float], val: Sequence[float | None], heldout: Sequence[float | None], seconds: float | None
 ) -> dict[str, float | None]:
     """The figures logged after task ``t``'s evaluation (``None`` = not available, not logged)."""
-    figures = {
+    return {
         "task/acc": _mean(row[: t + 1]),
         "task/acc_all": _mean(row),
         "task/acc_just_trained": row[t],
@@ -128,7 +130,6 @@ def task_figures(
         "task/heldout_acc": _mean(heldout),
         "task/train_seconds": seconds,
     }
-    return figures
 
 
 def summary_figures(results: Mapping[str, Any]) -> dict[str, float | None]:
@@ -158,6 +159,9 @@ class Tracker:
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush and release; ``status`` is ``FINISHED``, ``FAILED`` or ``KILLED`` (interrupted)."""
+
+    def discard(self) -> None:
+        """Release local resources without sending anything more (after a failure)."""
 
 
 class TensorBoardTracker(Tracker):
@@ -190,6 +194,9 @@ class TensorBoardTracker(Tracker):
         self._scalars(0, values)
 
     def close(self, status: str = "FINISHED") -> None:
+        self.writer.close()
+
+    def discard(self) -> None:
         self.writer.close()
 
 
@@ -359,11 +366,10 @@ class Tracking(Tracker):
             except Exception as e:  # noqa: BLE001 - tracking must never stop a run
                 del self.backends[name]
                 _warn(name, e)
-                if call != "close":
-                    try:
-                        backend.close("FAILED")
-                    except Exception:  # noqa: BLE001 - already warned about this backend
-                        pass
+                try:
+                    backend.discard()  # nothing more is sent: a server that failed may fail slowly again
+                except Exception:  # noqa: BLE001 - already warned about this backend
+                    pass
 
     def log_params(self, config: Mapping[str, Any]) -> None:
         self._each("log_params", config)
