@@ -1,4 +1,4 @@
-"""``metagate`` command line: run, compare, list. A face only: it parses arguments and prints;
+"""``metagate`` command line: run, compare, tune, sweep, aggregate, list. A face only: it parses arguments and prints;
 planning and running live in :mod:`metagate.orchestrate`.
 
 torch is imported by the commands that train, never at start-up, so ``metagate --help`` and
@@ -187,6 +187,31 @@ def tune(
     failures = {**outcome.tuning.failures, **(outcome.final.failures if outcome.final else {})}
     if failures:
         _fail(f"{len(failures)} runs failed (see error.txt in their folders); rerun the same command with --resume", code=1)
+
+
+@app.command()
+def aggregate(
+    paths: list[Path] = typer.Argument(..., help="run folders, or folders holding them (a sweep, a compare, runs made by hand)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the table (Markdown) and aggregate.json here: FILE.md"),
+) -> None:
+    """One table of every finished run below PATHS: mean ± std and the 95% CI over seeds.
+
+    Runs whose configs differ only in the seed are one row; each row says what its method used at
+    test time. Figures: ACC, BWT, FWT, forgetting, zero-shot, Q (against an XdG run of the same
+    stream and seed, when one is among the runs), steps to 90%, training time, peak memory."""
+    from metagate.aggregate import AggregationError, aggregate_paths
+    from metagate.runs import RunFolderError, atomic_write_json, atomic_write_text
+
+    if out is not None and (out.exists() or out.with_suffix(".json").exists()):
+        _fail(f"{out} or {out.with_suffix('.json')} exists already; nothing was written. Choose another --out")
+    try:
+        summary, text = aggregate_paths(paths)
+        if out is not None:
+            atomic_write_text(out, text + "\n")
+            atomic_write_json(out.with_suffix(".json"), summary)
+    except (AggregationError, RunFolderError) as e:
+        _fail(str(e))
+    typer.echo(text)
 
 
 @app.command("list")
