@@ -102,6 +102,7 @@ def run(
     typer.echo(f"{cfg.method.name}: {report.summary_line(results)}")
     for reference in references:
         typer.echo(f"{reference['method']}: {report.summary_line(reference)}")
+    _report(out, again=f"metagate report {out}")
 
 
 @app.command()
@@ -212,6 +213,31 @@ def aggregate(
     except (AggregationError, RunFolderError) as e:
         _fail(str(e))
     typer.echo(text)
+
+
+def _report(folder: Path, again: str | None = None) -> None:
+    """Write the folder's report and print where; after a run (``again``), a failure only warns."""
+    from metagate.report_page import ReportProblem, write_report
+    from metagate.runs import RunFolderError
+
+    try:
+        html, md = write_report(folder)
+    except (ReportProblem, RunFolderError) as e:
+        if again is None:
+            _fail(str(e))
+        typer.secho(f"warning: no report written ({e}); make it later with: {again}", fg=typer.colors.YELLOW, err=True)
+        return
+    typer.echo(f"report: {html} (and {md.name}, figures in {md.parent / 'report'})")
+
+
+@app.command("report")
+def report_(folder: Path = typer.Argument(..., help="a run folder, or a folder of runs (compare, tune, sweep)")) -> None:
+    """Write report.html (self-contained) and report.md (figures under report/) into FOLDER.
+
+    A run folder gets its accuracy matrix, each task over the stream, learning curves, masks and
+    per-task table, next to its reference runs; a folder of runs gets bars and a table over seeds per
+    method label, and one run of each label."""
+    _report(folder)
 
 
 @app.command("list")

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
-from metagate import plots, report
-from metagate.runs import RunDir, RunFolderError, atomic_write_bytes, atomic_write_text
+from metagate import aggregate, plots, report
+from metagate.aggregate import RunRecord
+from metagate.runs import RunDir, atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from metagate.aggregate import RunRecord
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -85,12 +84,15 @@ def read_results(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        run = path.parent.parent if REFERENCE_DIR.fullmatch(path.parent.name) else path.parent  # a reference is resumed with its run
         raise ReportProblem(
             f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): the file is damaged or cut short; "
-            f"delete it and write it again with metagate run --resume --out {path.parent}, or move that run folder away"
+            f"delete it and write it again with metagate run --resume --out {run}, or move that run folder away"
         ) from None
     if not isinstance(data, dict) or not isinstance(data.get("acc_matrix"), list) or not data["acc_matrix"]:
-        raise ReportProblem(f"{path} holds no accuracy matrix, so it is not a finished metagate run; move that run folder away and report again")
+        raise ReportProblem(
+            f"{path} holds no accuracy matrix, so it is not a finished metagate run; move that run folder away and report again"
+        )
     return data
 
 
@@ -103,18 +105,19 @@ def reference_runs(folder: Path) -> list[tuple[str, dict[str, Any]]]:
     return [(p.name, read_results(p / RunDir.RESULTS)) for p in sorted(found, key=order)]
 
 
-def _check_folder(folder: Path) -> list[Path]:
-    """Every ``results.json`` at or below ``folder``, each readable; else a one-line problem."""
+def _check_folder(folder: Path) -> None:
+    """A folder with a run at or below it, where the report can be written; else a one-line problem."""
     if not folder.exists():
         raise ReportProblem(f"{folder} does not exist; {WHAT_TO_PASS}")
     if not folder.is_dir():
         raise ReportProblem(f"{folder} is a file, not a folder; {WHAT_TO_PASS}")
-    found = sorted(folder.rglob(RunDir.RESULTS))
-    if not found:
+    if next(folder.rglob(RunDir.RESULTS), None) is None:
         raise ReportProblem(f"no results.json in {folder} or below it, so there is nothing to report; {WHAT_TO_PASS}")
-    for path in found:
-        read_results(path)
-    return found
+    if not os.access(folder, os.W_OK | os.X_OK) or (folder / FIGURE_DIR).is_file():
+        raise ReportProblem(
+            f"cannot write the report into {folder} (not writable, or {FIGURE_DIR} is a file): the report is written "
+            "into the folder it reports on; make it writable, or report on a copy of it"
+        )
 
 
 # --------------------------------------------------------------------------- one run
@@ -160,9 +163,8 @@ def run_blocks(folder: Path, results: dict[str, Any], references: Sequence[tuple
         lines = [f"- {r['method']} ({name}/): {report.summary_line(r)}" for name, r in references]
         blocks += [Heading("Reference runs"), Markdown("Trained on the same stream and seed.\n\n" + "\n".join(lines), folder)]
     blocks += [
-        Heading("Accuracy matrix"),
+        Heading("Accuracy"),
         _plot("acc_matrix", plots.acc_matrix_figure(acc), "Accuracy on task j (column) after training task i (row)."),
-        Heading("Each task over the stream"),
         _plot("over_stream", plots.over_stream_figure(acc, names), "Accuracy on each task after each task of the stream is trained."),
     ]
     if references:
@@ -175,7 +177,8 @@ def run_blocks(folder: Path, results: dict[str, Any], references: Sequence[tuple
         ]
     curves = results.get("learning_curves")
     if curves and any(len(c) > 1 for c in curves):
-        blocks += [Heading("Learning curves"), _plot("learning_curves", plots.learning_curves_figure(curves, names), "Accuracy on each task while it trains.")]
+        figure = plots.learning_curves_figure(curves, names)
+        blocks += [Heading("Learning curves"), _plot("learning_curves", figure, "Accuracy on each task while it trains.")]
     if results.get("mask_density"):
         blocks += [
             Heading("Masks"),
@@ -197,25 +200,21 @@ def _seed(record: RunRecord) -> int:
 
 def sweep_blocks(root: Path, records: list[RunRecord]) -> list[Block]:
     """The page of many runs: bars and a table over seeds per label, one representative run per label."""
-    from metagate import aggregate
-
     groups = aggregate.group(records)
-    summary = aggregate.summarise(groups)
+    summary = aggregate.summarise(groups, records)
     blocks: list[Block] = [
         Heading(f"{len(records)} runs in {root.name or root}", 1),
         Markdown(f"{len(groups)} labels: {', '.join(groups)}. Mean ± std over seeds.", root),
-        _plot("summary", plots.summary_bars_figure(summary), "Per label: mean over seeds, ± std (black) and the 95% CI (red) where given."),
+        _plot("summary", plots.summary_bars_figure(summary), "Per label: mean over seeds, ± std (black) and the 95% CI (red)."),
         Markdown(aggregate.table(summary), root),
     ]
     for label, runs in groups.items():
         first = min(runs, key=_seed)
         where = os.path.relpath(first.folder, root)
         res = first.results
-        blocks += [
-            Heading(label),
-            Markdown(f"Representative run: {where}/ (seed {res.get('seed')}, {len(runs)} run(s) in all).\n\n{report.summary_line(res)}", root),
-            _plot(f"run-{_slug(label)}", plots.run_overview_figure(res["acc_matrix"], res.get("mask_overlap")), f"{label}: {where}"),
-        ]
+        about = f"Representative run: {where}/ (seed {res.get('seed')}, {len(runs)} run(s) in all).\n\n{report.summary_line(res)}"
+        figure = plots.run_overview_figure(res["acc_matrix"], res.get("mask_overlap"))
+        blocks += [Heading(label), Markdown(about, root), _plot(f"run-{_slug(label)}", figure, f"{label}: {where}")]
         images = [a for a in res.get("artifacts") or [] if a.endswith(".png")]
         if images:
             blocks.append(Markdown(f"Samples after the last task:\n\n![{images[-1]}]({where}/{images[-1]})", root))
@@ -234,6 +233,10 @@ def _image_uri(path: Path) -> str | None:
     if path.suffix.lower() != ".png" or not path.is_file():
         return None
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _figure_html(uri: str, alt: str, caption: str) -> str:
+    return f'<figure><img src="{uri}" alt="{html.escape(alt)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
 def _inline(text: str) -> str:
@@ -261,7 +264,7 @@ def markdown_html(text: str, base: Path) -> str:
             for line in lines:
                 alt, src = IMAGE_LINK.fullmatch(line.strip()).groups()  # type: ignore[union-attr]
                 uri = _image_uri(base / src)
-                out.append(f'<figure><img src="{uri}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>' if uri else f"<p>(image {html.escape(src)} not found)</p>")
+                out.append(_figure_html(uri, alt, alt) if uri else f"<p>(image {html.escape(src)} not found)</p>")
         elif all(line.startswith("- ") for line in lines):
             out.append("<ul>" + "".join(f"<li>{_inline(line[2:])}</li>" for line in lines) + "</ul>")
         else:
@@ -272,9 +275,11 @@ def markdown_html(text: str, base: Path) -> str:
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1150px; padding: 1em 2em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }
-table { border-collapse: collapse; font-size: 12px; } td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
-th { background: #f2f2f2; } .scroll { overflow-x: auto; } figure { margin: .6em 0; }
-img { max-width: 100%; } figcaption { font-size: 12px; color: #555; } code { background: #f4f4f4; padding: 0 .2em; }
+table { border-collapse: collapse; font-size: 12px; } .scroll { overflow-x: auto; }
+td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: right; } th { background: #f2f2f2; }
+td:first-child, th:first-child { text-align: left; }
+figure { display: inline-block; vertical-align: top; margin: .4em 1em .4em 0; } img { max-width: 100%; }
+figcaption { font-size: 12px; color: #555; } code { background: #f4f4f4; padding: 0 .2em; }
 """
 COUNT_IMAGES = """window.addEventListener("load", function () {
   var images = Array.prototype.slice.call(document.images);
@@ -291,8 +296,7 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
         elif isinstance(b, Markdown):
             body.append(markdown_html(b.text, b.base))
         else:
-            uri = "data:image/png;base64," + base64.b64encode(b.png).decode()
-            body.append(f'<figure><img src="{uri}" alt="{html.escape(b.name)}"><figcaption>{html.escape(b.caption)}</figcaption></figure>')
+            body.append(_figure_html("data:image/png;base64," + base64.b64encode(b.png).decode(), b.name, b.caption))
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style><script>{COUNT_IMAGES}</script></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
@@ -323,23 +327,23 @@ def page_blocks(folder: Path) -> list[Block]:
     _check_folder(folder)
     if (folder / RunDir.RESULTS).is_file():
         return run_blocks(folder, read_results(folder / RunDir.RESULTS), reference_runs(folder))
-    from metagate import aggregate
-
-    return sweep_blocks(folder, aggregate.find_runs([folder]))
+    try:
+        records = aggregate.find_runs([folder])
+    except aggregate.AggregationError as e:
+        raise ReportProblem(str(e)) from None
+    return sweep_blocks(folder, records)
 
 
 def write_report(folder: Path) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` (with its PNG files under ``report/``) into ``folder``;
-    returns their paths. A folder with nothing to report raises :class:`ReportProblem`."""
+    returns their paths. A folder with nothing to report raises :class:`ReportProblem`, a failed write
+    (a full disk) :class:`~metagate.runs.RunFolderError`; the report's own files are the only ones written."""
     folder = Path(folder)
     blocks = page_blocks(folder)
     title = next(b.text for b in blocks if isinstance(b, Heading))
     markdown, files = render_markdown(blocks, folder)
-    try:
-        for name, png in files.items():
-            atomic_write_bytes(folder / name, png)
-        atomic_write_text(folder / REPORT_MD, markdown)
-        atomic_write_text(folder / REPORT_HTML, render_html(blocks, title))
-    except RunFolderError as e:
-        raise ReportProblem(f"{str(e).split(':')[0]}: the report could not be written ({e}); free space or make {folder} writable") from None
+    for name, png in files.items():
+        atomic_write_bytes(folder / name, png)
+    atomic_write_text(folder / REPORT_MD, markdown)
+    atomic_write_text(folder / REPORT_HTML, render_html(blocks, title))
     return folder / REPORT_HTML, folder / REPORT_MD
