@@ -163,3 +163,19 @@ def test_a_sweep_on_a_local_ray_with_two_workers(tmp_path: Path, monkeypatch: py
     assert res.exit_code == 1  # 'bad' still diverges
     status = json.loads((out / "sweep.json").read_text())["runs"]
     assert status["crash/seed0"] == {"status": "finished"} and finished.stat().st_mtime_ns == before
+
+
+def test_every_ready_sweep_plans_without_error(tmp_path: Path) -> None:
+    from metagate.config import list_ready_configs
+    from metagate.orchestrate import parse_entries, plan_compare, variant_label
+
+    for name in list_ready_configs():
+        if "sweep" not in read_yaml(find_config(name)):
+            continue
+        spec = read_spec(name, {})
+        method_of = parse_entries(spec.method_list())
+        variants = expand(spec, method_of)
+        entries = [f"{variant_label(k, p)}={method_of[k]}" for k, ps in variants.items() for p in ps]
+        specific = [f"{variant_label(k, p)}:{o}" for k, ps in variants.items() for p in ps for o in p]
+        plan = plan_compare(name, specific, ",".join(entries), spec.seeds, tmp_path / name, False, lambda b, s: tmp_path)
+        assert len(plan.configs) == len(entries) * spec.seeds
