@@ -46,12 +46,15 @@ def test_rows_with_one_label_but_different_configs_are_told_apart(tmp_path: Path
 
 
 def test_runs_made_by_hand_and_their_references(tmp_path: Path) -> None:
-    fake_run(tmp_path / "run-a", "metagate", 0, 0.7, zs=[0.1, 0.6, 0.6])
+    fake_run(tmp_path / "run-a", "metagate", 0, 0.7, zs=[0.1, 0.6, 0.6], mask_density=[0.2] * 3)
     fake_run(tmp_path / "run-a" / "reference", "xdg", 0, 0.5, zs=[0.1, 0.3, 0.3])
-    fake_run(tmp_path / "run-b", "metagate", 1, 0.7, zs=[0.1, 0.5, 0.5])
+    fake_run(tmp_path / "run-b", "metagate", 1, 0.7, zs=[0.1, 0.5, 0.5], mask_density=[0.2] * 3)
+    fake_run(tmp_path / "run-c", "si", 1, 0.7, zs=[0.1, 0.5, 0.5])
+    fake_run(tmp_path / "run-c" / "reference", "xdg", 1, 0.5, zs=[0.1, 0.3, 0.3])
     fake_run(tmp_path / "run-b" / "reference", "xdg", 1, 0.5, zs=[0.1, 0.3, 0.3])
     summary = summarise(group(find_runs([tmp_path])))
-    assert set(summary) == {"metagate", "xdg (reference)"}
+    assert set(summary) == {"metagate", "si", "xdg (reference)"}
+    assert summary["si"]["q"]["mean"] is None  # no task masks: no mask quality
     # Q = (zs - zs_xdg) / (just trained - zs_xdg) over tasks 1, 2: (0.6 - 0.3) / (0.9 - 0.3), (0.5 - 0.3) / 0.6
     assert summary["metagate"]["q"]["mean"] == pytest.approx((0.5 + 1 / 3) / 2)
     assert summary["xdg (reference)"]["q"]["mean"] is None

@@ -12,7 +12,8 @@ peak memory (each run's own peak, measured by the trainer), with what the runs u
 and the scenario. Q = (zs - zs_xdg) / (just trained - zs_xdg) over the tasks after the first, where
 ``zs_xdg`` is the zero-shot accuracy of an XdG run on the same stream and seed found among the
 aggregated runs: 0 means the method's fresh masks are no better than XdG's random ones, 1 means a new
-task is as good before training as after (``n/a`` without such an XdG run).
+task is as good before training as after (``n/a`` without such an XdG run, and for methods without
+task masks).
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def run_figures(record: RunRecord, baselines: dict[tuple[str, int], dict[str, An
     """The per-run figures aggregated over seeds (fractions, seconds, MiB, steps)."""
     out = {k: f(record.results) for k, f in PER_RUN.items()}
     xdg = baselines.get((json.dumps(record.config.get("benchmark"), sort_keys=True), int(record.results.get("seed", -1))))
-    out["q"] = None if xdg is None or record.results.get("method") == "xdg" else zero_shot_quality(record.results, xdg)
+    gating = record.results.get("mask_density") is not None  # Q rates masks: gating methods only
+    out["q"] = zero_shot_quality(record.results, xdg) if xdg is not None and gating and record.results.get("method") != "xdg" else None
     return out
 
 
