@@ -85,6 +85,18 @@ def test_a_comparison_page_has_bars_the_table_and_a_run_per_label(compare_folder
     assert len(images(html)) == 3 == len(md_figures(md, compare_folder))
 
 
+def test_a_tuned_sweep_reports_the_chosen_settings_and_the_choice(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    grid = ["--methods", "finetune,si", "--grid", "si:method.c=1,10", "--tuning-seeds", "1", "--seeds", "1"]
+    assert runner.invoke(app, ["tune", *FAST, "benchmark.num_tasks=2", *grid, "--out", str(out)]).exit_code == 0
+    chosen = json.loads((out / "tuning.json").read_text())["chosen"]["si"]
+    md = write_report(out)[1].read_text()
+    assert "# 2 runs in t/final: the settings chosen on validation" in md  # the test figures: final runs only
+    assert "Representative run: final/si/seed0/" in md and "tuning/si_c" not in md.split("## Choice on validation")[0]
+    rows = [line for line in md.split("## Choice on validation")[1].splitlines() if line.startswith("| si |")]
+    assert len(rows) == 2 and [r.endswith("| chosen |") for r in rows] == [f"method.c={c}" == chosen[0] for c in (1, 10)]
+
+
 def test_the_html_page_loads_nothing_from_outside(run_folder: Path, compare_folder: Path) -> None:
     write_report(compare_folder)
     for folder in (run_folder, compare_folder):

@@ -38,6 +38,7 @@ REPORT_MD = "report.md"
 FIGURE_DIR = "report"  # report.md's PNG files
 REFERENCE_DIR = re.compile(r"reference(-\d+)?")
 IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+TUNING, TUNING_DIR, FINAL = "tuning.json", "tuning", "final"  # a tuned sweep's choice, its tuning runs, the chosen on fresh seeds
 WHAT_TO_PASS = "pass a run folder (it holds results.json) or a folder with run folders below it (compare, tune)"
 
 
@@ -198,12 +199,13 @@ def _seed(record: RunRecord) -> int:
     return seed if isinstance(seed, int) else 1 << 62
 
 
-def sweep_blocks(root: Path, records: list[RunRecord]) -> list[Block]:
-    """The page of many runs: bars and a table over seeds per label, one representative run per label."""
+def sweep_blocks(root: Path, records: list[RunRecord], where: str = "") -> list[Block]:
+    """The page of many runs (``where``: the part of ``root`` they come from): bars and a table over
+    seeds per label, one representative run per label."""
     groups = aggregate.group(records)
     summary = aggregate.summarise(groups, records)
     blocks: list[Block] = [
-        Heading(f"{len(records)} runs in {root.name or root}", 1),
+        Heading(f"{len(records)} runs in {root.name or root}{where}", 1),
         Markdown(f"{len(groups)} labels: {', '.join(groups)}. Mean ± std over seeds.", root),
         _plot("summary", plots.summary_bars_figure(summary), "Per label: mean over seeds, ± std (black) and the 95% CI (red)."),
         Markdown(aggregate.table(summary), root),
@@ -327,11 +329,35 @@ def page_blocks(folder: Path) -> list[Block]:
     _check_folder(folder)
     if (folder / RunDir.RESULTS).is_file():
         return run_blocks(folder, read_results(folder / RunDir.RESULTS), reference_runs(folder))
+    tuning = folder / TUNING
+    final = folder / FINAL
+    runs = final if tuning.is_file() and next(final.rglob(RunDir.RESULTS), None) is not None else folder
     try:
-        records = aggregate.find_runs([folder])
+        records = aggregate.find_runs([runs])
     except aggregate.AggregationError as e:
         raise ReportProblem(str(e)) from None
-    return sweep_blocks(folder, records)
+    blocks = sweep_blocks(folder, records, f"/{FINAL}: the settings chosen on validation, on fresh seeds" if runs == final else "")
+    return blocks + tuning_blocks(tuning, folder) if tuning.is_file() else blocks
+
+
+def tuning_blocks(path: Path, root: Path) -> list[Block]:
+    """The choice of a tuned sweep (``tuning.json``): every candidate's validation accuracy, the chosen ones marked."""
+    try:
+        record = json.loads(path.read_text())
+        chosen = {m: " ".join(o) for m, o in record["chosen"].items()}
+        rows = [
+            [method, variant, " ".join(overrides) or "(as configured)", report.fmt_stat({**record["validation"][variant], "planned": None}),
+             "chosen" if " ".join(overrides) == chosen.get(method) else ""]
+            for method, variants in record["candidates"].items()
+            for variant, overrides in variants.items()
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ReportProblem(f"{path} cannot be read ({type(e).__name__}); rerun the tuning with --resume to write it again") from None
+    seeds = ", ".join(str(s) for s in record.get("tuning_seeds") or [])
+    text = f"Each candidate on the tuning seeds ({seeds}, in {TUNING_DIR}/), chosen by mean validation accuracy "
+    text += "(test accuracy is never read for the choice).\n\n"
+    text += report.markdown_table(["method", "variant", "settings", "validation ACC (%)", ""], rows)
+    return [Heading("Choice on validation"), Markdown(text, root)]
 
 
 def write_report(folder: Path) -> tuple[Path, Path]:
