@@ -10,9 +10,10 @@ touched.
   summary line, the accuracy matrix, each task's accuracy over the stream, the learning curves, the
   masks of a gating method, the per-task table (with the sample grids of generative replay), and the
   reference runs (``reference/``, ``reference-2/``, ...) beside the method.
-* A folder of runs (``compare``, ``tune``, any folder with run folders below it): per method label,
+* A folder of runs (``compare``, ``sweep``, any folder with run folders below it): per method label,
   ACC, BWT and training time over seeds as bars (± std, 95% CI), the aggregated table, and one
-  representative run per label (its lowest seed).
+  representative run per label (its lowest seed). A tuned sweep (``tuning.json``; ``tune``,
+  ``sweep --tune``) shows its ``final/`` runs so, and each candidate's validation accuracy.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ FIGURE_DIR = "report"  # report.md's PNG files
 REFERENCE_DIR = re.compile(r"reference(-\d+)?")
 IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 TUNING, TUNING_DIR, FINAL = "tuning.json", "tuning", "final"  # a tuned sweep's choice, its tuning runs, the chosen on fresh seeds
-WHAT_TO_PASS = "pass a run folder (it holds results.json) or a folder with run folders below it (compare, tune)"
+WHAT_TO_PASS = "pass a run folder (it holds results.json) or a folder with run folders below it (compare, sweep, tune)"
 
 
 class ReportProblem(ValueError):
