@@ -95,3 +95,13 @@ def test_the_aggregate_command_prints_the_table_and_never_overwrites(tmp_path: P
     assert res.exit_code == 2 and "exists already" in res.output
     res = CliRunner().invoke(app, ["aggregate", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_a_tuned_folder_gives_its_final_runs_in_method_order_and_never_its_tuning_runs(tmp_path: Path) -> None:
+    (tmp_path / "tuning.json").write_text("{}")
+    fake_run(tmp_path / "tuning" / "si_c-1" / "seed1000", "si", 1000, 0.9)
+    for label, method in [("zeta", "si"), ("alpha", "ewc")]:
+        fake_run(tmp_path / "final" / label / "seed0", method, 0, 0.6)
+    (tmp_path / "final" / "comparison.json").write_text(json.dumps({"methods": {"zeta": {}, "alpha": {}}}))
+    assert list(group(find_runs([tmp_path]))) == ["zeta", "alpha"]
+    assert list(group(find_runs([tmp_path / "tuning"]))) == ["si_c-1"]  # asked for by name: kept

@@ -1,6 +1,7 @@
 """Aggregation of finished run folders, wherever they came from (a sweep, a compare, runs made by hand).
 
-Runs are found by their ``results.json`` (reference runs inside a run folder included) and grouped by
+Runs are found by their ``results.json`` (reference runs inside a run folder included; the tuning runs
+of a tuned folder left out, see :func:`_tuning_run`) and grouped by
 their config without the seed: runs that differ only in the seed are the seeds of one row. A row's
 label is the folder name the runs sit in (``<label>/seed<N>``, as ``compare`` and ``sweep`` write
 them), else the method's name; two rows with the same label get the config keys that tell them apart.
@@ -78,7 +79,8 @@ def find_runs(paths: Sequence[Path]) -> list[RunRecord]:
         path = Path(path)
         if not path.exists():
             raise AggregationError(f"{path} does not exist; name run folders or folders that hold them")
-        found = sorted(p.parent for p in path.rglob(RunDir.RESULTS)) if path.is_dir() else []
+        found = _ordered(path, [p.parent for p in path.rglob(RunDir.RESULTS)]) if path.is_dir() else []
+        found = [f for f in found if not _tuning_run(f, path)]
         if not found:
             raise AggregationError(f"no finished run (results.json) at or below {path}")
         folders += [f for f in found if f not in folders]
@@ -88,6 +90,26 @@ def find_runs(paths: Sequence[Path]) -> list[RunRecord]:
         records.append(RunRecord(folder, "", config, results, _identity(config)))
     _label(records)
     return records
+
+
+def _ordered(root: Path, folders: list[Path]) -> list[Path]:
+    """Path order, but the labels of a compare / sweep folder in the order of its ``comparison.json``."""
+    order: list[str] = []
+    for comparison in [root / "comparison.json", root / "final" / "comparison.json"]:
+        try:
+            order = list(json.loads(comparison.read_text()).get("methods", {}))
+            break
+        except (OSError, ValueError, AttributeError):
+            continue
+    rank = {label: i for i, label in enumerate(order)}
+    return sorted(folders, key=lambda f: (rank.get(f.parent.name, len(rank)), str(f)))
+
+
+def _tuning_run(folder: Path, root: Path) -> bool:
+    """A run in the ``tuning/`` folder of a tuned folder (``tuning.json`` beside it) below ``root``: its
+    seeds chose the settings, so it is never mixed into the rows of test figures. Aggregating that
+    ``tuning/`` folder itself (or a folder inside it) keeps its runs."""
+    return any(t.name == "tuning" and root in t.parents and (t.parent / "tuning.json").is_file() for t in folder.parents)
 
 
 def _base_label(folder: Path, results: dict[str, Any]) -> str:

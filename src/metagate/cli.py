@@ -1,4 +1,4 @@
-"""``metagate`` command line: run, compare, tune, sweep, aggregate, list. A face only: it parses arguments and prints;
+"""``metagate`` command line: run, compare, tune, sweep, aggregate, report, list. A face only: it parses arguments and prints;
 planning and running live in :mod:`metagate.orchestrate`.
 
 torch is imported by the commands that train, never at start-up, so ``metagate --help`` and
@@ -147,6 +147,7 @@ def compare(
     typer.echo("")
     typer.echo(f"{len(plan.labels)} methods x {len(plan.seeds)} seeds, mean ± std ({plan.root / 'comparison.json'})")
     typer.echo(outcome.compare.table)
+    _report(plan.root, again=f"metagate report {plan.root}")
     _report_failures(outcome.failures, len(plan.configs), "fix the cause and rerun the same command with --resume to retry them")
 
 
@@ -213,6 +214,8 @@ def tune(
     if outcome.final is not None:
         typer.echo(f"test figures of the chosen settings on fresh seeds {outcome.final.plan.seeds} ({out / 'final' / 'comparison.json'}):")
         typer.echo(outcome.final.table)
+    if outcome.final is not None:
+        _report(out, again=f"metagate report {out}")
     failures = {**outcome.tuning.failures, **(outcome.final.failures if outcome.final else {})}
     if failures:
         _fail(f"{len(failures)} runs failed (see error.txt in their folders); rerun the same command with --resume", code=1)
@@ -263,6 +266,7 @@ def sweep(
             typer.echo(f"  {label}: {' '.join(chosen) or '(the config as it is)'}")
         typer.echo(f"test figures of the chosen settings on fresh seeds ({out / 'final'}):")
     typer.echo(outcome.aggregate_table)
+    _report(out, again=f"metagate report {out}")
     total = len(outcome.compare.plan.configs) if outcome.compare else 0
     _report_failures(outcome.failures, total or len(outcome.failures), "run the same command again to retry them")
 
