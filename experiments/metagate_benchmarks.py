@@ -34,10 +34,12 @@ against the largest overlap of a task's oracle mask with an earlier one (also as
 ``<out>/table.md`` gathers the tables.
 
 Hyperparameters are chosen on validation, never on the reported test figures: per stream, SI's
-strength ``c`` (shared by every gated variant) is chosen for XdG + SI from ``c_grid``, then metagate's
-``prior`` from ``PRIOR_GRID`` with that ``c``, and each context baseline's own ``c`` from ``c_grid``,
-each by mean validation accuracy over tuning seeds 1000, 1001 (``metagate tune --choose-only``, into
-``<out>/<stream>-tuning-*``); the table's runs use fresh seeds 0, 1, 2 and report test.
+strength ``c`` (shared by the gated variants) is chosen for XdG + SI from ``c_grid``, then metagate's
+``prior`` from ``PRIOR_GRID`` with that ``c``, then, on the streams in ``METAGATE_C_GRID`` (composed),
+metagate's own ``c`` with that prior (also its shuffled control's; ``--shared-c``: XdG + SI's, as before),
+and each context baseline's own ``c`` from ``c_grid``, each by mean validation accuracy over tuning seeds
+1000, 1001 (``metagate tune --choose-only``, into ``<out>/<stream>-tuning-*``); the table's runs use fresh
+seeds 0, 1, 2 and report test, with the ``c`` each variant used (``(own)``: chosen for it, not for XdG + SI).
 
 Zero-shot quality ``Q = (zs - zs_xdg) / (final - zs_xdg)`` uses means over every task after the first
 and, on streams longer than 11 tasks, over the last 10: ``zs`` the accuracy on a task before training
@@ -203,6 +205,13 @@ DEFAULT_STREAMS = "composed,rotated,split,permuted"
 
 
 PRIOR_GRID = [0.5, 1.0, 2.0]
+# metagate's own SI strength (issue 13): on these streams c is chosen on validation for metagate itself (issue 13's
+# agent, with its chosen prior) instead of taking XdG + SI's, and its shuffled control takes the same c; every other
+# variant keeps the c chosen for XdG + SI. --shared-c restores the shared c (the earlier tables).
+# Composed (issue 13, prior 0.5, tuning seeds 1000-1001): mean val_acc 68.2, 69.3, 67.6, 65.3% (val BWT -7.7, -3.0,
+# -1.1, -0.3 pt): 0.1, XdG + SI's c, is also metagate's own.
+METAGATE_C_GRID: dict[str, list[float]] = {"composed": [0.03, 0.1, 0.3, 1.0]}
+OWN_C_VARIANTS = ("metagate", "shuffled")
 
 
 def metagate_cmd() -> str:
@@ -232,9 +241,17 @@ class Chosen:
     own_c: dict[str, float]
     prior_mlp: float | None = None  # issue 12's metagate (the "-mlp" variants), chosen for it alone
     prior_given: bool = False  # the prior came from the command line (--prior), not from validation
+    metagate_c: float | None = None  # metagate's own c (METAGATE_C_GRID), for OWN_C_VARIANTS; None: XdG + SI's
+    metagate_c_grid: list[float] = field(default_factory=list)
 
     def c_for(self, label: str) -> float:
+        if label in OWN_C_VARIANTS and self.metagate_c is not None:
+            return self.metagate_c
         return self.own_c.get(label, self.c)
+
+    def own(self, label: str) -> bool:
+        """Whether the variant's c was chosen for it (or for metagate) rather than for XdG + SI."""
+        return label in self.own_c or (label in OWN_C_VARIANTS and self.metagate_c is not None)
 
     def prior_for(self, label: str) -> float:
         return self.prior_mlp if label.endswith("-mlp") and self.prior_mlp is not None else self.prior
@@ -243,12 +260,16 @@ class Chosen:
         own = "".join(f", {label} c = {c:g} from {stream.c_grid}" for label, c in self.own_c.items())
         mlp = "" if self.prior_mlp is None else f", metagate-mlp prior = {self.prior_mlp:g} from {PRIOR_GRID}"
         prior = f"metagate prior = {self.prior:g} given (--prior), not chosen here" if self.prior_given else f"metagate prior = {self.prior:g} from {PRIOR_GRID}"
-        return f"SI c = {self.c:g} from {stream.c_grid} (XdG + SI; every gated variant), {prior}{mlp}{own}"
+        if self.metagate_c is None:
+            return f"SI c = {self.c:g} from {stream.c_grid} (XdG + SI; every gated variant), {prior}{mlp}{own}"
+        return (f"SI c = {self.c:g} from {stream.c_grid} (XdG + SI; the other gated variants), {prior} (with XdG's c), "
+                f"then metagate's own c = {self.metagate_c:g} from {self.metagate_c_grid} (with that prior; also shuffled's){mlp}{own}")
 
 
-def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tuning_seeds: int, given_prior: float | None = None) -> Chosen:
-    """SI's c (for XdG + SI), then metagate's prior with that c, then each context baseline's c, all
-    chosen on validation."""
+def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tuning_seeds: int, given_prior: float | None = None,
+                  shared_c: bool = False) -> Chosen:
+    """SI's c (for XdG + SI), then metagate's prior with that c, then (streams in METAGATE_C_GRID, unless
+    ``shared_c``) metagate's own c with that prior, then each context baseline's c, all chosen on validation."""
     c_grid = ",".join(str(c) for c in stream.c_grid)
     c = float(choose(stream, root / f"{name}-tuning-c", "xdg", f"method.c={c_grid}", [*stream.xdg, f"method.xi={stream.xi}"], extra, tuning_seeds).split("=")[1])
     prior_grid = ",".join(str(p) for p in PRIOR_GRID)
@@ -259,6 +280,11 @@ def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tunin
         prior = float(choose(stream, folder, "metagate", f"method.prior={prior_grid}", fixed, extra, tuning_seeds).split("=")[1])
     else:
         prior = given_prior
+    metagate_c = None
+    if name in METAGATE_C_GRID and not shared_c:
+        grid = ",".join(str(v) for v in METAGATE_C_GRID[name])
+        fixed = [*stream.variants["metagate"][1], f"method.prior={prior}", f"method.xi={stream.xi}"]  # no method.c: it would override the grid
+        metagate_c = float(choose(stream, root / f"{name}-tuning-c-metagate", "metagate", f"method.c={grid}", fixed, extra, tuning_seeds).split("=")[1])
     prior_mlp = None
     if "metagate-mlp" in stream.variants:
         fixed = [*stream.variants["metagate-mlp"][1], f"method.c={c}", f"method.xi={stream.xi}"]
@@ -268,7 +294,7 @@ def chosen_values(stream: Stream, name: str, root: Path, extra: list[str], tunin
         if label in CONTEXT_BASELINES:
             folder = root / f"{name}-tuning-{label}"
             own[label] = float(choose(stream, folder, method, f"method.c={c_grid}", [*opts, f"method.xi={stream.xi}"], extra, tuning_seeds).split("=")[1])
-    return Chosen(c, prior, own, prior_mlp)
+    return Chosen(c, prior, own, prior_mlp, metagate_c=metagate_c, metagate_c_grid=METAGATE_C_GRID.get(name, []) if metagate_c is not None else [])
 
 
 def run_compare(stream: Stream, out: Path, seeds: int, extra: list[str], chosen: Chosen) -> list[str]:
@@ -345,11 +371,19 @@ def figures(r: dict[str, Any], x: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def table(stream: Stream, runs: dict[str, dict[int, dict[str, Any]]]) -> str:
+def si_c(r: dict[str, Any]) -> float | None:
+    """The SI strength the run used (from its config.yaml; None for a method without one)."""
+    c = RunDir(Path(r["folder"])).read_config()["method"].get("c")
+    return None if c is None else float(c)
+
+
+def table(stream: Stream, runs: dict[str, dict[int, dict[str, Any]]], chosen: Chosen | None = None) -> str:
+    """The stream's table; the "SI c" column gives each variant's c as its runs used it, "(own)" where it was
+    chosen for the variant (or for metagate) rather than for XdG + SI."""
     first = next(iter(next(iter(runs.values())).values()))
     has_held = bool(first.get("heldout_names"))
     long = "last 10" in windows(first["num_tasks"])
-    cols = ["variant", "uses at test", "ACC (%)", "BWT (pt)", "zero-shot (%)", "just trained (%)", "Q"]
+    cols = ["variant", "uses at test", "SI c", "ACC (%)", "BWT (pt)", "zero-shot (%)", "just trained (%)", "Q"]
     cols += ["zero-shot, last 10 (%)", "just trained, last 10 (%)", "Q, last 10"] if long else []
     cols += ["steps to 90%", "XdG steps / these", "zero-shot mask IoU", "r(context dist, zero-shot mask dist)",
              "mask IoU", "r(context dist, mask dist)"]
@@ -372,7 +406,10 @@ def table(stream: Stream, runs: dict[str, dict[int, dict[str, Any]]]) -> str:
             return "n/a" if np.isnan(v).all() else f"{np.nanmean(v):.{digits}f}"
 
         info = next(iter(runs[label].values())).get("test_time_info")
-        cells = [label, uses_at_test(info), ms("acc"), ms("bwt"), ms("zs"), ms("final"), "n/a" if label == "xdg" else ms("q", 1.0, 2)]
+        cs = {si_c(r) for r in runs[label].values()}
+        c_cell = "n/a" if cs == {None} else ", ".join(f"{c:g}" for c in sorted(c for c in cs if c is not None))
+        c_cell += " (own)" if chosen is not None and chosen.own(label) and c_cell != "n/a" else ""
+        cells = [label, uses_at_test(info), c_cell, ms("acc"), ms("bwt"), ms("zs"), ms("final"), "n/a" if label == "xdg" else ms("q", 1.0, 2)]
         if long:
             cells += [ms("zs_last"), ms("final_last"), "n/a" if label == "xdg" else ms("q_last", 1.0, 2)]
         cells += [mean("s90", 0), mean("ratio"), mean("zs_iou"), mean("zs_ctx_r"), mean("iou"), mean("ctx_r")]
@@ -468,6 +505,8 @@ def main() -> None:
     p.add_argument("--tuning-seeds", type=int, default=2)
     p.add_argument("--prior", type=float, default=None, help="metagate's prior as given, instead of choosing it on validation "
                    "(the table then says so)")
+    p.add_argument("--shared-c", action="store_true", help="metagate and its shuffled control take XdG + SI's c (as in the "
+                   "earlier tables) instead of their own, chosen on validation from METAGATE_C_GRID")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = p.parse_args()
     names = [s.strip() for s in args.streams.split(",") if s.strip()]
@@ -476,7 +515,7 @@ def main() -> None:
         p.error(f"unknown stream(s) {', '.join(unknown)}; choose from {', '.join(STREAMS)}")
     for name in names:
         stream, out = STREAMS[name], args.out / name
-        chosen = chosen_values(stream, name, args.out, args.overrides, args.tuning_seeds, args.prior)
+        chosen = chosen_values(stream, name, args.out, args.overrides, args.tuning_seeds, args.prior, args.shared_c)
         chosen.prior_given = args.prior is not None
         cmd = run_compare(stream, out, args.seeds, args.overrides, chosen)
         runs = load_runs(out)
@@ -496,7 +535,7 @@ def main() -> None:
                 f"and task-incremental label masking: the task's identity; `context_input`: the task's context vector). "
                 f"Test figures over seeds {sorted(runs['xdg'])}; zero-shot, just trained, Q and steps over {over}. "
                 f"Chosen on validation (tuning seeds 1000-{999 + args.tuning_seeds}): {chosen.describe(stream)}.\n\n"
-                f"    {shlex.join(['metagate', *cmd[1:]])}\n\n{table(stream, runs)}\n{extra}")
+                f"    {shlex.join(['metagate', *cmd[1:]])}\n\n{table(stream, runs, chosen)}\n{extra}")
         (out / "table.md").write_text(text)
         print(text, flush=True)
     # The gathered table holds every stream finished in --out, also by earlier calls.

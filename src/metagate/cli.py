@@ -1,4 +1,4 @@
-"""``metagate`` command line: run, compare, list. A face only: it parses arguments and prints;
+"""``metagate`` command line: run, compare, tune, sweep, aggregate, report, list. A face only: it parses arguments and prints;
 planning and running live in :mod:`metagate.orchestrate`.
 
 torch is imported by the commands that train, never at start-up, so ``metagate --help`` and
@@ -102,6 +102,7 @@ def run(
     typer.echo(f"{cfg.method.name}: {report.summary_line(results)}")
     for reference in references:
         typer.echo(f"{reference['method']}: {report.summary_line(reference)}")
+    _report(out, again=f"metagate report {out}")
 
 
 @app.command()
@@ -116,8 +117,10 @@ def compare(
     resume: bool = typer.Option(
         False, "--resume", help="reuse finished runs in --out, resume interrupted ones, retry failed ones"
     ),
+    workers: int = typer.Option(0, "--workers", min=0, help="runs at a time on a local Ray, each in its own process; 0 = one at a time here"),
+    address: Optional[str] = typer.Option(None, "--address", help="run on the Ray cluster at this address (auto, ray://host:10001)"),
 ) -> None:
-    """Run several methods over several seeds; print a Markdown table of mean ± std.
+    """Run several methods over several seeds; print a Markdown table of mean ± std (a sweep of methods x seeds).
 
     A config's reference is not run (every method here is one). A failing run is recorded and the
     others go on; the exit code is 1 when some failed. An override prefixed by a label applies to that
@@ -125,30 +128,53 @@ def compare(
     --methods xdg,xdg-si=xdg xdg-si:method.stabilizer=si"""
     from metagate import orchestrate
     from metagate.runs import default_run_dir
+    from metagate.sweep import SweepSpec, run_sweep
 
     config, overrides = _split(config, overrides)
     try:
-        plan = orchestrate.plan_compare(
-            config, overrides, methods, seeds, out, resume, lambda bench, seed: default_run_dir(Path("runs"), bench, "compare", seed)
+        execute = _executor(workers, address, SweepSpec().resources)
+        outcome = run_sweep(
+            config, overrides, SweepSpec(methods=methods, seeds=seeds), out, resume, typer.echo, execute, auto_resume=False,
+            default_root=lambda bench, seed: default_run_dir(Path("runs"), bench, "compare", seed),
         )
+    except KeyboardInterrupt:
+        command = f"metagate compare {config or ''} {' '.join(overrides)} --methods {methods} --seeds {seeds} --out {out or 'DIR'} --resume"
+        _interrupted(out or Path("runs"), True, " ".join(command.split()))
     except orchestrate.RunProblem as e:
         _fail(str(e))
-    try:
-        outcome = orchestrate.run_compare(plan, resume, typer.echo)
-    except KeyboardInterrupt:
-        command = f"metagate compare {config or ''} {' '.join(overrides)} --methods {methods} --seeds {seeds} --out {plan.root} --resume"
-        _interrupted(plan.root, True, " ".join(command.split()))
+    assert outcome.compare is not None
+    plan = outcome.compare.plan
     typer.echo("")
     typer.echo(f"{len(plan.labels)} methods x {len(plan.seeds)} seeds, mean ± std ({plan.root / 'comparison.json'})")
-    typer.echo(outcome.table)
-    if outcome.failures:
-        for (label, seed), line in outcome.failures.items():
+    typer.echo(outcome.compare.table)
+    _report(plan.root, again=f"metagate report {plan.root}")
+    _report_failures(outcome.failures, len(plan.configs), "fix the cause and rerun the same command with --resume to retry them")
+
+
+def _report_failures(failures: dict[tuple[str, int], str], total: int, advice: str) -> None:
+    if failures:
+        for (label, seed), line in failures.items():
             typer.secho(f"failed: {label}, seed {seed}: {line}", fg=typer.colors.RED, err=True)
-        _fail(
-            f"{len(outcome.failures)} of {len(plan.configs)} runs failed (see error.txt in their folders); "
-            "fix the cause and rerun the same command with --resume to retry them",
-            code=1,
-        )
+        _fail(f"{len(failures)} of {total} runs failed (see error.txt in their folders); {advice}", code=1)
+
+
+def _executor(workers: int | None, address: Optional[str], resources: object, inline: bool = False):  # noqa: ANN202
+    """In this process one run at a time (``workers`` 0 or ``inline``), else Ray: local with
+    ``workers`` runs at a time (``None``: as many as the CPUs hold), or the cluster at ``address``."""
+    from metagate import orchestrate, sweep
+
+    if inline or (workers == 0 and address is None):
+        return orchestrate.run_inline
+    if workers is None:
+        try:
+            sweep.import_ray()
+        except orchestrate.ConfigError:
+            typer.secho("Ray is not installed (pip install 'metagate[ray]'): running one run at a time in this process", fg=typer.colors.YELLOW, err=True)
+            return orchestrate.run_inline
+        import os
+
+        workers = max(1, int((os.cpu_count() or 1) // max(1.0, resources.cpus)))  # type: ignore[attr-defined]
+    return sweep.ray_executor(address, workers, resources)  # type: ignore[arg-type]
 
 
 @app.command()
@@ -162,6 +188,8 @@ def tune(
     out: Path = typer.Option(..., "--out", help="folder for tuning/, final/ and tuning.json"),
     resume: bool = typer.Option(False, "--resume", help="reuse finished runs in --out, resume or retry the others"),
     choose_only: bool = typer.Option(False, "--choose-only", help="stop after the choice (tuning.json), without the final runs"),
+    workers: int = typer.Option(0, "--workers", min=0, help="runs at a time on a local Ray, each in its own process; 0 = one at a time here"),
+    address: Optional[str] = typer.Option(None, "--address", help="run on the Ray cluster at this address (auto, ray://host:10001)"),
 ) -> None:
     """Choose on validation, report test: every grid point on tuning seeds, the best by validation.
 
@@ -169,10 +197,12 @@ def tune(
     the chosen settings are rerun on fresh seeds and their test figures printed. Example:
     metagate tune gated-teacher-task --methods si,ewc --grid si:method.c=0.1,1,10 --grid ewc:method.lambda=10,100 --out runs/tune"""
     from metagate import orchestrate
+    from metagate.sweep import Resources
 
     config, overrides = _split(config, overrides)
     try:
-        outcome = orchestrate.run_tune(config, overrides, methods, grid, tuning_seeds, seeds, out, resume, typer.echo, choose_only)
+        execute = _executor(workers, address, Resources())
+        outcome = orchestrate.run_tune(config, overrides, methods, grid, tuning_seeds, seeds, out, resume, typer.echo, choose_only, execute)
     except KeyboardInterrupt:
         _interrupted(out, True, "the same command with --resume")
     except orchestrate.RunProblem as e:
@@ -184,9 +214,111 @@ def tune(
     if outcome.final is not None:
         typer.echo(f"test figures of the chosen settings on fresh seeds {outcome.final.plan.seeds} ({out / 'final' / 'comparison.json'}):")
         typer.echo(outcome.final.table)
+    if outcome.final is not None:
+        _report(out, again=f"metagate report {out}")
     failures = {**outcome.tuning.failures, **(outcome.final.failures if outcome.final else {})}
     if failures:
         _fail(f"{len(failures)} runs failed (see error.txt in their folders); rerun the same command with --resume", code=1)
+
+
+@app.command()
+def sweep(
+    config: Optional[str] = typer.Argument(None, help=CONFIG_HELP + "; its sweep section, if any, is the sweep", show_default=False),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP + "; label:key=value for one method", show_default=False),
+    out: Path = typer.Option(..., "--out", help="the sweep's folder; running again on it continues the sweep"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="labels = methods, as in compare (default: sweep.methods)"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="seeds per variant (default: sweep.seeds, else 1)"),
+    grid: Optional[list[str]] = typer.Option(None, "--grid", help="[label:]key=v1,v2,... (repeat; the grid is the product)"),
+    random: Optional[list[str]] = typer.Option(None, "--random", help="[label:]key=loguniform:a,b | uniform:a,b | int:a,b | choice:v1,v2"),
+    samples: Optional[int] = typer.Option(None, "--samples", min=1, help="random draws per grid point"),
+    tune: bool = typer.Option(False, "--tune", help="choose each method's variant on validation (tuning seeds), report test on fresh seeds"),
+    tuning_seeds: Optional[int] = typer.Option(None, "--tuning-seeds", min=1, help="seeds per variant when tuning (from 1000; default 2)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="runs at a time on the local Ray (default: CPUs / cpus per run)"),
+    address: Optional[str] = typer.Option(None, "--address", help="an existing Ray cluster (auto, ray://head:10001) instead of a local Ray"),
+    cpus: Optional[float] = typer.Option(None, "--cpus-per-run", help="CPUs (and torch threads) per run (default 1)"),
+    gpus: Optional[float] = typer.Option(None, "--gpus-per-run", help="GPUs per run (default 0; set trainer.device=cuda too)"),
+    inline: bool = typer.Option(False, "--inline", help="no Ray: one run at a time in this process"),
+) -> None:
+    """A grid or random search over dotted keys, methods and seeds, each run in its own process on Ray.
+
+    Every run is a run folder OUT/<variant>/seed<N>; a failed run is recorded and the others go on;
+    the same command again continues the sweep (finished runs reused, interrupted ones resumed, failed
+    ones retried). Writes comparison.md, aggregate.md (mean ± std and 95% CI) and sweep.json. Example:
+    metagate sweep gated-teacher-task --methods si,ewc --grid si:method.c=0.1,1 --grid ewc:method.lambda=10,100 --seeds 3 --out runs/sw"""
+    from metagate import orchestrate
+    from metagate.sweep import read_spec, run_sweep
+
+    config, overrides = _split(config, overrides)
+    cli = {"methods": methods, "seeds": seeds, "grid": grid, "random": random, "samples": samples, "cpus": cpus, "gpus": gpus,
+           "tune": tune, "tuning_seeds": tuning_seeds}
+    try:
+        spec = read_spec(config, cli)
+        execute = _executor(workers, address, spec.resources, inline)
+        outcome = run_sweep(config, overrides, spec, out, False, typer.echo, execute)
+    except KeyboardInterrupt:
+        _interrupted(out, True, "the same command (it continues the sweep in --out)")
+    except orchestrate.RunProblem as e:
+        _fail(str(e))
+    typer.echo("")
+    if outcome.tune is not None:
+        typer.echo("chosen on validation accuracy (tuning seeds):")
+        for label, chosen in outcome.tune.chosen.items():
+            typer.echo(f"  {label}: {' '.join(chosen) or '(the config as it is)'}")
+        typer.echo(f"test figures of the chosen settings on fresh seeds ({out / 'final'}):")
+    typer.echo(outcome.aggregate_table)
+    _report(out, again=f"metagate report {out}")
+    total = len(outcome.compare.plan.configs) if outcome.compare else 0
+    _report_failures(outcome.failures, total or len(outcome.failures), "run the same command again to retry them")
+
+
+@app.command()
+def aggregate(
+    paths: list[Path] = typer.Argument(..., help="run folders, or folders holding them (a sweep, a compare, runs made by hand)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the table (Markdown) and aggregate.json here: FILE.md"),
+) -> None:
+    """One table of every finished run below PATHS: mean ± std and the 95% CI over seeds.
+
+    Runs whose configs differ only in the seed are one row; each row says what its method used at
+    test time. Figures: ACC, BWT, FWT, forgetting, zero-shot, Q (against an XdG run of the same
+    stream and seed, when one is among the runs), steps to 90%, training time, peak memory."""
+    from metagate.aggregate import AggregationError, aggregate_paths
+    from metagate.runs import RunFolderError, atomic_write_json, atomic_write_text
+
+    if out is not None and (out.exists() or out.with_suffix(".json").exists()):
+        _fail(f"{out} or {out.with_suffix('.json')} exists already; nothing was written. Choose another --out")
+    try:
+        summary, text = aggregate_paths(paths)
+        if out is not None:
+            atomic_write_text(out, text + "\n")
+            atomic_write_json(out.with_suffix(".json"), summary)
+    except (AggregationError, RunFolderError) as e:
+        _fail(str(e))
+    typer.echo(text)
+
+
+def _report(folder: Path, again: str | None = None) -> None:
+    """Write the folder's report and print where; after a run (``again``), a failure only warns."""
+    from metagate.report_page import ReportProblem, write_report
+    from metagate.runs import RunFolderError
+
+    try:
+        html, md = write_report(folder)
+    except (ReportProblem, RunFolderError) as e:
+        if again is None:
+            _fail(str(e))
+        typer.secho(f"warning: no report written ({e}); make it later with: {again}", fg=typer.colors.YELLOW, err=True)
+        return
+    typer.echo(f"report: {html} (and {md.name}, figures in {md.parent / 'report'})")
+
+
+@app.command("report")
+def report_(folder: Path = typer.Argument(..., help="a run folder, or a folder of runs (compare, tune, sweep)")) -> None:
+    """Write report.html (self-contained) and report.md (figures under report/) into FOLDER.
+
+    A run folder gets its accuracy matrix, each task over the stream, learning curves, masks and
+    per-task table, next to its reference runs; a folder of runs gets bars and a table over seeds per
+    method label, and one run of each label."""
+    _report(folder)
 
 
 @app.command("list")

@@ -141,7 +141,9 @@ def _check_method(method_cls: Any, section: Any, where: str) -> None:
 
 
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:
-    """Validate a raw dict into an :class:`ExperimentConfig`, section by section."""
+    """Validate a raw dict into an :class:`ExperimentConfig`, section by section. A ``sweep`` section
+    belongs to ``metagate sweep`` (:mod:`metagate.sweep`): a single run ignores it."""
+    raw = {k: v for k, v in raw.items() if k != "sweep"}
     allowed = {"seed", "benchmark", "method", "trainer", "reference", "tracking"}
     extra = sorted(set(raw) - allowed)
     if extra:

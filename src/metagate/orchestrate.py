@@ -14,7 +14,7 @@ import re
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from metagate import report
 from metagate.config import ConfigError, apply_overrides, config_from_dict, find_config, read_yaml
@@ -260,21 +260,53 @@ def _record_failure(folder: Path, error: BaseException) -> str:
     return line
 
 
-def run_compare(plan: ComparePlan, resume: bool, echo: Echo = _quiet) -> CompareOutcome:
-    """Run every entry; a failing entry is recorded and the others go on. Writes ``comparison.json``
-    and ``comparison.md`` for what finished (failed entries marked as such)."""
+@dataclass
+class Job:
+    """One run of a plan: its (label, seed), config and folder."""
+
+    key: tuple[str, int]
+    cfg: ExperimentConfig
+    folder: Path
+
+
+# An executor runs jobs and yields (key, outcome) as each ends, in any order; an outcome is
+# {"status": "finished", "results": {...}} or {"status": "failed", "error": "one line"}.
+Executor = Callable[[list[Job], bool, Echo], Iterator[tuple[tuple[str, int], dict[str, Any]]]]
+
+
+def run_job(cfg: ExperimentConfig, folder: Path, resume: bool, echo: Echo = _quiet) -> dict[str, Any]:
+    """One run of a plan, its failure recorded in its folder (``error.txt``) instead of raised."""
+    try:
+        return {"status": "finished", "results": run_or_reuse(cfg, folder, resume, echo)}
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001  (any failure of one run must not stop the others)
+        return {"status": "failed", "error": _record_failure(folder, e)}
+
+
+def run_inline(jobs: list[Job], resume: bool, echo: Echo = _quiet) -> Iterator[tuple[tuple[str, int], dict[str, Any]]]:
+    """The jobs one after another in this process (the default of ``compare`` and ``tune``)."""
+    for job in jobs:
+        echo(f"== {job.key[0]}, seed {job.key[1]} -> {job.folder}")
+        yield job.key, run_job(job.cfg, job.folder, resume, echo)
+
+
+def run_compare(plan: ComparePlan, resume: bool, echo: Echo = _quiet, execute: Executor = run_inline) -> CompareOutcome:
+    """Run every entry (with ``execute``: in this process by default, or on Ray, :mod:`metagate.sweep`);
+    a failing entry is recorded and the others go on. Writes ``comparison.json`` and ``comparison.md``
+    for what finished (failed entries marked as such)."""
     plan.root.mkdir(parents=True, exist_ok=True)
     outcome = CompareOutcome(plan, {label: [] for label in plan.labels})
-    for (label, seed), cfg in plan.configs.items():
-        folder = plan.folder(label, seed)
-        echo(f"== {label}, seed {seed} -> {folder}")
-        try:
-            outcome.results[label].append(run_or_reuse(cfg, folder, resume, echo))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001  (any failure of one entry must not stop the others)
-            outcome.failures[(label, seed)] = _record_failure(folder, e)
-            echo(f"   failed: {outcome.failures[(label, seed)]}")
+    jobs = [Job(key, cfg, plan.folder(*key)) for key, cfg in plan.configs.items()]
+    ended: dict[tuple[str, int], dict[str, Any]] = {}
+    for key, result in execute(jobs, resume, echo):
+        ended[key] = result
+        if result["status"] == "failed":
+            outcome.failures[key] = result["error"]
+            echo(f"   failed: {key[0]}, seed {key[1]}: {result['error']}")
+    for key in plan.configs:  # results in plan order, whatever order they ended in
+        if key in ended and ended[key]["status"] == "finished":
+            outcome.results[key[0]].append(ended[key]["results"])
     summary = {label: report.aggregate(outcome.results[label], len(plan.seeds)) for label in plan.labels}
     failed = {label: [s for (lab, s) in outcome.failures if lab == label] for label in plan.labels}
     atomic_write_json(
@@ -352,14 +384,24 @@ def choose_on_validation(results: dict[str, list[dict[str, Any]]], candidates: d
 
 def run_tune(
     config: str | None, overrides: list[str], methods: str, grid: list[str], tuning_seeds: int, seeds: int,
-    out: Path, resume: bool, echo: Echo = _quiet, choose_only: bool = False,
+    out: Path, resume: bool, echo: Echo = _quiet, choose_only: bool = False, execute: Executor = run_inline,
 ) -> TuneOutcome:
-    """The protocol in one command: every grid point of every method on ``tuning_seeds`` seeds from
-    :data:`TUNING_SEED_BASE` (into ``out/tuning``), the best per method chosen on validation accuracy,
-    then the chosen ones on ``seeds`` fresh seeds (into ``out/final``), whose test figures are reported
-    (``choose_only``: stop after the choice, for experiments that run the chosen settings themselves)."""
+    """``metagate tune``: :func:`tune_variants` over the product of ``--grid`` values per method."""
     method_of = parse_entries(methods)
     combos = parse_grid(grid, list(method_of))
+    return tune_variants(config, overrides, method_of, combos, tuning_seeds, seeds, out, resume, echo, choose_only, execute)
+
+
+def tune_variants(
+    config: str | None, overrides: list[str], method_of: dict[str, str], combos: dict[str, list[list[str]]],
+    tuning_seeds: int, seeds: int, out: Path, resume: bool, echo: Echo = _quiet, choose_only: bool = False,
+    execute: Executor = run_inline, on_planned: Callable[[], None] | None = None,
+) -> TuneOutcome:
+    """The protocol in one command: every variant (``combos``: per method label, lists of overrides) on
+    ``tuning_seeds`` seeds from :data:`TUNING_SEED_BASE` (into ``out/tuning``), the best per method chosen
+    on validation accuracy, then the chosen ones on ``seeds`` fresh seeds (into ``out/final``), whose test
+    figures are reported (``choose_only``: stop after the choice, for experiments that run the chosen
+    settings themselves). ``on_planned`` is called once the tuning runs are validated, before any is written."""
     general, per_label = split_overrides(overrides, list(method_of))
     entries, specific, candidates = [], [], {}
     for label, points in combos.items():
@@ -375,8 +417,10 @@ def run_tune(
         config, [*general, f"seed={TUNING_SEED_BASE}", *specific], ",".join(entries), tuning_seeds, out / "tuning", resume,
         lambda b, s: out / "tuning",
     )
+    if on_planned is not None:  # every tuning config validated, nothing written yet
+        on_planned()
     echo(f"tuning: {len(entries)} variants x {tuning_seeds} seeds (from {TUNING_SEED_BASE}), chosen on validation accuracy")
-    tuning = run_compare(tuning_plan, resume, echo)
+    tuning = run_compare(tuning_plan, resume, echo, execute)
     picked, scores = choose_on_validation(tuning.results, candidates)
     chosen = {label: combos[label][candidates[label].index(v)] for label, v in picked.items()}
     record = {
@@ -392,11 +436,11 @@ def run_tune(
         return TuneOutcome(chosen, tuning, None, scores)
     final_specific = [f"{label}:{o}" for label, ovs in chosen.items() for o in ovs]
     final_specific += [f"{label}:{rest}" for label, rests in per_label.items() for rest in rests]
+    methods = ",".join(f"{label}={method}" for label, method in method_of.items())
     final_plan = plan_compare(
         config, [*general, *final_specific], methods, seeds, out / "final", resume, lambda b, s: out / "final"
     )
     echo(f"final: the chosen variants on {seeds} fresh seeds; test figures reported")
-    final = run_compare(final_plan, resume, echo)
+    final = run_compare(final_plan, resume, echo, execute)
     atomic_write_json(out / "tuning.json", {**record, "final_seeds": final_plan.seeds})
     return TuneOutcome(chosen, tuning, final, scores)
-

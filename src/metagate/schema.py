@@ -43,7 +43,11 @@ class MethodConfig(Section):
 def default_threads() -> int:
     """Torch intra-op threads for small models: half the cores, at most 4, at least 1. Small MLPs gain
     little from more threads, and a thread per core slows to a crawl when another process is busy
-    (the default run: 16 s with 1 thread, 375-428 s with torch's default 2 on a loaded 2-core machine)."""
+    (the default run: 16 s with 1 thread, 375-428 s with torch's default 2 on a loaded 2-core machine).
+    ``METAGATE_THREADS`` in the environment wins: a sweep sets it to the CPUs each run was given."""
+    given = os.environ.get("METAGATE_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 

@@ -1,0 +1,313 @@
+"""Aggregation of finished run folders, wherever they came from (a sweep, a compare, runs made by hand).
+
+Runs are found by their ``results.json`` (reference runs inside a run folder included; the tuning runs
+of a tuned folder left out, see :func:`_tuning_run`) and grouped by
+their config without the seed: runs that differ only in the seed are the seeds of one row. A row's
+label is the folder name the runs sit in (``<label>/seed<N>``, as ``compare`` and ``sweep`` write
+them), else the method's name; two rows with the same label get the config keys that tell them apart.
+
+Per row: mean, sample standard deviation and the 95% confidence interval of the mean (Student's t
+over the seeds) of ACC, BWT, FWT, forgetting, zero-shot accuracy (mean over every task after the
+first, before training it), zero-shot quality Q, steps to 90% (mean over tasks), training time and
+peak memory (each run's own peak, measured by the trainer), with what the runs used at test time
+and the scenario. Q = (zs - zs_xdg) / (just trained - zs_xdg) over the tasks after the first, where
+``zs_xdg`` is the zero-shot accuracy of an XdG run on the same stream and seed found among the
+aggregated runs: 0 means the method's fresh masks are no better than XdG's random ones, 1 means a new
+task is as good before training as after (``n/a`` without such an XdG run, and for methods without
+task masks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import yaml
+
+from metagate.report import markdown_table, uses_at_test
+from metagate.runs import RunDir
+
+SEED_FOLDER = re.compile(r"seed\d+")
+# config keys that never make two runs different rows (they do not change the numbers)
+NOT_IDENTITY = {"seed", "reference", "tracking"}
+NOT_IDENTITY_TRAINER = {"device", "progress", "eval_batch_size", "checkpoint", "threads", "log_every"}
+
+
+class AggregationError(ValueError):
+    """Nothing to aggregate, or a results file that cannot be read; the message says what to do."""
+
+
+@dataclass
+class RunRecord:
+    """One finished run: its folder, its label (row), its config and its results."""
+
+    folder: Path
+    label: str
+    config: dict[str, Any]
+    results: dict[str, Any]
+    identity: str = field(default="", repr=False)  # the config without the seed, as canonical JSON
+
+
+def _identity(config: dict[str, Any]) -> str:
+    trimmed = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    trimmed["trainer"] = {k: v for k, v in (config.get("trainer") or {}).items() if k not in NOT_IDENTITY_TRAINER}
+    return json.dumps(trimmed, sort_keys=True, default=str)
+
+
+def _read(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        results = json.loads((folder / RunDir.RESULTS).read_text())
+        config = yaml.safe_load((folder / RunDir.CONFIG).read_text()) if (folder / RunDir.CONFIG).is_file() else {}
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise AggregationError(f"cannot read the run in {folder} ({e}); move that folder away or rerun it") from None
+    if not isinstance(results, dict) or "acc_matrix" not in results:
+        raise AggregationError(f"{folder / RunDir.RESULTS} is not a metagate results file; move that folder away or rerun it")
+    config = dict(config or {})
+    config.pop("provenance", None)
+    return config, results
+
+
+def find_runs(paths: Sequence[Path]) -> list[RunRecord]:
+    """Every finished run at or below ``paths`` (a folder holding ``results.json``), in path order."""
+    folders: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise AggregationError(f"{path} does not exist; name run folders or folders that hold them")
+        found = _ordered(path, [p.parent for p in path.rglob(RunDir.RESULTS)]) if path.is_dir() else []
+        found = [f for f in found if not _tuning_run(f, path)]
+        if not found:
+            raise AggregationError(f"no finished run (results.json) at or below {path}")
+        folders += [f for f in found if f not in folders]
+    records = []
+    for folder in folders:
+        config, results = _read(folder)
+        records.append(RunRecord(folder, "", config, results, _identity(config)))
+    _label(records)
+    return records
+
+
+def _ordered(root: Path, folders: list[Path]) -> list[Path]:
+    """Path order, but the labels of a compare / sweep folder in the order of its ``comparison.json``."""
+    order: list[str] = []
+    for comparison in [root / "comparison.json", root / "final" / "comparison.json"]:
+        try:
+            order = list(json.loads(comparison.read_text()).get("methods", {}))
+            break
+        except (OSError, ValueError, AttributeError):
+            continue
+    rank = {label: i for i, label in enumerate(order)}
+    return sorted(folders, key=lambda f: (rank.get(f.parent.name, len(rank)), str(f)))
+
+
+def _tuning_run(folder: Path, root: Path) -> bool:
+    """A run in the ``tuning/`` folder of a tuned folder (``tuning.json`` beside it) below ``root``: its
+    seeds chose the settings, so it is never mixed into the rows of test figures. Aggregating that
+    ``tuning/`` folder itself (or a folder inside it) keeps its runs."""
+    return any(t.name == "tuning" and root in t.parents and (t.parent / "tuning.json").is_file() for t in folder.parents)
+
+
+def _base_label(folder: Path, results: dict[str, Any]) -> str:
+    if SEED_FOLDER.fullmatch(folder.name):
+        return folder.parent.name
+    if folder.name.startswith("reference"):
+        return f"{results.get('method')} (reference)"
+    return str(results.get("method"))
+
+
+def _label(records: list[RunRecord]) -> None:
+    """Give each identity one label; labels shared by different identities get the keys that differ."""
+    from metagate.train import differing_keys
+
+    base: dict[str, str] = {}
+    for r in records:
+        base.setdefault(r.identity, _base_label(r.folder, r.results))
+    by_label: dict[str, list[str]] = {}
+    for ident, label in base.items():
+        by_label.setdefault(label, []).append(ident)
+    final: dict[str, str] = {}
+    for label, idents in by_label.items():
+        if len(idents) == 1:
+            final[idents[0]] = label
+            continue
+        configs = [json.loads(i) for i in idents]
+        keys = sorted({k for a in configs for b in configs if a is not b for k in differing_keys(a, b)})
+        for ident, cfg in zip(idents, configs):
+            final[ident] = f"{label} [" + ", ".join(f"{k}={_get(cfg, k)}" for k in keys[:3]) + "]"
+    for r in records:
+        r.label = final[r.identity]
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config.get(part, "-") if isinstance(config, dict) else "-"
+    return config
+
+
+def group(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Label -> its runs (the seeds of one row), in the order the labels first appear."""
+    out: dict[str, list[RunRecord]] = {}
+    for r in records:
+        out.setdefault(r.label, []).append(r)
+    return out
+
+
+# --------------------------------------------------------------------------- per-run figures
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def zero_shot_mean(results: dict[str, Any]) -> float | None:
+    """Mean accuracy of the tasks after the first before training them."""
+    zs = results.get("zero_shot_acc") or []
+    return _mean(zs[1:])
+
+
+def just_trained(results: dict[str, Any]) -> list[float]:
+    r = results["acc_matrix"]
+    return [r[j][j] for j in range(len(r))]
+
+
+def zero_shot_quality(results: dict[str, Any], xdg: dict[str, Any]) -> float | None:
+    """Q = (zs - zs_xdg) / (just trained - zs_xdg), means over the tasks after the first."""
+    zs, zx, jt = results.get("zero_shot_acc") or [], xdg.get("zero_shot_acc") or [], just_trained(results)
+    if len(zs) < 2 or len(zs) != len(zx):
+        return None
+    m_zs, m_zx, m_jt = float(np.mean(zs[1:])), float(np.mean(zx[1:])), float(np.mean(jt[1:]))
+    return None if abs(m_jt - m_zx) < 1e-9 else (m_zs - m_zx) / (m_jt - m_zx)
+
+
+def _steps(results: dict[str, Any]) -> float | None:
+    return _mean(results.get("steps_to_90") or [])
+
+
+PER_RUN: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "acc": lambda r: r.get("acc"),
+    "bwt": lambda r: r.get("bwt"),
+    "fwt": lambda r: r.get("fwt"),
+    "forgetting": lambda r: r.get("forgetting"),
+    "zero_shot": zero_shot_mean,
+    "steps_to_90": _steps,
+    "train_seconds": lambda r: r.get("train_seconds"),
+    "peak_memory_mb": lambda r: r.get("peak_memory_mb"),
+    "val_acc": lambda r: r.get("val_acc"),
+}
+
+
+def _xdg_baselines(records: Sequence[RunRecord]) -> dict[tuple[str, int], dict[str, Any]]:
+    """(benchmark section as JSON, seed) -> an XdG run's results on that stream."""
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in records:
+        if r.results.get("method") == "xdg":
+            key = (json.dumps(r.config.get("benchmark"), sort_keys=True), int(r.results.get("seed", -1)))
+            out.setdefault(key, r.results)
+    return out
+
+
+def run_figures(record: RunRecord, baselines: dict[tuple[str, int], dict[str, Any]]) -> dict[str, float | None]:
+    """The per-run figures aggregated over seeds (fractions, seconds, MiB, steps)."""
+    out = {k: f(record.results) for k, f in PER_RUN.items()}
+    xdg = baselines.get((json.dumps(record.config.get("benchmark"), sort_keys=True), int(record.results.get("seed", -1))))
+    gating = record.results.get("mask_density") is not None  # Q rates masks: gating methods only
+    out["q"] = zero_shot_quality(record.results, xdg) if xdg is not None and gating and record.results.get("method") != "xdg" else None
+    return out
+
+
+# --------------------------------------------------------------------------- over seeds
+
+
+def stat(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sample std and the half-width of the 95% confidence interval of the mean (Student's t)."""
+    vals = [float(v) for v in values if v is not None]
+    out: dict[str, Any] = {"mean": None, "std": None, "ci95": None, "n": len(vals)}
+    if vals:
+        arr = np.asarray(vals)
+        out["mean"] = float(arr.mean())
+        out["std"] = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+        if len(arr) > 1:
+            from scipy.stats import t
+
+            out["ci95"] = float(t.ppf(0.975, len(arr) - 1) * out["std"] / math.sqrt(len(arr)))
+    return out
+
+
+def summarise(groups: dict[str, list[RunRecord]], records: Sequence[RunRecord] | None = None) -> dict[str, dict[str, Any]]:
+    """Label -> {figure: stat, ...} with ``test_time_info``, ``scenario``, ``benchmark``, ``seeds`` and
+    ``folders``. Q's XdG runs are looked for among ``records`` (default: every grouped run)."""
+    everything = list(records) if records is not None else [r for runs in groups.values() for r in runs]
+    baselines = _xdg_baselines(everything)
+    out: dict[str, dict[str, Any]] = {}
+    for label, runs in groups.items():
+        figures = [run_figures(r, baselines) for r in runs]
+        row: dict[str, Any] = {k: stat([f[k] for f in figures]) for k in [*PER_RUN, "q"]}
+        for key in ("test_time_info", "scenario", "benchmark", "method"):
+            values = sorted({str(r.results.get(key)) for r in runs if r.results.get(key) is not None})
+            row[key] = "/".join(values) if values else None
+        row["seeds"] = sorted(int(r.results.get("seed", -1)) for r in runs)
+        row["folders"] = [str(r.folder) for r in runs]
+        out[label] = row
+    return out
+
+
+COLUMNS: list[tuple[str, str, float, int]] = [  # (figure, header, scale, digits)
+    ("acc", "ACC (%)", 100.0, 1),
+    ("bwt", "BWT (pt)", 100.0, 1),
+    ("fwt", "FWT (pt)", 100.0, 1),
+    ("forgetting", "forgetting (pt)", 100.0, 1),
+    ("zero_shot", "zero-shot (%)", 100.0, 1),
+    ("q", "Q", 1.0, 2),
+    ("steps_to_90", "steps to 90%", 1.0, 0),
+    ("train_seconds", "time (s)", 1.0, 1),
+    ("peak_memory_mb", "peak memory (MiB)", 1.0, 0),
+]
+
+
+def fmt(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± std [lo, hi]`` (the 95% CI of the mean), or ``n/a``."""
+    if s["mean"] is None:
+        return "n/a"
+    text = f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
+    if s["ci95"] is not None:
+        lo, hi = scale * (s["mean"] - s["ci95"]), scale * (s["mean"] + s["ci95"])
+        text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return text
+
+
+def table(summary: dict[str, dict[str, Any]]) -> str:
+    """One row per label: mean ± std [95% CI] over seeds; columns without any value are left out."""
+    cols = [c for c in COLUMNS if any(row[c[0]]["mean"] is not None for row in summary.values())]
+    header = ["method", "uses at test", "scenario", "seeds", *(c[1] for c in cols)]
+    rows = [
+        [label, uses_at_test(row.get("test_time_info")), row.get("scenario") or "n/a", str(len(row["seeds"])),
+         *(fmt(row[k], scale, digits) for k, _, scale, digits in cols)]
+        for label, row in summary.items()
+    ]
+    text = markdown_table(header, rows)
+    text += "\n\nmean ± std [95% confidence interval of the mean, Student's t] over the seeds of each row; test figures."
+    if any(row["q"]["mean"] is not None for row in summary.values()):
+        text += " Q against the XdG run of the same stream and seed."
+    infos = {row.get("test_time_info") for row in summary.values() if row.get("test_time_info")}
+    if len(infos) > 1:
+        text += (
+            "\n\nNot like for like: these methods use different information at test time "
+            f"({', '.join(sorted(uses_at_test(i) for i in infos))}); compare within the same 'uses at test'."
+        )
+    benches = {row.get("benchmark") for row in summary.values()}
+    if len(benches) > 1:
+        text += f"\n\nThe rows come from different benchmarks ({', '.join(sorted(str(b) for b in benches))})."
+    return text
+
+
+def aggregate_paths(paths: Sequence[Path]) -> tuple[dict[str, dict[str, Any]], str]:
+    """Find, group and summarise the runs at or below ``paths``: (summary, Markdown table)."""
+    records = find_runs(paths)
+    summary = summarise(group(records), records)
+    return summary, table(summary)

@@ -1,0 +1,382 @@
+"""Sweeps: a grid or random search over dotted config keys, methods and seeds, each run in its own
+process on Ray (a local Ray by default, a cluster by address), or one after another in this process.
+
+A sweep is written in a config's ``sweep`` section or on the command line (which adds to it)::
+
+    sweep:
+      methods: [finetune, si, strong=ewc]   # labels (folder names) = methods, as in ``compare --methods``
+      seeds: 3                              # the config's seed, +1, ...
+      grid:                                 # the product of every axis; "label:" limits a key to one entry
+        "si:method.c": [0.1, 1, 10]
+        trainer.lr: [0.001, 0.01]
+      random:                               # ``samples`` draws per grid point (numbers, reproducible by ``seed``)
+        samples: 4
+        seed: 0
+        space: {"strong:method.lambda": "loguniform:1,1000", "si:method.xi": "choice:0.01,0.1"}
+      resources: {cpus: 1, gpus: 0}         # per run (Ray); a run uses that many torch threads
+      tune: {tuning_seeds: 2}               # choose on validation, report test (below)
+
+Every (variant, seed) is a run folder ``<out>/<variant>/seed<N>`` with the contract of ``metagate run``.
+A failed run (an exception, or its worker process killed) is recorded in its folder (``error.txt``)
+and in ``comparison.json``; the others go on. Starting the sweep again on the same folder reuses the
+finished runs, resumes the interrupted ones from their checkpoints and retries the failed ones (their
+old attempt moved aside, never deleted). At the end: ``comparison.md`` (as ``compare``),
+``aggregate.md`` (mean ± std and 95% CI of every figure, :mod:`metagate.aggregate`) and ``sweep.json``
+(each run's status).
+
+With ``tune``, the protocol of "choose on validation, report test" runs in one command: every variant on
+the tuning seeds (1000, 1001, ...; into ``<out>/tuning``), per method the variant with the best mean
+validation accuracy, then the chosen ones on ``seeds`` fresh seeds (into ``<out>/final``), whose test
+figures are reported; ``tuning.json`` records the candidates, their validation scores and the choice.
+
+On Ray every run is a Ray task with ``max_calls=1``: its own worker process, which exits after it, so
+one run's memory or crash does not touch another. ``address=None`` starts a local Ray with ``workers`` x
+``cpus`` CPUs; an address (``auto``, ``ray://head:10001``) joins an existing cluster, whose nodes must
+have metagate installed and see ``--out`` (a shared file system).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Union
+
+import numpy as np
+import yaml
+from pydantic import Field, ValidationError
+
+from metagate import orchestrate
+from metagate.config import ConfigError, find_config, read_yaml
+from metagate.orchestrate import Echo, Executor, Job, run_inline
+from metagate.runs import RunFolderError, atomic_write_json, atomic_write_text
+from metagate.schema import Section
+
+SPEC_FILE = "sweep.yaml"
+STATUS_FILE = "sweep.json"
+AGGREGATE_FILE = "aggregate.md"
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+
+
+class Resources(Section):
+    cpus: float = Field(1.0, gt=0, description="CPUs per run (Ray); also the run's torch threads (at least 1)")
+    gpus: float = Field(0.0, ge=0, description="GPUs per run (Ray); set trainer.device=cuda too")
+
+
+class RandomSearch(Section):
+    samples: int = Field(1, ge=1, description="random draws per grid point")
+    seed: int = Field(0, description="seed of the draws (the same seed draws the same points)")
+    space: dict[str, Union[str, list[Any]]] = Field(
+        default_factory=dict, description="[label:]key -> 'uniform:a,b' | 'loguniform:a,b' | 'int:a,b' | 'choice:v1,v2' | [v1, v2]"
+    )
+
+
+class Tuning(Section):
+    tuning_seeds: int = Field(2, ge=1, description="seeds per variant for choosing (1000, 1001, ...)")
+
+
+class SweepSpec(Section):
+    """The ``sweep`` section (and what the command line adds to it)."""
+
+    methods: Union[str, list[str], None] = None
+    seeds: int = Field(1, ge=1)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    random: RandomSearch = Field(default_factory=RandomSearch)
+    resources: Resources = Field(default_factory=Resources)
+    tune: Union[Tuning, None] = None
+
+    def method_list(self) -> str:
+        if not self.methods:
+            raise ConfigError("the sweep names no methods; give sweep.methods in the config or --methods")
+        return self.methods if isinstance(self.methods, str) else ",".join(self.methods)
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+def read_spec(config: str | None, cli: dict[str, Any]) -> SweepSpec:
+    """The config's ``sweep`` section with the command line's additions (``cli``: methods, seeds,
+    grid / random items as ``[label:]key=...`` strings, samples, tune, tuning_seeds, cpus, gpus)."""
+    raw = read_yaml(find_config(config)).get("sweep") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("the config's sweep section must be a mapping (methods, seeds, grid, random, resources, tune)")
+    raw = json.loads(json.dumps(raw))  # a private copy
+    if cli.get("methods"):
+        raw["methods"] = cli["methods"]
+    if cli.get("seeds") is not None:
+        raw["seeds"] = cli["seeds"]
+    for item in cli.get("grid") or []:
+        key, values = _split_item(item, "--grid", "si:method.c=0.1,1,10")
+        raw.setdefault("grid", {})[key] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+    random = raw.setdefault("random", {}) if (cli.get("random") or cli.get("samples") is not None) else raw.get("random") or {}
+    for item in cli.get("random") or []:
+        key, dist = _split_item(item, "--random", "si:method.c=loguniform:0.01,10")
+        random.setdefault("space", {})[key] = dist
+    if cli.get("samples") is not None:
+        random["samples"] = cli["samples"]
+    if cli.get("tune") or cli.get("tuning_seeds"):
+        raw["tune"] = {**(raw.get("tune") or {}), **({"tuning_seeds": cli["tuning_seeds"]} if cli.get("tuning_seeds") else {})}
+    for name in ("cpus", "gpus"):
+        if cli.get(name) is not None:
+            raw.setdefault("resources", {})[name] = cli[name]
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"sweep.{where}: {first['msg']}") from None
+    for key, dist in spec.random.space.items():
+        _check_distribution(key, dist)
+    return spec
+
+
+def _split_item(item: str, option: str, example: str) -> tuple[str, str]:
+    key, eq, values = item.partition("=")
+    if not eq or not key.strip() or not values.strip():
+        raise ConfigError(f"{option} {item!r} is not of the form [label:]key=values (e.g. {example})")
+    return key.strip(), values.strip()
+
+
+def _check_distribution(key: str, dist: str | list[Any]) -> None:
+    if isinstance(dist, list):
+        if not dist:
+            raise ConfigError(f"sweep.random.space.{key}: an empty list of choices")
+        return
+    kind, _, args = dist.partition(":")
+    values = [a for a in args.split(",") if a.strip()]
+    if kind not in DISTRIBUTIONS or not values:
+        raise ConfigError(f"sweep.random.space.{key}: {dist!r}; write one of uniform:a,b  loguniform:a,b  int:a,b  choice:v1,v2")
+    if kind != "choice":
+        try:
+            lo, hi = (float(v) for v in values)
+        except ValueError:
+            raise ConfigError(f"sweep.random.space.{key}: {dist!r} needs two numbers, low and high (e.g. {kind}:1,10)") from None
+        if not lo < hi or (kind == "loguniform" and lo <= 0):
+            raise ConfigError(f"sweep.random.space.{key}: {dist!r} needs low < high" + (" and low > 0" if kind == "loguniform" else ""))
+
+
+def _draw(dist: str | list[Any], rng: np.random.Generator) -> Any:
+    if isinstance(dist, list):
+        return dist[int(rng.integers(len(dist)))]
+    kind, _, args = dist.partition(":")
+    values = [a.strip() for a in args.split(",") if a.strip()]
+    if kind == "choice":
+        return yaml.safe_load(values[int(rng.integers(len(values)))])
+    lo, hi = float(values[0]), float(values[1])
+    if kind == "int":
+        return int(rng.integers(math.ceil(lo), math.floor(hi) + 1))
+    x = math.exp(rng.uniform(math.log(lo), math.log(hi))) if kind == "loguniform" else rng.uniform(lo, hi)
+    return float(f"{x:.4g}")  # 4 significant digits: the folder name and the config say the same value
+
+
+def _value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def _applies(key: str, label: str) -> str | None:
+    """``si:method.c`` applies to ``si`` (as ``method.c``); ``trainer.lr`` to every label."""
+    head, sep, rest = key.partition(":")
+    if not sep:
+        return key
+    return rest if head == label else None
+
+
+def expand(spec: SweepSpec, method_of: dict[str, str]) -> dict[str, list[list[str]]]:
+    """Per method label, every variant as a list of overrides: the grid's product, times
+    ``random.samples`` draws of the random axes (none without random axes); duplicates dropped."""
+    labelled = {k.partition(":")[0] for k in [*spec.grid, *spec.random.space] if ":" in k}
+    unknown = sorted(labelled - set(method_of))
+    if unknown:
+        raise ConfigError(f"the sweep's grid or random space names {', '.join(unknown)}, which the methods do not name")
+    rng = np.random.default_rng(spec.random.seed)
+    variants: dict[str, list[list[str]]] = {}
+    for label in method_of:
+        axes = [(k2, values) for k, values in spec.grid.items() if (k2 := _applies(k, label))]
+        space = [(k2, dist) for k, dist in spec.random.space.items() if (k2 := _applies(k, label))]
+        points: list[list[str]] = []
+        for combo in itertools.product(*(values for _, values in axes)):
+            fixed = [f"{key}={_value(v)}" for (key, _), v in zip(axes, combo)]
+            for _ in range(spec.random.samples if space else 1):
+                point = fixed + [f"{key}={_value(_draw(dist, rng))}" for key, dist in space]
+                if point not in points:
+                    points.append(point)
+        variants[label] = points
+    return variants
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class SweepOutcome:
+    spec: SweepSpec
+    compare: orchestrate.CompareOutcome | None  # without tune
+    tune: orchestrate.TuneOutcome | None  # with tune
+    aggregate_table: str
+
+    @property
+    def failures(self) -> dict[tuple[str, int], str]:
+        if self.tune is not None:
+            return {**self.tune.tuning.failures, **(self.tune.final.failures if self.tune.final else {})}
+        return self.compare.failures if self.compare else {}
+
+
+def _save_spec(out: Path, spec: dict[str, Any]) -> None:
+    """``sweep.yaml``: this sweep's spec; a different spec started on the same folder is kept beside
+    it (``sweep-2.yaml``, ...), never written over."""
+    text = yaml.safe_dump(spec, sort_keys=False)
+    path, k = out / SPEC_FILE, 1
+    while path.is_file() and path.read_text() != text:
+        k += 1
+        path = out / f"sweep-{k}.yaml"
+    if not path.is_file():
+        atomic_write_text(path, text)
+
+
+def run_sweep(
+    config: str | None, overrides: list[str], spec: SweepSpec, out: Path | None, resume: bool = False,
+    echo: Echo = orchestrate._quiet, execute: Executor = run_inline, auto_resume: bool = True,
+    default_root: Callable[[str, int], Path] | None = None,
+) -> SweepOutcome:
+    """Plan every run (validated before anything is written), run them with ``execute``, aggregate.
+
+    With ``auto_resume`` (``metagate sweep``), a folder that already holds a sweep (``sweep.yaml``)
+    continues it: finished runs reused, interrupted ones resumed, failed ones retried; any other
+    non-empty folder is refused unless ``resume``. ``out=None``: ``default_root(benchmark, seed)``."""
+    if out is not None and out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out} is a file, not a folder; nothing was written. Choose another --out.")
+    resume = resume or (auto_resume and out is not None and (out / SPEC_FILE).is_file())
+    method_of = orchestrate.parse_entries(spec.method_list())
+    variants = expand(spec, method_of)
+    record = {"config": config, "overrides": overrides, **spec.model_dump(mode="json")}
+    if spec.tune is not None:
+        if out is None:
+            raise ConfigError("a sweep with tune needs --out, the folder for tuning/, final/ and tuning.json")
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise RunFolderError(f"{out} already exists and is not empty; nothing was written. Pass --resume or another --out.")
+        root = out
+        tuned = orchestrate.tune_variants(
+            config, overrides, method_of, variants, spec.tune.tuning_seeds, spec.seeds, out, resume, echo, False, execute,
+            on_planned=lambda: _save_spec(root, record),
+        )
+        assert tuned.final is not None
+        return SweepOutcome(spec, None, tuned, _finish(out / "final", tuned.final, out))
+    entries, specific = [], []
+    for label, points in variants.items():
+        for point in points:
+            v = orchestrate.variant_label(label, point)
+            entries.append(f"{v}={method_of[label]}")
+            specific += [f"{v}:{o}" for o in point]
+    general, per_label = orchestrate.split_overrides(overrides, list(method_of))
+    for label, rests in per_label.items():
+        specific += [f"{orchestrate.variant_label(label, p)}:{rest}" for p in variants[label] for rest in rests]
+    plan = orchestrate.plan_compare(
+        config, [*general, *specific], ",".join(entries), spec.seeds, out, resume, default_root or (lambda b, s: Path("runs") / f"sweep-{b}")
+    )
+    plan.root.mkdir(parents=True, exist_ok=True)
+    _save_spec(plan.root, record)
+    echo(f"{len(entries)} variants x {spec.seeds} seeds = {len(plan.configs)} runs -> {plan.root}")
+    compared = orchestrate.run_compare(plan, resume, echo, execute)
+    return SweepOutcome(spec, compared, None, _finish(plan.root, compared, plan.root))
+
+
+def _finish(root: Path, compared: orchestrate.CompareOutcome, out: Path) -> str:
+    """``sweep.json`` (each run's status) and ``aggregate.md`` over the finished runs of ``root``."""
+    from metagate.aggregate import AggregationError, aggregate_paths
+
+    plan = compared.plan
+    status = {
+        f"{label}/seed{seed}": {"status": "failed", "error": compared.failures[(label, seed)]}
+        if (label, seed) in compared.failures else {"status": "finished"}
+        for (label, seed) in plan.configs
+    }
+    atomic_write_json(out / STATUS_FILE, {"root": str(root), "runs": status})
+    folders = [plan.folder(label, seed) for (label, seed) in plan.configs if (label, seed) not in compared.failures]
+    try:
+        _, table = aggregate_paths(folders) if folders else ({}, "no run finished")
+    except AggregationError as e:
+        table = f"not aggregated: {e}"
+    atomic_write_text(out / AGGREGATE_FILE, table + "\n")
+    return table
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def _ray_job(config: dict[str, Any], folder: str, resume: bool, threads: int) -> dict[str, Any]:
+    """One run inside a Ray worker process (the worker exits after it: ``max_calls=1``)."""
+    os.environ["METAGATE_THREADS"] = str(threads)
+    from metagate.config import config_from_dict
+
+    return orchestrate.run_job(config_from_dict(config), Path(folder), resume)
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("Ray is not installed: pip install 'metagate[ray]' (or run without --workers / --address, one run at a time)") from None
+    return ray
+
+
+def ray_executor(address: str | None, workers: int, resources: Resources) -> Executor:
+    """Run jobs as Ray tasks: on a local Ray with ``workers`` runs at a time (started here, stopped
+    at the end), or on the cluster at ``address``; ``resources`` per run."""
+    ray = import_ray()
+
+    def execute(jobs: list[Job], resume: bool, echo: Echo) -> Iterator[tuple[tuple[str, int], dict[str, Any]]]:
+        started = not ray.is_initialized()
+        if started:
+            if address is None:
+                ray.init(
+                    num_cpus=workers * resources.cpus, include_dashboard=False, log_to_driver=False,
+                    logging_level=logging.WARNING, object_store_memory=128 * 1024**2,
+                )
+            else:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        try:
+            _check_resources(ray, resources)
+            remote = ray.remote(max_calls=1, max_retries=0)(_ray_job)
+            threads = max(1, int(resources.cpus))
+            refs = {
+                remote.options(num_cpus=resources.cpus, num_gpus=resources.gpus).remote(job.cfg.to_dict(), str(job.folder), resume, threads): job
+                for job in jobs
+            }
+            echo(f"{len(jobs)} runs on Ray ({address or f'local, {workers} at a time'}; {resources.cpus:g} CPU, {resources.gpus:g} GPU each)")
+            pending, done_count = list(refs), 0
+            try:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    for ref in done:
+                        job = refs[ref]
+                        try:
+                            outcome = ray.get(ref)
+                        except ray.exceptions.RayError as e:  # the worker died (killed, out of memory) or was cancelled
+                            outcome = {"status": "failed", "error": orchestrate._record_failure(job.folder, e)}
+                        done_count += 1
+                        echo(f"== {job.key[0]}, seed {job.key[1]}: {outcome['status']} ({done_count}/{len(jobs)}) -> {job.folder}")
+                        yield job.key, outcome
+            except BaseException:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise
+        finally:
+            if started:
+                ray.shutdown()
+
+    return execute
+
+
+def _check_resources(ray: Any, resources: Resources) -> None:
+    """Refuse a run no node can hold (Ray would wait for it forever)."""
+    have = ray.cluster_resources()
+    for name, need in (("CPU", resources.cpus), ("GPU", resources.gpus)):
+        if need > have.get(name, 0):
+            raise ConfigError(
+                f"each run asks for {need:g} {name}(s) but the Ray cluster has {have.get(name, 0):g}; "
+                f"lower --{name.lower()}s-per-run (sweep.resources.{name.lower()}s)"
+            )
