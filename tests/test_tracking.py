@@ -271,7 +271,9 @@ def mlflow_run(folder: Path) -> tuple[Any, Any]:
     from mlflow.tracking import MlflowClient
 
     saved = json.loads((folder / MLFLOW_RUN_FILE).read_text())
-    client = MlflowClient(tracking_uri=saved["tracking_uri"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # SQLAlchemy's, about MLflow's models
+        client = MlflowClient(tracking_uri=saved["tracking_uri"])
     return client, client.get_run(saved["run_id"])
 
 
@@ -339,3 +341,38 @@ def test_a_reference_shares_its_runs_store_and_is_nested_under_it(store: dict[st
     assert ref_client.tracking_uri == client.tracking_uri  # the default store: tmp_path/mlflow.db for both
     assert ref.data.tags["mlflow.parentRunId"] == run.info.run_id and ref.data.tags["metagate.method"] == "joint"
     assert ref.data.metrics["final/acc"] == pytest.approx(reference["acc"]) and run.data.metrics["final/acc"] == pytest.approx(results["acc"])
+
+
+PARALLEL_RUN = """
+import sys
+from pathlib import Path
+from metagate.config import config_from_dict
+from metagate.tracking import MlflowTracker
+
+cfg = config_from_dict({"benchmark": {"name": "gated_teacher"}, "method": {"name": "finetune"}, "tracking": {"mlflow": True}})
+folder = Path(sys.argv[1])
+folder.mkdir()
+tracker = MlflowTracker(cfg, folder)  # unguarded: a failure is this process's exit code
+tracker.log_task(0, {"task/acc": 0.5})
+tracker.close()
+"""
+
+
+@pytest.mark.slow
+def test_runs_in_parallel_create_and_share_one_sqlite_store(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    if not (has("mlflow") and has("sqlalchemy") and has("alembic")):
+        pytest.skip("mlflow, sqlalchemy and alembic are needed (pip install 'metagate[mlflow]')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", PARALLEL_RUN, str(tmp_path / f"seed{i}")], env=env, stderr=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    client, run = mlflow_run(tmp_path / "seed0")
+    runs = client.search_runs([run.info.experiment_id])
+    assert sorted(r.data.tags["metagate.run_folder"] for r in runs) == [str((tmp_path / f"seed{i}").resolve()) for i in range(3)]
+    assert all(r.data.metrics["task/acc"] == 0.5 and r.info.status == "FINISHED" for r in runs)

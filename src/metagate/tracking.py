@@ -27,15 +27,16 @@ checked (:func:`check_tracking`), before anything is written or trained.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import logging
 import os
-import random
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from metagate.schema import ConfigError, ExperimentConfig, TrackingConfig
 
@@ -202,7 +203,11 @@ class TensorBoardTracker(Tracker):
 
 class MlflowTracker(Tracker):
     """An MLflow run, through ``MlflowClient`` (never MLflow's global active run). Points are buffered
-    and sent in batches: at most every ``FLUSH_SECONDS`` while training, and after every task."""
+    and sent in batches: at most every ``FLUSH_SECONDS`` while training, and after every task.
+
+    Runs in parallel (a sweep's Ray workers) share a SQLite store: each use of it holds an exclusive
+    lock on ``<store>.lock``, so that two processes never create (migrate) the same new store at once,
+    which leaves it broken, nor wait on SQLite's own lock."""
 
     FLUSH_SECONDS = 5.0
     BATCH = 1000  # metrics per log_batch request, MLflow's limit
@@ -210,13 +215,29 @@ class MlflowTracker(Tracker):
     def __init__(self, cfg: ExperimentConfig, folder: Path, resume: bool = False) -> None:
         self.folder = Path(folder)
         self.uri = cfg.tracking.mlflow_uri or default_mlflow_uri(self.folder)
-        self.client = self._client()
+        path = self.uri[len("sqlite:///") :] if self.uri.startswith("sqlite:///") else ""
+        self.lock_path = Path(f"{path}.lock") if path and path != ":memory:" else None
         self.pending: list[Any] = []
         self.flushed_at = time.monotonic()
         self.last_step: dict[str, int] = {}  # per metric, the last step the MLflow run already holds
-        run_id = self._continued() if resume else None
-        self.fresh = run_id is None
-        self.run_id = run_id if run_id is not None else self._new_run(cfg)
+        with self._store():
+            self.client = self._client()
+            run_id = self._continued() if resume else None
+            self.fresh = run_id is None
+            self.run_id = run_id if run_id is not None else self._new_run(cfg)
+
+    @contextlib.contextmanager
+    def _store(self) -> Iterator[None]:
+        """Hold the SQLite store's lock (other stores: nothing to hold)."""
+        if self.lock_path is None:
+            yield
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _client(self) -> Any:
         from mlflow.tracking import MlflowClient
@@ -229,14 +250,7 @@ class MlflowTracker(Tracker):
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # SQLAlchemy's, about MLflow's models
-            try:
-                return MlflowClient(tracking_uri=self.uri)
-            except Exception:
-                if not self.uri.startswith("sqlite:"):
-                    raise
-                # two runs creating the same new SQLite store at once: the second retries once the first is done
-                time.sleep(1 + random.random())
-                return MlflowClient(tracking_uri=self.uri)
+            return MlflowClient(tracking_uri=self.uri)
 
     def _continued(self) -> str | None:
         """The MLflow run the run folder names, if it lives in this store (set running again), else ``None``."""
@@ -308,8 +322,9 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Param
 
         params = [Param(k, v) for k, v in flatten(config).items()]
-        for i in range(0, len(params), 100):  # MLflow's limit per request
-            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        with self._store():
+            for i in range(0, len(params), 100):  # MLflow's limit per request
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
 
     def _add(self, step: int, values: Mapping[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -320,9 +335,11 @@ class MlflowTracker(Tracker):
                 self.pending.append(Metric(key, value, now, step))
 
     def flush(self) -> None:
-        while self.pending:
-            self.client.log_batch(self.run_id, metrics=self.pending[: self.BATCH])
-            del self.pending[: self.BATCH]
+        if self.pending:
+            with self._store():
+                while self.pending:
+                    self.client.log_batch(self.run_id, metrics=self.pending[: self.BATCH])
+                    del self.pending[: self.BATCH]
         self.flushed_at = time.monotonic()
 
     def log_step(self, step: int, values: Mapping[str, float]) -> None:
@@ -340,7 +357,8 @@ class MlflowTracker(Tracker):
 
     def close(self, status: str = "FINISHED") -> None:
         self.flush()
-        self.client.set_terminated(self.run_id, status)
+        with self._store():
+            self.client.set_terminated(self.run_id, status)
 
 
 def _warn(name: str, error: BaseException) -> None:
