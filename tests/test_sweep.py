@@ -156,6 +156,7 @@ def test_a_sweep_on_a_local_ray_with_two_workers(tmp_path: Path, monkeypatch: py
     }
     assert "loss = nan" in status["bad/seed0"]["error"] and (out / "crash" / "seed0" / "error.txt").is_file()
     assert "| si_c-1 |" in (out / "aggregate.md").read_text()
+    assert (out / "si_c-1" / "seed0.log").is_file()  # what a worker's run printed
     finished = out / "si_c-1" / "seed0" / "metrics.jsonl"
     before = finished.stat().st_mtime_ns
     monkeypatch.setattr(sweep, "_ray_job", real)

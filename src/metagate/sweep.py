@@ -30,7 +30,7 @@ validation accuracy, then the chosen ones on ``seeds`` fresh seeds (into ``<out>
 figures are reported; ``tuning.json`` records the candidates, their validation scores and the choice.
 
 On Ray every run is a Ray task with ``max_calls=1``: its own worker process, which exits after it, so
-one run's memory or crash does not touch another. ``address=None`` starts a local Ray with ``workers`` x
+one run's memory or crash does not touch another; what it prints goes to ``<variant>/seed<N>.log``. ``address=None`` starts a local Ray with ``workers`` x
 ``cpus`` CPUs; an address (``auto``, ``ray://head:10001``) joins an existing cluster, whose nodes must
 have metagate installed and see ``--out`` (a shared file system).
 """
@@ -308,11 +308,19 @@ def _finish(root: Path, compared: orchestrate.CompareOutcome, out: Path) -> str:
 
 
 def _ray_job(config: dict[str, Any], folder: str, resume: bool, threads: int) -> dict[str, Any]:
-    """One run inside a Ray worker process (the worker exits after it: ``max_calls=1``)."""
+    """One run inside a Ray worker process (the worker exits after it: ``max_calls=1``). What the run
+    prints (progress, warnings) goes to ``<folder>.log`` beside its folder, appended on each attempt."""
+    import contextlib
+    import warnings
+
     os.environ["METAGATE_THREADS"] = str(threads)
     from metagate.config import config_from_dict
 
-    return orchestrate.run_job(config_from_dict(config), Path(folder), resume)
+    log = Path(folder).with_name(Path(folder).name + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), warnings.catch_warnings():
+        warnings.simplefilter("default")
+        return orchestrate.run_job(config_from_dict(config), Path(folder), resume, lambda line: print(line, file=f))
 
 
 def import_ray() -> Any:
