@@ -180,3 +180,15 @@ def test_every_ready_sweep_plans_without_error(tmp_path: Path) -> None:
         specific = [f"{variant_label(k, p)}:{o}" for k, ps in variants.items() for p in ps for o in p]
         plan = plan_compare(name, specific, ",".join(entries), spec.seeds, tmp_path / name, False, lambda b, s: tmp_path)
         assert len(plan.configs) == len(entries) * spec.seeds
+
+
+@pytest.mark.slow
+def test_a_run_no_ray_node_can_hold_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    res = runner.invoke(app, ["sweep", *FAST, "--methods", "si", "--gpus-per-run", "1", "--workers", "1", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "asks for 1 GPU(s) but the Ray cluster has 0" in res.output
+    assert not (tmp_path / "x").exists()

@@ -174,7 +174,7 @@ def _executor(workers: int | None, address: Optional[str], resources: object, in
         import os
 
         workers = max(1, int((os.cpu_count() or 1) // max(1.0, resources.cpus)))  # type: ignore[attr-defined]
-    return sweep.ray_executor(address, workers, resources)  # type: ignore[arg-type]
+    return sweep.RayExecutor(address, workers, resources)  # type: ignore[arg-type]
 
 
 @app.command()
@@ -202,7 +202,10 @@ def tune(
     config, overrides = _split(config, overrides)
     try:
         execute = _executor(workers, address, Resources())
-        outcome = orchestrate.run_tune(config, overrides, methods, grid, tuning_seeds, seeds, out, resume, typer.echo, choose_only, execute)
+        try:
+            outcome = orchestrate.run_tune(config, overrides, methods, grid, tuning_seeds, seeds, out, resume, typer.echo, choose_only, execute)
+        finally:
+            getattr(execute, "close", lambda: None)()
     except KeyboardInterrupt:
         _interrupted(out, True, "the same command with --resume")
     except orchestrate.RunProblem as e:

@@ -247,6 +247,21 @@ def run_sweep(
     With ``auto_resume`` (``metagate sweep``), a folder that already holds a sweep (``sweep.yaml``)
     continues it: finished runs reused, interrupted ones resumed, failed ones retried; any other
     non-empty folder is refused unless ``resume``. ``out=None``: ``default_root(benchmark, seed)``."""
+    try:
+        return _run_sweep(config, overrides, spec, out, resume, echo, execute, auto_resume, default_root)
+    finally:
+        getattr(execute, "close", lambda: None)()
+
+
+def _prepare(execute: Executor) -> None:
+    """Start (or join) the executor's Ray and check its resources, before anything is written."""
+    getattr(execute, "prepare", lambda: None)()
+
+
+def _run_sweep(
+    config: str | None, overrides: list[str], spec: SweepSpec, out: Path | None, resume: bool, echo: Echo,
+    execute: Executor, auto_resume: bool, default_root: Callable[[str, int], Path] | None,
+) -> SweepOutcome:
     if out is not None and out.exists() and not out.is_dir():
         raise RunFolderError(f"{out} is a file, not a folder; nothing was written. Choose another --out.")
     resume = resume or (auto_resume and out is not None and (out / SPEC_FILE).is_file())
@@ -261,7 +276,7 @@ def run_sweep(
         root = out
         tuned = orchestrate.tune_variants(
             config, overrides, method_of, variants, spec.tune.tuning_seeds, spec.seeds, out, resume, echo, False, execute,
-            on_planned=lambda: _save_spec(root, record),
+            on_planned=lambda: (_prepare(execute), _save_spec(root, record)),
         )
         assert tuned.final is not None
         return SweepOutcome(spec, None, tuned, _finish(out / "final", tuned.final, out))
@@ -277,6 +292,7 @@ def run_sweep(
     plan = orchestrate.plan_compare(
         config, [*general, *specific], ",".join(entries), spec.seeds, out, resume, default_root or (lambda b, s: Path("runs") / f"sweep-{b}")
     )
+    _prepare(execute)
     plan.root.mkdir(parents=True, exist_ok=True)
     _save_spec(plan.root, record)
     echo(f"{len(entries)} variants x {spec.seeds} seeds = {len(plan.configs)} runs -> {plan.root}")
@@ -331,52 +347,67 @@ def import_ray() -> Any:
     return ray
 
 
-def ray_executor(address: str | None, workers: int, resources: Resources) -> Executor:
-    """Run jobs as Ray tasks: on a local Ray with ``workers`` runs at a time (started here, stopped
-    at the end), or on the cluster at ``address``; ``resources`` per run."""
-    ray = import_ray()
+class RayExecutor:
+    """Run jobs as Ray tasks: on a local Ray with ``workers`` runs at a time, or on the cluster at
+    ``address``; ``resources`` per run. :meth:`prepare` starts (or joins) Ray and refuses runs no node
+    can hold, before anything is written; :meth:`close` stops a Ray it started."""
 
-    def execute(jobs: list[Job], resume: bool, echo: Echo) -> Iterator[tuple[tuple[str, int], dict[str, Any]]]:
-        started = not ray.is_initialized()
-        if started:
-            if address is None:
+    def __init__(self, address: str | None, workers: int, resources: Resources) -> None:
+        self.ray = import_ray()
+        self.address, self.workers, self.resources = address, workers, resources
+        self.started = False
+
+    def prepare(self) -> None:
+        ray = self.ray
+        if not ray.is_initialized():
+            if self.address is None:
                 ray.init(
-                    num_cpus=workers * resources.cpus, include_dashboard=False, log_to_driver=False,
+                    num_cpus=self.workers * self.resources.cpus, include_dashboard=False, log_to_driver=False,
                     logging_level=logging.WARNING, object_store_memory=128 * 1024**2,
                 )
             else:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+            self.started = True
         try:
-            _check_resources(ray, resources)
-            remote = ray.remote(max_calls=1, max_retries=0)(_ray_job)
-            threads = max(1, int(resources.cpus))
-            refs = {
-                remote.options(num_cpus=resources.cpus, num_gpus=resources.gpus).remote(job.cfg.to_dict(), str(job.folder), resume, threads): job
-                for job in jobs
-            }
-            echo(f"{len(jobs)} runs on Ray ({address or f'local, {workers} at a time'}; {resources.cpus:g} CPU, {resources.gpus:g} GPU each)")
-            pending, done_count = list(refs), 0
-            try:
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
-                    for ref in done:
-                        job = refs[ref]
-                        try:
-                            outcome = ray.get(ref)
-                        except ray.exceptions.RayError as e:  # the worker died (killed, out of memory) or was cancelled
-                            outcome = {"status": "failed", "error": orchestrate._record_failure(job.folder, e)}
-                        done_count += 1
-                        echo(f"== {job.key[0]}, seed {job.key[1]}: {outcome['status']} ({done_count}/{len(jobs)}) -> {job.folder}")
-                        yield job.key, outcome
-            except BaseException:
-                for ref in pending:
-                    ray.cancel(ref, force=True)
-                raise
-        finally:
-            if started:
-                ray.shutdown()
+            _check_resources(ray, self.resources)
+        except ConfigError:
+            self.close()
+            raise
 
-    return execute
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+    def __call__(self, jobs: list[Job], resume: bool, echo: Echo) -> Iterator[tuple[tuple[str, int], dict[str, Any]]]:
+        ray, resources = self.ray, self.resources
+        self.prepare()
+        remote = ray.remote(max_calls=1, max_retries=0)(_ray_job)
+        threads = max(1, int(resources.cpus))
+        refs = {
+            remote.options(num_cpus=resources.cpus, num_gpus=resources.gpus).remote(job.cfg.to_dict(), str(job.folder), resume, threads): job
+            for job in jobs
+        }
+        where = self.address or f"local, {self.workers} at a time"
+        echo(f"{len(jobs)} runs on Ray ({where}; {resources.cpus:g} CPU, {resources.gpus:g} GPU each)")
+        pending, done_count = list(refs), 0
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    job = refs[ref]
+                    try:
+                        outcome = ray.get(ref)
+                    except ray.exceptions.RayError as e:  # the worker died (killed, out of memory) or was cancelled
+                        outcome = {"status": "failed", "error": orchestrate._record_failure(job.folder, e)}
+                    done_count += 1
+                    echo(f"== {job.key[0]}, seed {job.key[1]}: {outcome['status']} ({done_count}/{len(jobs)}) -> {job.folder}")
+                    yield job.key, outcome
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            self.close()
+            raise
 
 
 def _check_resources(ray: Any, resources: Resources) -> None:
