@@ -171,6 +171,12 @@ class MetaGate(Method):
       training tasks, held-out ones) get the usage at the last task boundary (recomputed at the end of every
       ``after_task``): their zero-shot evaluation then uses exactly the mask they would start training with, which is
       what zero-shot accuracy is meant to measure. The default (``random``) is unchanged, bit for bit.
+      Measured on the composed teacher (additive agent, SI c 0.1, as above): on validation (tuning seeds 1000-1001)
+      prior 0.25 / 0.5 / 1 gave val_acc 68.9 / 70.9 / 67.9% (val BWT -2.7 / -2.3 / -5.1 pt) against 69.3% (-3.0) for the
+      random prior at 0.5; on test (seeds 0-2, prior 0.5) ACC 70.3 ± 0.5% against 69.1 ± 0.5%, BWT -2.3 against -3.2 pt,
+      Q over the last 10 0.62 against 0.58. The masks still overlap nearly every later mask (2-3% of pairs disjoint,
+      against under 1% and the oracle's 57%): adaptation moves a mask far from its zero-shot start (IoU about 0.4),
+      back onto units earlier tasks use.
     """
 
     class Config(BaseMethodConfig):
