@@ -95,6 +95,19 @@ def test_metagate_windowed_and_batched_steps_read_nothing_back(host_reads: list[
     assert host_reads == []
 
 
+def test_metagate_usage_prior_reads_nothing_back_in_a_step_or_when_it_is_updated(host_reads: list[str]) -> None:
+    """prior_kind=usage: the step reads a fixed buffer, and the usage update at a task boundary stays on the device."""
+    m, stream = make("metagate", prior_kind="usage", reg_batch=2)
+    train_tasks(m, stream.tasks[:2])
+    task = stream.tasks[2]
+    m.before_task(task)
+    host_reads.clear()
+    for s in range(3):
+        m.train_step(batch(task, start=64 * s), task)
+    m._update_usage_prior()
+    assert host_reads == []
+
+
 def test_metagate_unpacks_stored_masks_once_per_task(monkeypatch: pytest.MonkeyPatch) -> None:
     m, stream = make("metagate", consolidation_steps=5)
     train_tasks(m, stream.tasks[:2])

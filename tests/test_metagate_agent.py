@@ -165,3 +165,80 @@ def test_agent_every_updates_the_agent_once_per_window_with_the_accumulated_grad
     m.train_step(batches[0], task)  # a new window is open at the task's end: after_task closes it
     m.after_task(task)
     assert len(steps) == 1 + 1 + 2  # the first window, the one after_task closed, 2 consolidation steps
+
+
+def stored_usage(m) -> torch.Tensor:  # noqa: ANN001
+    """How many stored masks use each unit."""
+    return m._targets[1].sum(0)
+
+
+def test_the_usage_prior_sends_a_new_task_to_the_units_stored_masks_use_least() -> None:
+    """prior_kind=usage: with 5 masks stored, task 5's zero-shot mask takes units fewer stored masks use, and overlaps
+    fewer of them, than with the random prior (same seed, same agent at the start); the default has no new buffer."""
+    figures = {}
+    for kind in ("random", "usage"):
+        m, stream = make(prior_kind=kind, prior=1.0, density=0.25, consolidation_steps=20)
+        for task in stream.tasks[:5]:
+            m.before_task(task)
+            m.train_step(Batch(task.x_train[:32], task.y_train[:32]), task)
+            m.after_task(task)
+        new = stream.tasks[5]
+        m.before_task(new)
+        mask, usage = m.zero_shot[new.index], stored_usage(m)
+        overlapping = sum(bool((mask & m.stored[t.index].bool()).any()) for t in stream.tasks[:5])
+        figures[kind] = (float(usage[mask].mean()), overlapping, float(usage.float().mean()))
+        assert ("usage_scores" in m.state_dict()) == (kind == "usage")
+    (used_random, over_random, _), (used_usage, over_usage, mean_usage) = figures["random"], figures["usage"]
+    assert used_usage < used_random and used_usage < mean_usage, figures
+    assert over_usage <= over_random, figures
+
+
+def test_a_task_keeps_the_usage_prior_it_started_with_and_untrained_tasks_follow_the_usage() -> None:
+    """Each task's row of usage_scores is fixed when it starts (what the regulariser and the consolidation see for
+    it later); an untrained task's (a later or held-out one) is std(-usage) + 0.1 r at the last task boundary, so a
+    task's zero-shot evaluation after the previous task uses the very mask it then starts training with."""
+    m, stream = make(prior_kind="usage", consolidation_steps=5)
+    torch.testing.assert_close(m.usage_scores, 0.1 * m.prior_scores)  # nothing stored: the tie-break alone
+    fixed: dict[int, torch.Tensor] = {}
+    for task in stream.tasks[:4]:
+        evaluated = m.unit_mask(task).clone()  # what the zero-shot evaluation after the previous task used
+        m.before_task(task)
+        assert torch.equal(m.zero_shot[task.index], evaluated)
+        fixed[task.index] = m.usage_scores[task.index].clone()
+        m.train_step(Batch(task.x_train[:32], task.y_train[:32]), task)
+        assert torch.equal(m.usage_scores[task.index], fixed[task.index])  # no change inside the task
+        m.after_task(task)
+        for i, row in fixed.items():
+            assert torch.equal(m.usage_scores[i], row)  # stored tasks keep theirs
+        want = m._standardise(-stored_usage(m)) + 0.1 * m.prior_scores
+        for slot in [*range(task.index + 1, stream.num_tasks), *range(stream.num_tasks, m.usage_scores.shape[0])]:
+            torch.testing.assert_close(m.usage_scores[slot], want[slot])
+    assert not torch.equal(fixed[0], fixed[3])  # the usage changed what later tasks start with
+    z = m.agent(m.contexts[:1])
+    torch.testing.assert_close(m.logits(m.slot_ids[:1]), m._standardise(z) + m.cfg.prior * fixed[0].unsqueeze(0))
+
+
+def test_the_default_random_prior_is_unchanged_by_the_switch() -> None:
+    """prior_kind=random (the default): the logits are the standardised agent's plus prior x the task's random score
+    at every point of a run, and no buffer is added (checkpoints of earlier runs load as before)."""
+    m, stream = make(consolidation_steps=5)
+    assert m.cfg.prior_kind == "random" and not hasattr(m, "usage_scores")
+    for task in stream.tasks[:3]:
+        m.before_task(task)
+        m.train_step(Batch(task.x_train[:32], task.y_train[:32]), task)
+        m.after_task(task)
+        with torch.no_grad():
+            z = m.agent(m.contexts)
+            want = torch.cat([(c - c.mean(-1, keepdim=True)) / c.std(-1, keepdim=True).clamp_min(1e-6) for c in z.split(m.widths, -1)], -1)
+            assert torch.equal(m.logits(m.slot_ids), want + m.cfg.prior * m.prior_scores)
+
+
+def test_a_resumed_run_with_the_usage_prior_equals_an_uninterrupted_one(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from conftest import whole_and_resumed
+
+    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": "metagate", "backbone": {"hidden": [32]}, "prior_kind": "usage",
+           "prior": 0.5, "agent": "additive", "agent_hidden": [16], "reg_batch": 2, "consolidation_batch": 2, "consolidation_steps": 10},
+           "trainer": {"epochs": 1, "progress": False}}
+    whole, resumed = whole_and_resumed(raw, tmp_path, monkeypatch, stop_at=3)
+    for key in ("acc_matrix", "val_acc_matrix", "heldout_acc_matrix", "zero_shot_acc", "mask_overlap", "agent_mask_reproduction"):
+        assert whole[key] == resumed[key], key
