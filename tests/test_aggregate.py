@@ -33,7 +33,7 @@ def test_runs_differing_only_in_seed_are_one_row_with_a_t_interval(tmp_path: Pat
     assert row["seeds"] == [0, 1, 2] and row["acc"]["n"] == 3
     assert row["acc"]["mean"] == pytest.approx(0.7) and row["acc"]["std"] == pytest.approx(0.1)
     assert row["acc"]["ci95"] == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-5)  # t(0.975, 2 dof)
-    assert row["steps_to_90"]["mean"] == pytest.approx(15.0) and row["zero_shot"]["mean"] == pytest.approx(0.5)
+    assert row["steps_to_90"]["mean"] == pytest.approx(20.0) and row["zero_shot"]["mean"] == pytest.approx(0.5)
     assert "| ewc | task identity | domain | 3 | 70.0 ± 10.0 [45.2, 94.8] |" in text
     assert "peak memory (MiB)" in text and "Q" not in text.splitlines()[0]  # no XdG run: no Q column
 
@@ -105,3 +105,14 @@ def test_a_tuned_folder_gives_its_final_runs_in_method_order_and_never_its_tunin
     (tmp_path / "final" / "comparison.json").write_text(json.dumps({"methods": {"zeta": {}, "alpha": {}}}))
     assert list(group(find_runs([tmp_path]))) == ["zeta", "alpha"]
     assert list(group(find_runs([tmp_path / "tuning"]))) == ["si_c-1"]  # asked for by name: kept
+
+
+def test_per_task_figures_over_the_last_tasks(tmp_path: Path) -> None:
+    fake_run(tmp_path / "m" / "seed0", "metagate", 0, 0.7, zs=[0.1, 0.2, 0.6], mask_density=[0.2] * 3)
+    fake_run(tmp_path / "xdg" / "seed0", "xdg", 0, 0.5, zs=[0.1, 0.2, 0.3])
+    summary, text = aggregate_paths([tmp_path], last=1)
+    row = summary["m"]
+    assert row["zero_shot"]["mean"] == pytest.approx(0.6) and row["just_trained"]["mean"] == pytest.approx(0.9)
+    assert row["q"]["mean"] == pytest.approx((0.6 - 0.3) / (0.9 - 0.3)) and row["steps_to_90"]["mean"] is None
+    assert "over the last 1 task after the first" in text
+    assert aggregate_paths([tmp_path])[0]["m"]["zero_shot"]["mean"] == pytest.approx(0.4)

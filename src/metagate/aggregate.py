@@ -7,8 +7,9 @@ label is the folder name the runs sit in (``<label>/seed<N>``, as ``compare`` an
 them), else the method's name; two rows with the same label get the config keys that tell them apart.
 
 Per row: mean, sample standard deviation and the 95% confidence interval of the mean (Student's t
-over the seeds) of ACC, BWT, FWT, forgetting, zero-shot accuracy (mean over every task after the
-first, before training it), zero-shot quality Q, steps to 90% (mean over tasks), training time and
+over the seeds) of ACC, BWT, FWT, forgetting, zero-shot accuracy (before training a task), accuracy
+just after training it, zero-shot quality Q, steps to 90% (these four: means over every task after the
+first, or over the last N with ``last``), training time and
 peak memory (each run's own peak, measured by the trainer), with what the runs used at test time
 and the scenario. Q = (zs - zs_xdg) / (just trained - zs_xdg) over the tasks after the first, where
 ``zs_xdg`` is the zero-shot accuracy of an XdG run on the same stream and seed found among the
@@ -165,40 +166,53 @@ def _mean(values: Sequence[Any]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def zero_shot_mean(results: dict[str, Any]) -> float | None:
-    """Mean accuracy of the tasks after the first before training them."""
+def window(results: dict[str, Any], last: int | None = None) -> list[int]:
+    """The tasks per-task figures are averaged over: every task after the first, or the last ``last``
+    of them (a long stream's later tasks, such as its novel ones)."""
+    tasks = list(range(1, len(results["acc_matrix"])))
+    return tasks if last is None else tasks[-last:]
+
+
+def zero_shot_mean(results: dict[str, Any], last: int | None = None) -> float | None:
+    """Mean accuracy of the window's tasks before training them."""
     zs = results.get("zero_shot_acc") or []
-    return _mean(zs[1:])
+    return _mean([zs[j] for j in window(results, last) if j < len(zs)])
 
 
-def just_trained(results: dict[str, Any]) -> list[float]:
+def just_trained_mean(results: dict[str, Any], last: int | None = None) -> float | None:
+    """Mean accuracy of the window's tasks right after training each."""
     r = results["acc_matrix"]
-    return [r[j][j] for j in range(len(r))]
+    return _mean([r[j][j] for j in window(results, last)])
 
 
-def zero_shot_quality(results: dict[str, Any], xdg: dict[str, Any]) -> float | None:
-    """Q = (zs - zs_xdg) / (just trained - zs_xdg), means over the tasks after the first."""
-    zs, zx, jt = results.get("zero_shot_acc") or [], xdg.get("zero_shot_acc") or [], just_trained(results)
+def zero_shot_quality(results: dict[str, Any], xdg: dict[str, Any], last: int | None = None) -> float | None:
+    """Q = (zs - zs_xdg) / (just trained - zs_xdg), means over the window's tasks."""
+    zs, zx = results.get("zero_shot_acc") or [], xdg.get("zero_shot_acc") or []
     if len(zs) < 2 or len(zs) != len(zx):
         return None
-    m_zs, m_zx, m_jt = float(np.mean(zs[1:])), float(np.mean(zx[1:])), float(np.mean(jt[1:]))
-    return None if abs(m_jt - m_zx) < 1e-9 else (m_zs - m_zx) / (m_jt - m_zx)
+    m_zs, m_zx, m_jt = zero_shot_mean(results, last), zero_shot_mean(xdg, last), just_trained_mean(results, last)
+    if m_zs is None or m_zx is None or m_jt is None or abs(m_jt - m_zx) < 1e-9:
+        return None
+    return (m_zs - m_zx) / (m_jt - m_zx)
 
 
-def _steps(results: dict[str, Any]) -> float | None:
-    return _mean(results.get("steps_to_90") or [])
+def _steps(results: dict[str, Any], last: int | None = None) -> float | None:
+    steps = results.get("steps_to_90") or []
+    return _mean([steps[j] for j in window(results, last) if j < len(steps)])
 
 
-PER_RUN: dict[str, Callable[[dict[str, Any]], float | None]] = {
-    "acc": lambda r: r.get("acc"),
-    "bwt": lambda r: r.get("bwt"),
-    "fwt": lambda r: r.get("fwt"),
-    "forgetting": lambda r: r.get("forgetting"),
+# figure -> (results, last) -> value; per-task figures over window(), the others over the run
+PER_RUN: dict[str, Callable[[dict[str, Any], int | None], float | None]] = {
+    "acc": lambda r, _: r.get("acc"),
+    "bwt": lambda r, _: r.get("bwt"),
+    "fwt": lambda r, _: r.get("fwt"),
+    "forgetting": lambda r, _: r.get("forgetting"),
     "zero_shot": zero_shot_mean,
+    "just_trained": just_trained_mean,
     "steps_to_90": _steps,
-    "train_seconds": lambda r: r.get("train_seconds"),
-    "peak_memory_mb": lambda r: r.get("peak_memory_mb"),
-    "val_acc": lambda r: r.get("val_acc"),
+    "train_seconds": lambda r, _: r.get("train_seconds"),
+    "peak_memory_mb": lambda r, _: r.get("peak_memory_mb"),
+    "val_acc": lambda r, _: r.get("val_acc"),
 }
 
 
@@ -212,12 +226,13 @@ def _xdg_baselines(records: Sequence[RunRecord]) -> dict[tuple[str, int], dict[s
     return out
 
 
-def run_figures(record: RunRecord, baselines: dict[tuple[str, int], dict[str, Any]]) -> dict[str, float | None]:
-    """The per-run figures aggregated over seeds (fractions, seconds, MiB, steps)."""
-    out = {k: f(record.results) for k, f in PER_RUN.items()}
+def run_figures(record: RunRecord, baselines: dict[tuple[str, int], dict[str, Any]], last: int | None = None) -> dict[str, float | None]:
+    """The per-run figures aggregated over seeds (fractions, seconds, MiB, steps); per-task ones over
+    the tasks after the first, or the last ``last``."""
+    out = {k: f(record.results, last) for k, f in PER_RUN.items()}
     xdg = baselines.get((json.dumps(record.config.get("benchmark"), sort_keys=True), int(record.results.get("seed", -1))))
     gating = record.results.get("mask_density") is not None  # Q rates masks: gating methods only
-    out["q"] = zero_shot_quality(record.results, xdg) if xdg is not None and gating and record.results.get("method") != "xdg" else None
+    out["q"] = zero_shot_quality(record.results, xdg, last) if xdg is not None and gating and record.results.get("method") != "xdg" else None
     return out
 
 
@@ -239,14 +254,16 @@ def stat(values: Sequence[float | None]) -> dict[str, Any]:
     return out
 
 
-def summarise(groups: dict[str, list[RunRecord]], records: Sequence[RunRecord] | None = None) -> dict[str, dict[str, Any]]:
+def summarise(
+    groups: dict[str, list[RunRecord]], records: Sequence[RunRecord] | None = None, last: int | None = None
+) -> dict[str, dict[str, Any]]:
     """Label -> {figure: stat, ...} with ``test_time_info``, ``scenario``, ``benchmark``, ``seeds`` and
     ``folders``. Q's XdG runs are looked for among ``records`` (default: every grouped run)."""
     everything = list(records) if records is not None else [r for runs in groups.values() for r in runs]
     baselines = _xdg_baselines(everything)
     out: dict[str, dict[str, Any]] = {}
     for label, runs in groups.items():
-        figures = [run_figures(r, baselines) for r in runs]
+        figures = [run_figures(r, baselines, last) for r in runs]
         row: dict[str, Any] = {k: stat([f[k] for f in figures]) for k in [*PER_RUN, "q"]}
         for key in ("test_time_info", "scenario", "benchmark", "method"):
             values = sorted({str(r.results.get(key)) for r in runs if r.results.get(key) is not None})
@@ -263,6 +280,7 @@ COLUMNS: list[tuple[str, str, float, int]] = [  # (figure, header, scale, digits
     ("fwt", "FWT (pt)", 100.0, 1),
     ("forgetting", "forgetting (pt)", 100.0, 1),
     ("zero_shot", "zero-shot (%)", 100.0, 1),
+    ("just_trained", "just trained (%)", 100.0, 1),
     ("q", "Q", 1.0, 2),
     ("steps_to_90", "steps to 90%", 1.0, 0),
     ("train_seconds", "time (s)", 1.0, 1),
@@ -281,7 +299,7 @@ def fmt(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     return text
 
 
-def table(summary: dict[str, dict[str, Any]]) -> str:
+def table(summary: dict[str, dict[str, Any]], last: int | None = None) -> str:
     """One row per label: mean ± std [95% CI] over seeds; columns without any value are left out."""
     cols = [c for c in COLUMNS if any(row[c[0]]["mean"] is not None for row in summary.values())]
     header = ["method", "uses at test", "scenario", "seeds", *(c[1] for c in cols)]
@@ -291,7 +309,8 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         for label, row in summary.items()
     ]
     text = markdown_table(header, rows)
-    text += "\n\nmean ± std [95% confidence interval of the mean, Student's t] over the seeds of each row; test figures."
+    text += "\n\nmean ± std [95% confidence interval of the mean, Student's t] over the seeds of each row; test figures"
+    text += f"; zero-shot, just trained, Q and steps to 90% over {'the last ' + str(last) if last else 'every'} task{'s' if last != 1 else ''} after the first."
     if any(row["q"]["mean"] is not None for row in summary.values()):
         text += " Q against the XdG run of the same stream and seed."
     infos = {row.get("test_time_info") for row in summary.values() if row.get("test_time_info")}
@@ -306,8 +325,9 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     return text
 
 
-def aggregate_paths(paths: Sequence[Path]) -> tuple[dict[str, dict[str, Any]], str]:
-    """Find, group and summarise the runs at or below ``paths``: (summary, Markdown table)."""
+def aggregate_paths(paths: Sequence[Path], last: int | None = None) -> tuple[dict[str, dict[str, Any]], str]:
+    """Find, group and summarise the runs at or below ``paths``: (summary, Markdown table); per-task
+    figures over the last ``last`` tasks (default: every task after the first)."""
     records = find_runs(paths)
-    summary = summarise(group(records), records)
-    return summary, table(summary)
+    summary = summarise(group(records), records, last)
+    return summary, table(summary, last)

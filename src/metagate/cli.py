@@ -278,19 +278,20 @@ def sweep(
 def aggregate(
     paths: list[Path] = typer.Argument(..., help="run folders, or folders holding them (a sweep, a compare, runs made by hand)"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the table (Markdown) and aggregate.json here: FILE.md"),
+    last: Optional[int] = typer.Option(None, "--last", min=1, help="per-task figures (zero-shot, just trained, Q, steps) over the last N tasks"),
 ) -> None:
     """One table of every finished run below PATHS: mean ± std and the 95% CI over seeds.
 
     Runs whose configs differ only in the seed are one row; each row says what its method used at
-    test time. Figures: ACC, BWT, FWT, forgetting, zero-shot, Q (against an XdG run of the same
-    stream and seed, when one is among the runs), steps to 90%, training time, peak memory."""
+    test time. Figures: ACC, BWT, FWT, forgetting, zero-shot, just trained, Q (against an XdG run of
+    the same stream and seed, when one is among the runs), steps to 90%, training time, peak memory."""
     from metagate.aggregate import AggregationError, aggregate_paths
     from metagate.runs import RunFolderError, atomic_write_json, atomic_write_text
 
     if out is not None and (out.exists() or out.with_suffix(".json").exists()):
         _fail(f"{out} or {out.with_suffix('.json')} exists already; nothing was written. Choose another --out")
     try:
-        summary, text = aggregate_paths(paths)
+        summary, text = aggregate_paths(paths, last)
         if out is not None:
             atomic_write_text(out, text + "\n")
             atomic_write_json(out.with_suffix(".json"), summary)
