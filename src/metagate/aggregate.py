@@ -310,7 +310,8 @@ def table(summary: dict[str, dict[str, Any]], last: int | None = None) -> str:
     ]
     text = markdown_table(header, rows)
     text += "\n\nmean ± std [95% confidence interval of the mean, Student's t] over the seeds of each row; test figures"
-    text += f"; zero-shot, just trained, Q and steps to 90% over {'the last ' + str(last) if last else 'every'} task{'s' if last != 1 else ''} after the first."
+    over = f"the last {last} task{'s' if last > 1 else ''}" if last else "every task after the first"
+    text += f"; zero-shot, just trained, Q and steps to 90% over {over}."
     if any(row["q"]["mean"] is not None for row in summary.values()):
         text += " Q against the XdG run of the same stream and seed."
     infos = {row.get("test_time_info") for row in summary.values() if row.get("test_time_info")}
