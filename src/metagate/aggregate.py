@@ -70,7 +70,9 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise AggregationError(f"{folder / RunDir.RESULTS} is not a metagate results file; move that folder away or rerun it")
     config = dict(config or {})
     config.pop("provenance", None)
-    return config, results
+    from metagate.train import with_current_defaults
+
+    return with_current_defaults(config), results  # a field added since the run was made takes its default
 
 
 def find_runs(paths: Sequence[Path]) -> list[RunRecord]:
