@@ -8,7 +8,8 @@ For each stream, every gated variant runs over the same seeds with the same back
   context factors, the last 10 novel, MLP 209 = the teacher's width), masks at the oracle's density
   (33 of 209 units), with ``xdg``, ``oracle`` (the teacher's masks: the ceiling), ``nearest`` (the
   nearest earlier context's mask) and ``vote`` (a vote over every equally near one), ``metagate`` (issue 13:
-  the additive agent with stored-mask batches) and ``shuffled`` contexts, issue 12's metagate as ``metagate-mlp``,
+  the additive agent with stored-mask batches) and ``shuffled`` contexts, the same with the usage prior
+  (``metagate-usage``, ``shuffled-usage``: ``prior_kind=usage``), issue 12's metagate as ``metagate-mlp``,
   ``shuffled-mlp`` and ``onehot-mlp``, and HyperMask / hnet with the context as the hypernetwork's input
   (``hypermask-context``, ``hnet-context``: the code's defaults, not tuned);
 * ``rotated``: rotated Fashion-MNIST, 10 angles in [0, 180] with (cos, sin) contexts and 2 + 2
@@ -141,6 +142,10 @@ STREAMS = {
             "vote": ("nearest_context", ["method.ties=true"]),
             "metagate": ("metagate", ["method.density=0.158", *METAGATE13]),
             "shuffled": ("metagate", ["method.density=0.158", *METAGATE13, "method.context_mode=shuffled"]),
+            # the prior's non-context part on the least-used units (prior_kind=usage; at prior 0.5, chosen over the
+            # random prior and over usage at 0.25 / 1.0 on validation, tuning seeds 1000-1001: see metagate's docstring)
+            "metagate-usage": ("metagate", ["method.density=0.158", *METAGATE13, "method.prior_kind=usage"]),
+            "shuffled-usage": ("metagate", ["method.density=0.158", *METAGATE13, "method.prior_kind=usage", "method.context_mode=shuffled"]),
             "metagate-mlp": ("metagate", ["method.density=0.158"]),
             "shuffled-mlp": ("metagate", ["method.density=0.158", "method.context_mode=shuffled"]),
             "onehot-mlp": ("metagate", ["method.density=0.158", "method.context_mode=onehot"]),
@@ -211,7 +216,7 @@ PRIOR_GRID = [0.5, 1.0, 2.0]
 # Composed (issue 13, prior 0.5, tuning seeds 1000-1001): mean val_acc 68.2, 69.3, 67.6, 65.3% (val BWT -7.7, -3.0,
 # -1.1, -0.3 pt): 0.1, XdG + SI's c, is also metagate's own.
 METAGATE_C_GRID: dict[str, list[float]] = {"composed": [0.03, 0.1, 0.3, 1.0]}
-OWN_C_VARIANTS = ("metagate", "shuffled")
+OWN_C_VARIANTS = ("metagate", "shuffled", "metagate-usage", "shuffled-usage")
 
 
 def metagate_cmd() -> str:
