@@ -74,36 +74,30 @@ HOT_SETTINGS = {"pathnet": {"generations": 5, "evals_per_path": 1}}
 )
 def test_a_training_step_reads_nothing_back_from_the_device(method: str, host_reads: list[str]) -> None:
     m, stream = make(method, **HOT_SETTINGS.get(method, {}))
+    assert steps_on_a_third_task(m, stream, 3, host_reads) == []
+
+
+def steps_on_a_third_task(m, stream, steps: int, host_reads: list[str]) -> list[str]:  # noqa: ANN001
+    """Train two tasks, start the third and run ``steps`` steps on it: the host reads the steps made."""
     train_tasks(m, stream.tasks[:2])
     task = stream.tasks[2]
     m.before_task(task)
     host_reads.clear()
-    for s in range(3):
+    for s in range(steps):
         m.train_step(batch(task, start=64 * s), task)
-    assert host_reads == []
+    return host_reads
 
 
 def test_metagate_windowed_and_batched_steps_read_nothing_back(host_reads: list[str]) -> None:
     """agent_every, reg_batch, consolidation_batch and the additive agent (issue 13) keep the step free of syncs."""
     m, stream = make("metagate", agent="additive", agent_hidden=[16], agent_every=2, reg_batch=2, consolidation_batch=2)
-    train_tasks(m, stream.tasks[:2])
-    task = stream.tasks[2]
-    m.before_task(task)
-    host_reads.clear()
-    for s in range(5):  # two whole windows and an open one
-        m.train_step(batch(task, start=64 * s), task)
-    assert host_reads == []
+    assert steps_on_a_third_task(m, stream, 5, host_reads) == []  # two whole windows and an open one
 
 
 def test_metagate_usage_prior_reads_nothing_back_in_a_step_or_when_it_is_updated(host_reads: list[str]) -> None:
     """prior_kind=usage: the step reads a fixed buffer, and the usage update at a task boundary stays on the device."""
     m, stream = make("metagate", prior_kind="usage", reg_batch=2)
-    train_tasks(m, stream.tasks[:2])
-    task = stream.tasks[2]
-    m.before_task(task)
-    host_reads.clear()
-    for s in range(3):
-        m.train_step(batch(task, start=64 * s), task)
+    steps_on_a_third_task(m, stream, 3, host_reads)
     m._update_usage_prior()
     assert host_reads == []
 
