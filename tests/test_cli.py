@@ -383,3 +383,13 @@ def test_the_per_task_table_says_when_method_and_reference_use_different_informa
     assert "Not like for like: metagate uses task identity at test, si uses nothing." in (tmp_path / "r" / "per_task.md").read_text()
     res = runner.invoke(app, ["run", *FAST, "--out", str(tmp_path / "x")])  # xdg: task identity, like metagate
     assert "Not like for like" not in (tmp_path / "x" / "per_task.md").read_text()
+
+
+def test_a_run_folders_config_yaml_runs_again_as_it_is(tmp_path: Path) -> None:
+    first = tmp_path / "a"
+    assert runner.invoke(app, ["run", *FAST, "reference=null", "--out", str(first)]).exit_code == 0
+    assert "provenance" in yaml.safe_load((first / "config.yaml").read_text())
+    res = runner.invoke(app, ["run", str(first / "config.yaml"), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("a", "b"))
+    assert a["acc_matrix"] == b["acc_matrix"]

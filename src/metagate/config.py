@@ -142,8 +142,9 @@ def _check_method(method_cls: Any, section: Any, where: str) -> None:
 
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw dict into an :class:`ExperimentConfig`, section by section. A ``sweep`` section
-    belongs to ``metagate sweep`` (:mod:`metagate.sweep`): a single run ignores it."""
-    raw = {k: v for k, v in raw.items() if k != "sweep"}
+    belongs to ``metagate sweep`` (:mod:`metagate.sweep`): a single run ignores it, as it ignores a run
+    folder's ``provenance`` record (so a run's ``config.yaml`` runs again as it is)."""
+    raw = {k: v for k, v in raw.items() if k not in ("sweep", "provenance")}
     allowed = {"seed", "benchmark", "method", "trainer", "reference", "tracking"}
     extra = sorted(set(raw) - allowed)
     if extra:
