@@ -124,6 +124,8 @@ def test_a_tuning_sweep_chooses_on_validation_and_reports_fresh_seeds(tmp_path: 
     saved = json.loads((out / "tuning.json").read_text())
     assert saved["chosen"] == {"finetune": ["trainer.lr=0.01"]} and saved["tuning_seeds"] == [1000] and saved["final_seeds"] == [0, 1]
     assert "| finetune |" in (out / "aggregate.md").read_text() and (out / "final" / "finetune" / "seed1" / "results.json").is_file()
+    status = json.loads((out / "sweep.json").read_text())["runs"]
+    assert set(status) == {"tuning/finetune_lr-1e-05/seed1000", "tuning/finetune_lr-0.01/seed1000", "final/finetune/seed0", "final/finetune/seed1"}
 
 
 def test_a_bad_sweep_writes_nothing(tmp_path: Path) -> None:

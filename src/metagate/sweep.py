@@ -279,7 +279,7 @@ def _run_sweep(
             on_planned=lambda: (_prepare(execute), _save_spec(root, record)),
         )
         assert tuned.final is not None
-        return SweepOutcome(spec, None, tuned, _finish(out / "final", tuned.final, out))
+        return SweepOutcome(spec, None, tuned, _finish(out / "final", tuned.final, out, {"tuning": tuned.tuning}))
     entries, specific = [], []
     for label, points in variants.items():
         for point in points:
@@ -300,16 +300,24 @@ def _run_sweep(
     return SweepOutcome(spec, compared, None, _finish(plan.root, compared, plan.root))
 
 
-def _finish(root: Path, compared: orchestrate.CompareOutcome, out: Path) -> str:
-    """``sweep.json`` (each run's status) and ``aggregate.md`` over the finished runs of ``root``."""
+def _status(compared: orchestrate.CompareOutcome, prefix: str = "") -> dict[str, dict[str, str]]:
+    return {
+        f"{prefix}{label}/seed{seed}": {"status": "failed", "error": compared.failures[(label, seed)]}
+        if (label, seed) in compared.failures else {"status": "finished"}
+        for (label, seed) in compared.plan.configs
+    }
+
+
+def _finish(root: Path, compared: orchestrate.CompareOutcome, out: Path, before: dict[str, orchestrate.CompareOutcome] | None = None) -> str:
+    """``sweep.json`` (each run's status, with the stages ``before``: a tuned sweep's tuning runs) and
+    ``aggregate.md`` over the finished runs of ``root``."""
     from metagate.aggregate import AggregationError, aggregate_paths
 
     plan = compared.plan
-    status = {
-        f"{label}/seed{seed}": {"status": "failed", "error": compared.failures[(label, seed)]}
-        if (label, seed) in compared.failures else {"status": "finished"}
-        for (label, seed) in plan.configs
-    }
+    status: dict[str, dict[str, str]] = {}
+    for stage, earlier in (before or {}).items():
+        status.update(_status(earlier, f"{stage}/"))
+    status.update(_status(compared, f"{root.relative_to(out)}/" if root != out else ""))
     atomic_write_json(out / STATUS_FILE, {"root": str(root), "runs": status})
     folders = [plan.folder(label, seed) for (label, seed) in plan.configs if (label, seed) not in compared.failures]
     try:
