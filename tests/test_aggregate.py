@@ -116,3 +116,17 @@ def test_per_task_figures_over_the_last_tasks(tmp_path: Path) -> None:
     assert row["q"]["mean"] == pytest.approx((0.6 - 0.3) / (0.9 - 0.3)) and row["steps_to_90"]["mean"] is None
     assert "over the last 1 task." in text
     assert aggregate_paths([tmp_path])[0]["m"]["zero_shot"]["mean"] == pytest.approx(0.4)
+
+
+def test_labels_name_the_keys_that_tell_configs_apart_and_never_merge_two_configs(tmp_path: Path) -> None:
+    for bench in ("b1", "b2"):
+        for lr in (0.001, 0.01):
+            folder = tmp_path / bench / str(lr) / "ewc" / "seed0"
+            fake_run(folder, "ewc", 0, 0.6)
+            cfg = yaml.safe_load((folder / "config.yaml").read_text())
+            cfg["benchmark"].update(name=bench, a=1 if bench == "b1" else 2, b=3 if bench == "b1" else 4, c=5 if bench == "b1" else 6)
+            cfg["trainer"]["lr"] = lr
+            (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    labels = list(group(find_runs([tmp_path])))
+    assert len(labels) == 4 and all(len(runs) == 1 for runs in group(find_runs([tmp_path])).values())
+    assert "ewc [benchmark.a=1, trainer.lr=0.001]" in labels  # two keys tell the four apart

@@ -124,9 +124,7 @@ def _base_label(folder: Path, results: dict[str, Any]) -> str:
 
 
 def _label(records: list[RunRecord]) -> None:
-    """Give each identity one label; labels shared by different identities get the keys that differ."""
-    from metagate.train import differing_keys
-
+    """Give each identity one label; labels shared by different identities get the keys that tell them apart."""
     base: dict[str, str] = {}
     for r in records:
         base.setdefault(r.identity, _base_label(r.folder, r.results))
@@ -139,11 +137,35 @@ def _label(records: list[RunRecord]) -> None:
             final[idents[0]] = label
             continue
         configs = [json.loads(i) for i in idents]
-        keys = sorted({k for a in configs for b in configs if a is not b for k in differing_keys(a, b)})
+        keys = _telling_keys(configs)
         for ident, cfg in zip(idents, configs):
-            final[ident] = f"{label} [" + ", ".join(f"{k}={_get(cfg, k)}" for k in keys[:3]) + "]"
+            final[ident] = f"{label} [" + ", ".join(f"{k}={_get(cfg, k)}" for k in keys) + "]"
+    seen: dict[str, int] = {}
+    for ident in list(final):  # never two rows under one label (the keys above tell every pair apart)
+        seen[final[ident]] = seen.get(final[ident], 0) + 1
+        if seen[final[ident]] > 1:
+            final[ident] += f" #{seen[final[ident]]}"
     for r in records:
         r.label = final[r.identity]
+
+
+def _telling_keys(configs: list[dict[str, Any]]) -> list[str]:
+    """Few config keys whose values tell every config apart: greedily the key that splits them into the
+    most groups, until each config has its own values (alphabetical among equals)."""
+    from metagate.train import differing_keys
+
+    candidates = sorted({k for a in configs for b in configs if a is not b for k in differing_keys(a, b)})
+    chosen: list[str] = []
+    while candidates:
+        def groups(keys: list[str]) -> int:
+            return len({json.dumps([_get(c, k) for k in keys], sort_keys=True, default=str) for c in configs})
+
+        if groups(chosen) == len(configs):
+            break
+        best = max(candidates, key=lambda k: (groups([*chosen, k]), -candidates.index(k)))
+        chosen.append(best)
+        candidates.remove(best)
+    return chosen
 
 
 def _get(config: dict[str, Any], dotted: str) -> Any:
@@ -153,7 +175,7 @@ def _get(config: dict[str, Any], dotted: str) -> Any:
 
 
 def group(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
-    """Label -> its runs (the seeds of one row), in the order the labels first appear."""
+    """Label -> its runs (the seeds of one row: one config), in the order the labels first appear."""
     out: dict[str, list[RunRecord]] = {}
     for r in records:
         out.setdefault(r.label, []).append(r)
