@@ -129,4 +129,4 @@ def test_labels_name_the_keys_that_tell_configs_apart_and_never_merge_two_config
             (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     labels = list(group(find_runs([tmp_path])))
     assert len(labels) == 4 and all(len(runs) == 1 for runs in group(find_runs([tmp_path])).values())
-    assert "ewc [benchmark.a=1, trainer.lr=0.001]" in labels  # two keys tell the four apart
+    assert "ewc [benchmark.name=b1, trainer.lr=0.001]" in labels  # two keys tell the four apart, a name first

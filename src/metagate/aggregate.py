@@ -151,7 +151,7 @@ def _label(records: list[RunRecord]) -> None:
 
 def _telling_keys(configs: list[dict[str, Any]]) -> list[str]:
     """Few config keys whose values tell every config apart: greedily the key that splits them into the
-    most groups, until each config has its own values (alphabetical among equals)."""
+    most groups, until each config has its own values (among equals a ``.name``, then alphabetical)."""
     from metagate.train import differing_keys
 
     candidates = sorted({k for a in configs for b in configs if a is not b for k in differing_keys(a, b)})
@@ -162,7 +162,7 @@ def _telling_keys(configs: list[dict[str, Any]]) -> list[str]:
 
         if groups(chosen) == len(configs):
             break
-        best = max(candidates, key=lambda k: (groups([*chosen, k]), -candidates.index(k)))
+        best = max(candidates, key=lambda k: (groups([*chosen, k]), k.endswith(".name"), -candidates.index(k)))
         chosen.append(best)
         candidates.remove(best)
     return chosen
