@@ -9,7 +9,9 @@ For each stream, every gated variant runs over the same seeds with the same back
   (33 of 209 units), with ``xdg``, ``oracle`` (the teacher's masks: the ceiling), ``nearest`` (the
   nearest earlier context's mask) and ``vote`` (a vote over every equally near one), ``metagate`` (issue 13:
   the additive agent with stored-mask batches) and ``shuffled`` contexts, the same with the usage prior
-  (``metagate-usage``, ``shuffled-usage``: ``prior_kind=usage``), issue 12's metagate as ``metagate-mlp``,
+  (``metagate-usage``, ``shuffled-usage``: ``prior_kind=usage``; also on rotated and permuted, where it was
+  chosen over the random prior on validation too: ``metagate tune <the metagate run's config.yaml> --methods
+  metagate --grid metagate:method.prior_kind=random,usage``), issue 12's metagate as ``metagate-mlp``,
   ``shuffled-mlp`` and ``onehot-mlp``, and HyperMask / hnet with the context as the hypernetwork's input
   (``hypermask-context``, ``hnet-context``: the code's defaults, not tuned);
 * ``rotated``: rotated Fashion-MNIST, 10 angles in [0, 180] with (cos, sin) contexts and 2 + 2
@@ -183,6 +185,7 @@ STREAMS = {
             "xdg": ("xdg", XDG),
             "metagate": ("metagate", METAGATE13),
             "shuffled": ("metagate", [*METAGATE13, "method.context_mode=shuffled"]),
+            "metagate-usage": ("metagate", [*METAGATE13, "method.prior_kind=usage"]),
             "metagate-mlp": ("metagate", []),
             "shuffled-mlp": ("metagate", ["method.context_mode=shuffled"]),
             **CONTEXT_BASELINES,
@@ -202,8 +205,8 @@ STREAMS = {
         [*FMNIST, *MLP, "method.backbone.hidden=[400,400]"],
         [3.0, 30.0, 300.0],
         0.1,
-        {"xdg": ("xdg", XDG), "metagate": ("metagate", METAGATE13), "metagate-mlp": ("metagate", []), **CONTEXT_BASELINES,
-         "dendrites": DENDRITES},
+        {"xdg": ("xdg", XDG), "metagate": ("metagate", METAGATE13), "metagate-usage": ("metagate", [*METAGATE13, "method.prior_kind=usage"]),
+         "metagate-mlp": ("metagate", []), **CONTEXT_BASELINES, "dendrites": DENDRITES},
     ),
 }
 DEFAULT_STREAMS = "composed,rotated,split,permuted"
