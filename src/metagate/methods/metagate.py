@@ -76,16 +76,35 @@ class AdditiveAgent(nn.Module):
         return torch.einsum("ndh,dhu->nu", h, self.w2) + self.b2
 
 
-def topk_mask(logits: Tensor, widths: list[int], density: float) -> Tensor:
+def quota_size(density: float, width: int, quota: float) -> tuple[int, int]:
+    """A layer of ``width`` units: its mask's k units and, of them, the ``round(quota x k)`` forced ones (``free_quota``)."""
+    k = max(1, round(density * width))
+    return k, round(quota * k)
+
+
+def topk_mask(logits: Tensor, widths: list[int], density: float, forced: Tensor | None = None, quota: float = 0.0) -> Tensor:
     """Per layer, switch on the ``density`` fraction of units with the largest logits. Forward: the
-    hard 0/1 mask; backward: the gradient of ``sigmoid(logits)`` (a straight-through estimator)."""
+    hard 0/1 mask; backward: the gradient of ``sigmoid(logits)`` (a straight-through estimator).
+
+    ``forced`` (a bool mask like ``logits`` with exactly ``round(quota x k)`` units per layer, ``free_quota``): those
+    units are on whatever the logits, the layer's other ``k - round(quota x k)`` units are the largest logits among the
+    rest, and a forced unit, whose mask does not depend on its logit, passes no gradient. ``None``: the plain top-k."""
     parts = []
-    for chunk in logits.split(widths, dim=-1):
-        k = max(1, round(density * chunk.shape[-1]))
-        kth = chunk.topk(k, dim=-1).values[..., -1:]
-        hard = (chunk >= kth).to(chunk.dtype)
+    fixed_parts = [None] * len(widths) if forced is None else forced.split(widths, dim=-1)
+    for chunk, fixed in zip(logits.split(widths, dim=-1), fixed_parts):
+        k, n_forced = quota_size(density, chunk.shape[-1], quota if fixed is not None else 0.0)
         soft = torch.sigmoid(chunk)
-        parts.append(hard + (soft - soft.detach()))  # exactly 0/1 forward, sigmoid gradient backward
+        if fixed is None:
+            kth = chunk.topk(k, dim=-1).values[..., -1:]
+            hard = (chunk >= kth).to(chunk.dtype)
+            parts.append(hard + (soft - soft.detach()))  # exactly 0/1 forward, sigmoid gradient backward
+            continue
+        hard = fixed
+        if k > n_forced:
+            free = chunk.masked_fill(fixed, float("-inf"))
+            kth = free.topk(k - n_forced, dim=-1).values[..., -1:]
+            hard = hard | (free >= kth)
+        parts.append(hard.to(chunk.dtype) + torch.where(fixed, torch.zeros_like(soft), soft - soft.detach()))
     return torch.cat(parts, dim=-1)
 
 
@@ -215,6 +234,11 @@ class MetaGate(Method):
             "random", description="the prior's score: random (a fixed N(0, 1) score per task); usage (the standardised negative "
             "number of stored masks using each unit, fixed at the task's start, plus 0.1 x its random score as a tie-break)"
         )
+        free_quota: float = Field(
+            0.0, ge=0, le=1, description="fraction of each layer's k mask units forced onto the units the stored masks use "
+            "least (ties: the task's random score), fixed when the task starts; the other units are the agent's top logits "
+            "among the rest (0: off)"
+        )
         c: float = Field(0.035, ge=0, description="SI strength (XdG's default)")
         xi: float = Field(0.01, gt=0, description="SI damping (XdG's default)")
 
@@ -248,6 +272,11 @@ class MetaGate(Method):
             # stored masks' usage at every task boundary (``_update_usage_prior``), a row stops changing when its task starts.
             # Only registered with the switch on, so that other runs' state_dict (and checkpoints) stay as they were.
             self.register_buffer("usage_scores", self.USAGE_TIE_BREAK * self.prior_scores.clone())
+        if cfg.free_quota > 0:
+            # free_quota: each task's forced units, a row per task, following the usage like ``usage_scores`` (rows of
+            # untrained tasks recomputed at every task boundary, a row fixed when its task starts). Only registered with
+            # the switch on, so that other runs' state_dict (and checkpoints) stay as they were.
+            self.register_buffer("quota_masks", torch.zeros(len(tasks), num_units, dtype=torch.bool, device=self.device))
         self.slot = {t.index: i for i, t in enumerate(tasks)}
         self.register_buffer("slot_ids", torch.arange(len(tasks), device=self.device), persistent=False)
         if cfg.agent == "additive":
@@ -272,6 +301,7 @@ class MetaGate(Method):
         self._targets: tuple[Tensor, Tensor] | None = None
         self.set_stabilizer(SIStabilizer(self.model, cfg.c, cfg.xi, omega_rule="masse"))
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_masks())
+        self._update_quota()  # nothing stored yet: each task's quota is its random score's top units
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The base optimiser, plus the free mask scores (at ``mask_lr``) when they adapt."""
@@ -312,13 +342,48 @@ class MetaGate(Method):
             open_[self.slot[self.current]] = False
         self.usage_scores.copy_(torch.where(open_.unsqueeze(1), score, self.usage_scores))
 
+    def _open_rows(self, rows: int, device: torch.device) -> Tensor:
+        """The rows (training tasks, then held-out ones) of the tasks not trained yet and not in training."""
+        open_ = torch.ones(rows, dtype=torch.bool, device=device)
+        open_[: self.stream.num_tasks] = ~self.trained.to(device)
+        if self.current is not None:
+            open_[self.slot[self.current]] = False
+        return open_
+
+    def _update_quota(self) -> None:
+        """free_quota > 0: the rows of ``quota_masks`` of the tasks not trained yet (as ``_update_usage_prior``'s) become,
+        per layer, the ``round(free_quota x k)`` units the fewest stored masks use, ties broken by the task's random
+        score (the larger first). At task boundaries only (construction, the end of ``after_task``), on the device."""
+        if self.cfg.free_quota <= 0:
+            return
+        targets = getattr(self, "_targets", None)
+        usage = torch.zeros_like(self.prior_scores[0]) if targets is None else targets[1].sum(0)
+        key = -usage + 0.5 * torch.sigmoid(self.prior_scores)  # usage is a count: the tie-break (in (0, 0.5)) orders ties only
+        rows = []
+        for chunk in key.split(self.widths, dim=-1):
+            _, n_forced = quota_size(self.cfg.density, chunk.shape[-1], self.cfg.free_quota)
+            row = torch.zeros_like(chunk, dtype=torch.bool)
+            if n_forced > 0:
+                row.scatter_(-1, chunk.topk(n_forced, dim=-1).indices, True)
+            rows.append(row)
+        quota = torch.cat(rows, dim=-1)
+        open_ = self._open_rows(quota.shape[0], quota.device)
+        self.quota_masks.copy_(torch.where(open_.unsqueeze(1), quota, self.quota_masks))
+
+    def _topk(self, z: Tensor, slots: Tensor) -> Tensor:
+        """The hard/straight-through mask of logits ``z`` of the tasks in ``slots`` (with ``free_quota``, their forced units)."""
+        if self.cfg.free_quota <= 0:
+            return topk_mask(z, self.widths, self.cfg.density)
+        return topk_mask(z, self.widths, self.cfg.density, self.quota_masks[slots].reshape(z.shape), self.cfg.free_quota)
+
     def slots(self, task: Task) -> Tensor:
         """The task's row of ``contexts`` as a one-element index tensor on the device (no copy)."""
         i = self.slot[task.index]
         return self.slot_ids[i : i + 1]
 
     def generated_mask(self, task: Task) -> Tensor:
-        return topk_mask(self.logits(self.slots(task))[0], self.widths, self.cfg.density)
+        slots = self.slots(task)
+        return self._topk(self.logits(slots)[0], slots)
 
     def _refresh_masks(self) -> None:
         """Rebuild the caches from ``trained`` and ``stored`` (one device read; never inside a step)."""
@@ -334,7 +399,7 @@ class MetaGate(Method):
         """The flat unit mask used for ``task`` now (differentiable while the task trains)."""
         if task.index == self.current:
             if self.cfg.adapt and not self.cfg.meta_learning:
-                return topk_mask(self.scores, self.widths, self.cfg.density)
+                return self._topk(self.scores, self.slots(task))
             if self.cfg.adapt:
                 return self.generated_mask(task)
             with torch.no_grad():
@@ -357,6 +422,7 @@ class MetaGate(Method):
     def before_task(self, task: Task) -> None:
         super().before_task(task)
         self._update_usage_prior()  # the task's usage prior is fixed here (unchanged since the last after_task)
+        self._update_quota()
         with torch.no_grad():
             self.zero_shot[task.index] = self.generated_mask(task).bool()
         self.current = task.index
@@ -406,7 +472,7 @@ class MetaGate(Method):
         reg = None
         if meta:
             z0, reg = self._agent_forward(task)
-            mask = topk_mask(z0, self.widths, self.cfg.density)
+            mask = self._topk(z0, self.slots(task))
             logits = self.model(batch.x, unit_masks=list(mask.split(self.widths)))
             loss = F.cross_entropy(self.mask_logits(logits, task, batch.task_ids), batch.y)
         else:
@@ -433,7 +499,7 @@ class MetaGate(Method):
         assert self.stabilizer is not None
         if self._window is None:
             z0, reg = self._agent_forward(task)
-            leaf = topk_mask(z0.detach(), self.widths, self.cfg.density).requires_grad_(True)
+            leaf = self._topk(z0.detach(), self.slots(task)).requires_grad_(True)
             self._window = (z0, reg, leaf, 0)
         z0, reg, leaf, n = self._window
         self.optimizer.zero_grad(set_to_none=True)
@@ -463,6 +529,8 @@ class MetaGate(Method):
         self.agent_optimizer.zero_grad(set_to_none=True)
         soft = torch.sigmoid(z0.detach())
         grad = leaf.grad / n * soft * (1 - soft)  # d mask / d z of the straight-through estimator
+        if self.cfg.free_quota > 0 and self.current is not None:  # forced units: no gradient, as in topk_mask
+            grad = grad.masked_fill(self.quota_masks[self.slot[self.current]], 0.0)
         if reg is None:
             z0.backward(grad)
         else:
@@ -478,6 +546,7 @@ class MetaGate(Method):
         self.trained[task.index] = True
         self._refresh_masks()
         self._update_usage_prior()  # the next task (and the zero-shot evaluation of all untrained ones) sees this mask's usage
+        self._update_quota()
         for _ in range(self.cfg.consolidation_steps):
             self.agent_optimizer.zero_grad(set_to_none=True)
             loss = self._regression_loss(self.cfg.consolidation_batch)
