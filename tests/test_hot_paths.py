@@ -102,6 +102,20 @@ def test_metagate_usage_prior_reads_nothing_back_in_a_step_or_when_it_is_updated
     assert host_reads == []
 
 
+def test_metagate_free_quota_reads_nothing_back_in_a_step_or_when_it_is_updated(host_reads: list[str]) -> None:
+    """free_quota: the step reads the task's fixed quota row, and the quota update at a task boundary stays on the device."""
+    for every in (1, 2):
+        m, stream = make("metagate", prior_kind="usage", free_quota=0.5, reg_batch=2, agent_every=every)
+        train_tasks(m, stream.tasks[:2])
+        task = stream.tasks[2]
+        m.before_task(task)
+        host_reads.clear()
+        for s in range(3):
+            m.train_step(batch(task, start=64 * s), task)
+        m._update_quota()
+        assert host_reads == []
+
+
 def test_metagate_unpacks_stored_masks_once_per_task(monkeypatch: pytest.MonkeyPatch) -> None:
     m, stream = make("metagate", consolidation_steps=5)
     train_tasks(m, stream.tasks[:2])

@@ -242,3 +242,116 @@ def test_a_resumed_run_with_the_usage_prior_equals_an_uninterrupted_one(tmp_path
     whole, resumed = whole_and_resumed(raw, tmp_path, monkeypatch, stop_at=3)
     for key in ("acc_matrix", "val_acc_matrix", "heldout_acc_matrix", "zero_shot_acc", "mask_overlap", "agent_mask_reproduction"):
         assert whole[key] == resumed[key], key
+
+
+def plain_topk(logits: torch.Tensor, widths: list[int], density: float) -> torch.Tensor:
+    """topk_mask as it was before free_quota (the reference for the default)."""
+    parts = []
+    for chunk in logits.split(widths, dim=-1):
+        k = max(1, round(density * chunk.shape[-1]))
+        kth = chunk.topk(k, dim=-1).values[..., -1:]
+        soft = torch.sigmoid(chunk)
+        parts.append((chunk >= kth).to(chunk.dtype) + (soft - soft.detach()))
+    return torch.cat(parts, dim=-1)
+
+
+def run_tasks(m, tasks, steps: int = 2) -> None:  # noqa: ANN001
+    for task in tasks:
+        m.before_task(task)
+        for s in range(steps):
+            m.train_step(Batch(task.x_train[32 * s : 32 * s + 32], task.y_train[32 * s : 32 * s + 32]), task)
+        m.after_task(task)
+
+
+def test_the_default_free_quota_is_unchanged() -> None:
+    """free_quota=0 (the default): no buffer (earlier checkpoints load as before), topk_mask is the plain top-k with the
+    same forward and gradient, and a run stores the same masks and weights as one that does not name the switch."""
+    from metagate.methods.metagate import topk_mask
+
+    torch.manual_seed(0)
+    z = torch.randn(3, 40, requires_grad=True)
+    a, b = topk_mask(z, [16, 24], 0.25), plain_topk(z, [16, 24], 0.25)
+    assert torch.equal(a, b)
+    w = torch.randn(3, 40)
+    ga, = torch.autograd.grad((a * w).sum(), z)
+    gb, = torch.autograd.grad((b * w).sum(), z)
+    assert torch.equal(ga, gb)
+    runs = []
+    for method in ({}, {"free_quota": 0.0}):
+        m, stream = make(prior_kind="usage", prior=0.5, agent="additive", agent_hidden=[16], consolidation_steps=5, **method)
+        assert not hasattr(m, "quota_masks")
+        run_tasks(m, stream.tasks[:3])
+        runs.append(m.state_dict())
+    assert runs[0].keys() == runs[1].keys() and "quota_masks" not in runs[0]
+    for key in runs[0]:
+        if isinstance(runs[0][key], torch.Tensor):
+            assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+@pytest.mark.parametrize("prior_kind", ["usage", "random"])
+def test_a_new_task_holds_the_quota_of_least_used_units(prior_kind: str) -> None:
+    """free_quota=q: per layer, the new task's mask holds exactly round(q k) units, the least used by the stored masks
+    (ties by the task's random score), in the zero-shot mask, in every training step's mask and in the stored mask;
+    its other k - round(q k) units are the agent's top logits among the rest."""
+    from metagate.methods.metagate import quota_size
+
+    q = 0.5
+    m, stream = make(free_quota=q, prior_kind=prior_kind, prior=0.5, density=0.25, agent="additive", agent_hidden=[16], consolidation_steps=20)
+    for task in stream.tasks:
+        usage = stored_usage(m) if m._targets is not None else torch.zeros(sum(m.widths))
+        m.before_task(task)
+        row = m.quota_masks[m.slot[task.index]]
+        r = m.prior_scores[m.slot[task.index]]
+        for layer, (forced, u, score) in enumerate(zip(row.split(m.widths), usage.split(m.widths), r.split(m.widths))):
+            k, n = quota_size(m.cfg.density, len(u), q)
+            assert n == round(q * k) and int(forced.sum()) == n
+            want = sorted(range(len(u)), key=lambda i: (float(u[i]), -float(score[i])))[:n]  # least used, then largest r
+            assert sorted(forced.nonzero().flatten().tolist()) == sorted(want), layer
+        assert bool((m.zero_shot[task.index] >= row).all())  # zero-shot mask
+        with torch.no_grad():
+            z = m.logits(m.slots(task))[0]
+        for chunk, forced, mask in zip(z.split(m.widths), row.split(m.widths), m.zero_shot[task.index].split(m.widths)):
+            k, n = quota_size(m.cfg.density, len(chunk), q)
+            assert int(mask.sum()) == k
+            free = chunk.masked_fill(forced, float("-inf"))
+            assert sorted((mask & ~forced).nonzero().flatten().tolist()) == sorted(free.topk(k - n).indices.tolist())
+        m.train_step(Batch(task.x_train[:32], task.y_train[:32]), task)
+        assert bool((m.unit_mask(task) >= row).all())  # training's mask
+        m.after_task(task)
+        assert bool((m.stored[task.index].bool() >= row).all())  # stored like any mask
+        assert torch.equal(m.quota_masks[m.slot[task.index]], row)  # fixed for the task
+    # each task's quota takes never-used units while any are left: at most 32 - 6 x 4 of the layer's units stay unused
+    assert int((stored_usage(m) == 0).sum()) <= 32 - len(stream.tasks) * 4
+
+
+def test_forced_units_pass_no_gradient_and_untrained_rows_follow_the_usage() -> None:
+    from metagate.methods.metagate import topk_mask
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 20, requires_grad=True)
+    forced = torch.zeros(2, 20, dtype=torch.bool)
+    forced[:, [0, 1, 12, 13]] = True  # layers of 10 units: k = 4, quota 0.5 -> 2 forced per layer
+    mask = topk_mask(z, [10, 10], 0.4, forced, 0.5)
+    assert bool((mask[forced] == 1).all()) and mask.sum(-1).tolist() == [8.0, 8.0]
+    g, = torch.autograd.grad((mask * torch.randn(2, 20)).sum(), z)
+    assert bool((g[forced] == 0).all()) and bool((g[~forced] != 0).all())
+    m, stream = make(free_quota=0.5, density=0.25, consolidation_steps=5)
+    run_tasks(m, stream.tasks[:2])
+    snapshot = m.quota_masks.clone()
+    m._update_quota()  # nothing changed since the boundary: the same rows
+    assert torch.equal(m.quota_masks, snapshot)
+    u = stored_usage(m)
+    for slot in range(2, m.quota_masks.shape[0]):  # untrained and held-out tasks: the least used units now
+        for forced, chunk in zip(m.quota_masks[slot].split(m.widths), u.split(m.widths)):
+            assert chunk[forced].max() <= chunk[~forced].min()
+
+
+def test_a_resumed_run_with_the_free_quota_equals_an_uninterrupted_one(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from conftest import whole_and_resumed
+
+    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": "metagate", "backbone": {"hidden": [32]}, "prior_kind": "usage",
+           "prior": 0.5, "free_quota": 0.5, "agent": "additive", "agent_hidden": [16], "reg_batch": 2, "consolidation_batch": 2,
+           "consolidation_steps": 10}, "trainer": {"epochs": 1, "progress": False}}
+    whole, resumed = whole_and_resumed(raw, tmp_path, monkeypatch, stop_at=3)
+    for key in ("acc_matrix", "val_acc_matrix", "heldout_acc_matrix", "zero_shot_acc", "mask_overlap", "agent_mask_reproduction"):
+        assert whole[key] == resumed[key], key
