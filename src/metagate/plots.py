@@ -189,6 +189,7 @@ def run_overview_figure(acc_matrix: Sequence[Sequence[float]], mask_overlap: Seq
     """One run at a glance: accuracy matrix, accuracy over the stream and, for gating methods, the masks' overlap."""
     panels = 3 if mask_overlap is not None else 2
     fig = _figure(4.0 * panels + 1.0, 3.4)
+    fig.get_layout_engine().set(wspace=0.12)  # room between a colour bar's label and the next panel's axis label
     axes = fig.subplots(1, panels, width_ratios=[1.0, 1.3, 1.0][:panels])
     draw_acc_matrix(fig, axes[0], acc_matrix)
     draw_over_stream(axes[1], acc_matrix)
