@@ -94,9 +94,11 @@ def test_metagate_windowed_and_batched_steps_read_nothing_back(host_reads: list[
     assert steps_on_a_third_task(m, stream, 5, host_reads) == []  # two whole windows and an open one
 
 
-def test_metagate_usage_prior_reads_nothing_back_in_a_step_or_when_it_is_updated(host_reads: list[str]) -> None:
-    """prior_kind=usage: the step reads a fixed buffer, and the usage update at a task boundary stays on the device."""
-    m, stream = make("metagate", prior_kind="usage", reg_batch=2)
+@pytest.mark.parametrize("prior_kind", ["usage", "repel"])
+def test_metagate_usage_prior_reads_nothing_back_in_a_step_or_when_it_is_updated(prior_kind: str, host_reads: list[str]) -> None:
+    """prior_kind=usage / repel: the step reads a fixed buffer, and the usage update at a task boundary (repel: the
+    context weights and their product with the stored masks) stays on the device."""
+    m, stream = make("metagate", prior_kind=prior_kind, reg_batch=2)
     steps_on_a_third_task(m, stream, 3, host_reads)
     m._update_usage_prior()
     assert host_reads == []

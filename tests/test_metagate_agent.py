@@ -233,15 +233,58 @@ def test_the_default_random_prior_is_unchanged_by_the_switch() -> None:
             assert torch.equal(m.logits(m.slot_ids), want + m.cfg.prior * m.prior_scores)
 
 
-def test_a_resumed_run_with_the_usage_prior_equals_an_uninterrupted_one(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("prior_kind", ["usage", "repel"])
+def test_a_resumed_run_with_the_usage_prior_equals_an_uninterrupted_one(prior_kind: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     from conftest import whole_and_resumed
 
-    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": "metagate", "backbone": {"hidden": [32]}, "prior_kind": "usage",
+    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": "metagate", "backbone": {"hidden": [32]}, "prior_kind": prior_kind,
            "prior": 0.5, "agent": "additive", "agent_hidden": [16], "reg_batch": 2, "consolidation_batch": 2, "consolidation_steps": 10},
            "trainer": {"epochs": 1, "progress": False}}
     whole, resumed = whole_and_resumed(raw, tmp_path, monkeypatch, stop_at=3)
     for key in ("acc_matrix", "val_acc_matrix", "heldout_acc_matrix", "zero_shot_acc", "mask_overlap", "agent_mask_reproduction"):
         assert whole[key] == resumed[key], key
+
+
+def test_the_repel_prior_keeps_units_of_related_tasks_and_pushes_away_from_unrelated_ones() -> None:
+    """prior_kind=repel: each stored mask counts in a task's usage with the fraction of context numbers in which the two
+    tasks differ. Task 0 stored with task 2's very context, task 1 with one that differs in every number, on disjoint
+    units: task 2's score favours task 0's units over task 1's (usage scores them alike); a task sharing one of the
+    two numbers with task 1 counts its mask with weight 1/2; trained rows stay fixed, untrained rows follow."""
+    from metagate.nn.gates import BitMask
+
+    scores = {}
+    for kind in ("usage", "repel"):
+        m, stream = make(prior_kind=kind, prior=1.0, consolidation_steps=5)
+        assert "usage_scores" in m.state_dict()
+        c = m.contexts.clone()
+        c[0] = c[2]  # the same context as task 2
+        c[1] = c[2] + 1.0  # every number differs from task 2's
+        c[3] = torch.stack([c[2, 0] - 0.5, c[1, 1]])  # the second number as task 1's, the first differs from both
+        m.contexts.copy_(c)
+        width = m.widths[0]
+        same, distant = torch.zeros(width, dtype=torch.bool), torch.zeros(width, dtype=torch.bool)
+        same[:4], distant[4:8] = True, True
+        for i, mask in ((0, same), (1, distant)):
+            m.stored[i] = BitMask(mask)
+            m.trained[i] = True
+        m._refresh_masks()
+        before = m.usage_scores[:2].clone()
+        m._update_usage_prior()
+        assert torch.equal(m.usage_scores[:2], before)  # trained rows stay as they were
+        row = m.usage_scores[2] - 0.1 * m.prior_scores[2]  # the usage part alone
+        scores[kind] = (row[same], row[distant])
+        if kind == "repel":
+            w = m.repel_weights(m._targets[0])
+            torch.testing.assert_close(w[2], torch.tensor([0.0, 1.0]))
+            torch.testing.assert_close(w[3], torch.tensor([1.0, 0.5]))
+            want = m._standardise(-(w @ m._targets[1]))
+            torch.testing.assert_close(m.usage_scores[2:], (want + 0.1 * m.prior_scores)[2:])
+    (same_u, distant_u), (same_r, distant_r) = scores["usage"], scores["repel"]
+    torch.testing.assert_close(same_u, distant_u)  # usage: both used once
+    assert same_r.min() > distant_r.max(), scores  # repel: the related task's units are not pushed away
+    m.before_task(stream.tasks[2])
+    z = m.zero_shot[2]
+    assert int((z[:width] & distant).sum()) <= int((z[:width] & same).sum())
 
 
 def plain_topk(logits: torch.Tensor, widths: list[int], density: float) -> torch.Tensor:
