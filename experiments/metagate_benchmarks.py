@@ -9,7 +9,8 @@ For each stream, every gated variant runs over the same seeds with the same back
   (33 of 209 units), with ``xdg``, ``oracle`` (the teacher's masks: the ceiling), ``nearest`` (the
   nearest earlier context's mask) and ``vote`` (a vote over every equally near one), ``metagate`` (issue 13:
   the additive agent with stored-mask batches) and ``shuffled`` contexts, the same with the usage prior
-  (``metagate-usage``, ``shuffled-usage``: ``prior_kind=usage``; also on rotated and permuted, where it was
+  (``metagate-usage``, ``shuffled-usage``: ``prior_kind=usage``; ``metagate-repel``, ``shuffled-repel``: the usage
+  weighted by how unrelated the stored task is, ``prior_kind=repel``, at its own prior; usage also on rotated and permuted, where it was
   chosen over the random prior on validation too: ``metagate tune <the metagate run's config.yaml> --methods
   metagate --grid metagate:method.prior_kind=random,usage``), issue 12's metagate as ``metagate-mlp``,
   ``shuffled-mlp`` and ``onehot-mlp``, and HyperMask / hnet with the context as the hypernetwork's input
@@ -148,6 +149,9 @@ STREAMS = {
             # random prior and over usage at 0.25 / 1.0 on validation, tuning seeds 1000-1001: see metagate's docstring)
             "metagate-usage": ("metagate", ["method.density=0.158", *METAGATE13, "method.prior_kind=usage"]),
             "shuffled-usage": ("metagate", ["method.density=0.158", *METAGATE13, "method.prior_kind=usage", "method.context_mode=shuffled"]),
+            # usage weighted by how unrelated the stored task is (prior_kind=repel), at its own prior (REPEL_PRIOR)
+            "metagate-repel": ("metagate", ["method.density=0.158", *METAGATE13, "method.prior_kind=repel"]),
+            "shuffled-repel": ("metagate", ["method.density=0.158", *METAGATE13, "method.prior_kind=repel", "method.context_mode=shuffled"]),
             "metagate-mlp": ("metagate", ["method.density=0.158"]),
             "shuffled-mlp": ("metagate", ["method.density=0.158", "method.context_mode=shuffled"]),
             "onehot-mlp": ("metagate", ["method.density=0.158", "method.context_mode=onehot"]),
@@ -219,7 +223,10 @@ PRIOR_GRID = [0.5, 1.0, 2.0]
 # Composed (issue 13, prior 0.5, tuning seeds 1000-1001): mean val_acc 68.2, 69.3, 67.6, 65.3% (val BWT -7.7, -3.0,
 # -1.1, -0.3 pt): 0.1, XdG + SI's c, is also metagate's own.
 METAGATE_C_GRID: dict[str, list[float]] = {"composed": [0.03, 0.1, 0.3, 1.0]}
-OWN_C_VARIANTS = ("metagate", "shuffled", "metagate-usage", "shuffled-usage")
+OWN_C_VARIANTS = ("metagate", "shuffled", "metagate-usage", "shuffled-usage", "metagate-repel", "shuffled-repel")
+# prior_kind=repel's prior, chosen on validation on the composed stream (tuning seeds 1000-1001, SI c 0.1): best of
+# 0.5, 1, 2 by mean val_acc (70.46, 72.71, 67.53%; usage at its chosen 0.5: 70.87%); its shuffled control takes the same.
+REPEL_PRIOR = {"metagate-repel": 1.0, "shuffled-repel": 1.0}
 
 
 def metagate_cmd() -> str:
@@ -262,11 +269,15 @@ class Chosen:
         return label in self.own_c or (label in OWN_C_VARIANTS and self.metagate_c is not None)
 
     def prior_for(self, label: str) -> float:
+        if label in REPEL_PRIOR:
+            return REPEL_PRIOR[label]
         return self.prior_mlp if label.endswith("-mlp") and self.prior_mlp is not None else self.prior
 
     def describe(self, stream: Stream) -> str:
         own = "".join(f", {label} c = {c:g} from {stream.c_grid}" for label, c in self.own_c.items())
         mlp = "" if self.prior_mlp is None else f", metagate-mlp prior = {self.prior_mlp:g} from {PRIOR_GRID}"
+        if any(label in stream.variants for label in REPEL_PRIOR):
+            mlp += f", metagate-repel prior = {REPEL_PRIOR['metagate-repel']:g} (chosen on validation from 0.5, 1, 2: REPEL_PRIOR)"
         prior = f"metagate prior = {self.prior:g} given (--prior), not chosen here" if self.prior_given else f"metagate prior = {self.prior:g} from {PRIOR_GRID}"
         if self.metagate_c is None:
             return f"SI c = {self.c:g} from {stream.c_grid} (XdG + SI; every gated variant), {prior}{mlp}{own}"
