@@ -76,3 +76,21 @@ def whole_and_resumed(raw: dict[str, Any], tmp_path: Any, monkeypatch: pytest.Mo
             fit(run)
     assert not run.has_results()
     return whole, fit(RunDir.open_for_resume(tmp_path / "cut"), resume=True)
+
+
+def train_on(method: Any, task: Any, steps: int, batch: int = 64, seed: int = 0, then_eval: bool = True) -> None:
+    """``steps`` optimiser steps on ``task`` through the method's hooks (before_task, train_step, after_task),
+    batches of ``batch`` drawn with ``seed``; the method left in eval mode unless ``then_eval`` is false."""
+    import torch
+
+    from metagate.methods import Batch
+
+    gen = torch.Generator().manual_seed(seed)
+    method.train()
+    method.before_task(task)
+    for _ in range(steps):
+        idx = torch.randint(0, task.num_train, (batch,), generator=gen)
+        method.train_step(Batch(task.x_train[idx], task.y_train[idx]), task)
+    method.after_task(task)
+    if then_eval:
+        method.eval()

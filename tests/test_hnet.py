@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import train_on as train
 from conftest import whole_and_resumed
 from metagate.config import config_from_dict
 from metagate.data import build_stream
@@ -34,17 +35,6 @@ def build(method: dict, seed: int = 0, name: str = "hnet", init_seed: int | None
     stream = build_stream(cfg.benchmark, seed)
     torch.manual_seed(task_seed(seed, -1) if init_seed is None else init_seed)
     return create_method(cfg.method, stream, cfg.trainer, torch.device("cpu")), stream
-
-
-def train(method: HypernetCL, task, steps: int, batch: int = 64, seed: int = 0) -> None:  # noqa: ANN001
-    gen = torch.Generator().manual_seed(seed)
-    method.train()
-    method.before_task(task)
-    for _ in range(steps):
-        idx = torch.randint(0, task.num_train, (batch,), generator=gen)
-        method.train_step(Batch(task.x_train[idx], task.y_train[idx]), task)
-    method.after_task(task)
-    method.eval()
 
 
 def generated(method: HypernetCL, task) -> torch.Tensor:  # noqa: ANN001

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import train_on as train
 from conftest import whole_and_resumed
 from metagate.config import config_from_dict
 from metagate.data import build_stream
 from metagate.methods import create_method
-from metagate.methods.base import Batch
-from metagate.methods.hypermask import HyperMask, ramped_sparsity, random_crop
+from metagate.methods.hypermask import ramped_sparsity, random_crop
 from metagate.nn.hypernetwork import HyperNetwork, percentile
 from metagate.train import Trainer, task_seed
 
@@ -36,18 +36,6 @@ def build(method: dict, seed: int = 0, **bench):  # noqa: ANN003, ANN201
     stream = build_stream(cfg.benchmark, seed)
     torch.manual_seed(task_seed(seed, -1))
     return create_method(cfg.method, stream, cfg.trainer, torch.device("cpu")), stream
-
-
-def train(method: HyperMask, task, steps: int, batch: int = 64, seed: int = 0) -> None:  # noqa: ANN001
-    """``steps`` optimiser steps on ``task`` through the method's hooks, batches drawn from ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    method.train()
-    method.before_task(task)
-    for _ in range(steps):
-        idx = torch.randint(0, task.num_train, (batch,), generator=gen)
-        method.train_step(Batch(task.x_train[idx], task.y_train[idx]), task)
-    method.after_task(task)
-    method.eval()
 
 
 @pytest.mark.parametrize("q", [0.0, 7.5, 30.0, 50.0, 99.0])

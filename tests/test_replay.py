@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import whole_and_resumed
+from conftest import train_on, whole_and_resumed
 from metagate.config import config_from_dict
 from metagate.data import build_stream
 from metagate.methods import create_method
@@ -32,13 +32,7 @@ def build(method: dict[str, Any], bench: dict[str, Any] = TEACHER, seed: int = 0
 
 
 def train(method, task, steps: int, batch: int = 32) -> None:  # noqa: ANN001
-    gen = torch.Generator().manual_seed(task.index)
-    method.train()
-    method.before_task(task)
-    for _ in range(steps):
-        idx = torch.randint(0, task.num_train, (batch,), generator=gen)
-        method.train_step(Batch(task.x_train[idx], task.y_train[idx]), task)
-    method.after_task(task)
+    train_on(method, task, steps, batch, seed=task.index, then_eval=False)
 
 
 # ---------------------------------------------------------------- ER

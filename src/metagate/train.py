@@ -302,9 +302,10 @@ class Trainer:
             batches.close()
             method.after_task(task)
             self._sync()
-            state["train_seconds"] += time.perf_counter() - started
+            took = time.perf_counter() - started
+            state["train_seconds"] += took
             if "task_seconds" in state:  # absent in checkpoints written before it was recorded
-                state["task_seconds"].append(time.perf_counter() - started)
+                state["task_seconds"].append(took)
 
             row = evaluate(method, tasks, tc.eval_batch_size)
             held = evaluate(method, self.stream.heldout, tc.eval_batch_size)

@@ -391,10 +391,7 @@ class MetaGate(Method):
         else:
             usage = self._targets[1].sum(0)
         score = self._standardise(-usage) + self.USAGE_TIE_BREAK * self.prior_scores  # [slots, units]
-        open_ = torch.ones(self.usage_scores.shape[0], dtype=torch.bool, device=self.usage_scores.device)
-        open_[: self.stream.num_tasks] = ~self.trained.to(open_.device)
-        if self.current is not None:
-            open_[self.slot[self.current]] = False
+        open_ = self._open_rows(self.usage_scores.shape[0], self.usage_scores.device)
         self.usage_scores.copy_(torch.where(open_.unsqueeze(1), score, self.usage_scores))
 
     REPEL_TOLERANCE = 1e-3  # prior_kind=repel: rescaled context numbers closer than this count as the same value
