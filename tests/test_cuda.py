@@ -55,6 +55,9 @@ def batches(task, steps: int = 3, n: int = 64) -> list[Batch]:  # noqa: ANN001
 VARIANTS = [(name, {}) for name in sorted(METHODS.names()) if name not in NO_STEP] + [
     ("metagate", {"meta_learning": False}),
     ("metagate", {"context_mode": "shuffled"}),
+    # issue 13's switches: the default run's set (additive agent, repel prior, stored-mask batches, windowed agent steps)
+    ("metagate", {"agent": "additive", "agent_hidden": [16], "prior_kind": "repel", "reg_batch": 4, "consolidation_batch": 4, "agent_every": 2}),
+    ("metagate", {"agent": "additive", "agent_hidden": [16], "prior_kind": "usage", "free_quota": 0.25}),
     ("hypermask", {"sparsity": 30.0}),
     ("hypermask", {"embedding": "context", "reg_subset": 1}),
     ("hnet", {"chunk_size": 500, "chunk_emb_dim": 8}),
@@ -100,9 +103,13 @@ def test_a_whole_run_on_cuda_finishes_with_every_tensor_on_the_device(name: str,
     assert all(0.0 <= a <= 1.0 for a in final) and sum(final) / len(final) > 0.15  # above chance (0.1)
 
 
-@pytest.mark.parametrize("name", ["metagate", "xdg", "hypermask"])
-def test_a_resumed_cuda_run_equals_an_uninterrupted_one(name: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": name, "backbone": {"hidden": [32, 32]}},
+RESUMED = [("metagate", {}), ("metagate", {"agent": "additive", "agent_hidden": [16], "prior_kind": "repel", "reg_batch": 4, "agent_every": 2}),
+           ("xdg", {}), ("hypermask", {})]
+
+
+@pytest.mark.parametrize(("name", "method"), RESUMED, ids=[f"{n}-{len(m)}" for n, m in RESUMED])
+def test_a_resumed_cuda_run_equals_an_uninterrupted_one(name: str, method: dict[str, Any], tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": name, "backbone": {"hidden": [32, 32]}, **method},
            "trainer": {"epochs": 1, "batch_size": 64, "device": DEVICE, "progress": False}}
     whole, resumed = whole_and_resumed(raw, tmp_path, monkeypatch)
     assert resumed["acc_matrix"] == whole["acc_matrix"]

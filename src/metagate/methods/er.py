@@ -89,7 +89,7 @@ class ER(Method):
         self.mem_y.index_copy_(0, slot, y)
         self.mem_task.index_copy_(0, slot, task_ids)
         self.filled.index_fill_(0, slot, 1.0)
-        self.filled[self.capacity] = 0.0
+        self.filled[self.capacity :].zero_()  # the overflow slot (a view's fill: an indexed assignment syncs on CUDA)
 
     def sample(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """``k`` samples drawn uniformly, with replacement, from the filled slots (inverse CDF on the device: no sync)."""

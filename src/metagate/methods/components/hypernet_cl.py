@@ -186,7 +186,7 @@ class HypernetCL(Method):
         if positions == list(range(len(positions))):
             saved = self.targets[: len(positions)]  # a view: no gather
         else:
-            saved = self.targets[torch.tensor(positions, device=self.device)]
+            saved = self.targets[self.index_tensor(positions)]  # reg_subset's random subsets: no sync (index_tensor)
         return (outputs - saved).pow(2).sum() / len(positions)
 
     def after_task(self, task: Task) -> None:
