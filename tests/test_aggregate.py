@@ -130,3 +130,14 @@ def test_labels_name_the_keys_that_tell_configs_apart_and_never_merge_two_config
     labels = list(group(find_runs([tmp_path])))
     assert len(labels) == 4 and all(len(runs) == 1 for runs in group(find_runs([tmp_path])).values())
     assert "ewc [benchmark.name=b1, trainer.lr=0.001]" in labels  # two keys tell the four apart, a name first
+
+
+def test_validation_columns_are_shown_on_request_and_named_as_validation(tmp_path: Path) -> None:
+    for seed, val in [(1000, 0.7), (1001, 0.8)]:
+        fake_run(tmp_path / "a" / f"seed{seed}", "metagate", seed, 0.5, val_acc=val, val_bwt=-0.02)
+    summary, text = aggregate_paths([tmp_path])
+    assert "val ACC" not in text and summary["a"]["val_acc"]["mean"] == pytest.approx(0.75)
+    _, text = aggregate_paths([tmp_path], validation=True)
+    header = text.splitlines()[0]
+    assert header.index("val ACC (%)") < header.index("val BWT (pt)") < header.index("ACC (%) |", header.index("val BWT"))
+    assert "| 75.0 ± 7.1" in text and "-2.0 ± 0.0" in text and "val: the validation split (choose on these)" in text

@@ -237,6 +237,7 @@ PER_RUN: dict[str, Callable[[dict[str, Any], int | None], float | None]] = {
     "train_seconds": lambda r, _: r.get("train_seconds"),
     "peak_memory_mb": lambda r, _: r.get("peak_memory_mb"),
     "val_acc": lambda r, _: r.get("val_acc"),
+    "val_bwt": lambda r, _: r.get("val_bwt"),
 }
 
 
@@ -310,6 +311,8 @@ COLUMNS: list[tuple[str, str, float, int]] = [  # (figure, header, scale, digits
     ("train_seconds", "time (s)", 1.0, 1),
     ("peak_memory_mb", "peak memory (MiB)", 1.0, 0),
 ]
+# with ``validation``: the figures hyperparameters are chosen on (tuning seeds), first
+VAL_COLUMNS: list[tuple[str, str, float, int]] = [("val_acc", "val ACC (%)", 100.0, 1), ("val_bwt", "val BWT (pt)", 100.0, 1)]
 
 
 def fmt(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
@@ -323,9 +326,10 @@ def fmt(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     return text
 
 
-def table(summary: dict[str, dict[str, Any]], last: int | None = None) -> str:
-    """One row per label: mean ± std [95% CI] over seeds; columns without any value are left out."""
-    cols = [c for c in COLUMNS if any(row[c[0]]["mean"] is not None for row in summary.values())]
+def table(summary: dict[str, dict[str, Any]], last: int | None = None, validation: bool = False) -> str:
+    """One row per label: mean ± std [95% CI] over seeds; columns without any value are left out; with
+    ``validation``, the validation split's ACC and BWT first (what a choice among the rows is made on)."""
+    cols = [c for c in [*(VAL_COLUMNS if validation else []), *COLUMNS] if any(row[c[0]]["mean"] is not None for row in summary.values())]
     header = ["method", "uses at test", "scenario", "seeds", *(c[1] for c in cols)]
     rows = [
         [label, uses_at_test(row.get("test_time_info")), row.get("scenario") or "n/a", str(len(row["seeds"])),
@@ -333,7 +337,8 @@ def table(summary: dict[str, dict[str, Any]], last: int | None = None) -> str:
         for label, row in summary.items()
     ]
     text = markdown_table(header, rows)
-    text += "\n\nmean ± std [95% confidence interval of the mean, Student's t] over the seeds of each row; test figures"
+    text += "\n\nmean ± std [95% confidence interval of the mean, Student's t] over the seeds of each row; "
+    text += "val: the validation split (choose on these), the rest test figures" if validation else "test figures"
     over = f"the last {last} task{'s' if last > 1 else ''}" if last else "every task after the first"
     text += f"; zero-shot, just trained, Q and steps to 90% over {over}."
     if any(row["q"]["mean"] is not None for row in summary.values()):
@@ -350,9 +355,10 @@ def table(summary: dict[str, dict[str, Any]], last: int | None = None) -> str:
     return text
 
 
-def aggregate_paths(paths: Sequence[Path], last: int | None = None) -> tuple[dict[str, dict[str, Any]], str]:
+def aggregate_paths(paths: Sequence[Path], last: int | None = None, validation: bool = False) -> tuple[dict[str, dict[str, Any]], str]:
     """Find, group and summarise the runs at or below ``paths``: (summary, Markdown table); per-task
-    figures over the last ``last`` tasks (default: every task after the first)."""
+    figures over the last ``last`` tasks (default: every task after the first); ``validation``: the
+    validation split's ACC and BWT columns too."""
     records = find_runs(paths)
     summary = summarise(group(records), records, last)
-    return summary, table(summary, last)
+    return summary, table(summary, last, validation)

@@ -279,6 +279,7 @@ def aggregate(
     paths: list[Path] = typer.Argument(..., help="run folders, or folders holding them (a sweep, a compare, runs made by hand)"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the table (Markdown) and aggregate.json here: FILE.md"),
     last: Optional[int] = typer.Option(None, "--last", min=1, help="per-task figures (zero-shot, just trained, Q, steps) over the last N tasks"),
+    val: bool = typer.Option(False, "--val", help="also the validation split's ACC and BWT (to choose on tuning seeds' runs)"),
 ) -> None:
     """One table of every finished run below PATHS: mean ± std and the 95% CI over seeds.
 
@@ -291,7 +292,7 @@ def aggregate(
     if out is not None and (out.exists() or out.with_suffix(".json").exists()):
         _fail(f"{out} or {out.with_suffix('.json')} exists already; nothing was written. Choose another --out")
     try:
-        summary, text = aggregate_paths(paths, last)
+        summary, text = aggregate_paths(paths, last, val)
         if out is not None:
             atomic_write_text(out, text + "\n")
             atomic_write_json(out.with_suffix(".json"), summary)
