@@ -7,6 +7,9 @@
 #             default-run ratio on the GPU, and metagate (repel prior) + XdG + SI on the 50-task composed stream, seed 0;
 #   replay    ER, DGR, MeRGAN on split Fashion-MNIST (seed 0), DGR at its paper size on Fashion-MNIST (MNIST is not here);
 #   gating    Piggyback, PathNet, MARK on split Fashion-MNIST (seed 0), XdG + SI and metagate at XdG's paper size;
+#   probe13   issue 13's cost probe on the machine's CPU cores (experiments/agent_budget_probe.sh): metagate with fewer
+#             agent updates on the 50-task composed stream, validation (tuning seeds) and test (seeds 0-2, and the
+#             shuffled-context control) at once, so that the validation choice is read off the same call;
 #   hypermask session 3's set: the hypermask / hnet speed benchmark (alone, first), HyperMask and hnet on split
 #             Fashion-MNIST at the official schedule, 3 seeds, HyperMask at the permuted paper sizes (PERMUTED_ITERS).
 # results.json, metrics.jsonl and config.yaml of every run come back as one archive (checkpoints off: the paper-size
@@ -20,7 +23,7 @@ JOB_SECONDS=${JOB_SECONDS:-240}
 JOBS=,${JOBS:-tests,metagate,replay,gating},
 PERMUTED_ITERS=${PERMUTED_ITERS:-700}
 DEVICE=${DEVICE:-cuda}  # cpu: a dry run of this script (nothing finishes in time)
-mkdir -p "$OUT" runs/gpu
+mkdir -p "$OUT" runs/gpu/logs
 export PYTHONPATH=src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 METAGATE_DATA=${METAGATE_DATA:-.data}
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 $PY -c "import torch, pydantic; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" | tee -a "$OUT/nvidia-smi.txt"
@@ -59,6 +62,13 @@ if has gating; then
   run xdg-paper-s0 xdg-paper seed=0
   run metagate-paper-s0 xdg-paper seed=0 method.name=metagate 'method.backbone.hidden=[2000,2000]' method.backbone.dropout=0.5
 fi
+if has probe13; then
+  P13=${P13:-"k1-s300-lr1e-3:1:300:0.001 k4-s100-lr1e-3:4:100:0.001 k8-s25-lr1e-3:8:25:0.001"}
+  T13=${T13:-"k4-s100-lr1e-3:4:100:0.001 k8-s25-lr1e-3:8:25:0.001"}
+  VARIANTS=$P13 SEEDS="1000 1001" timeout "$JOB_SECONDS" bash experiments/agent_budget_probe.sh runs/gpu/probe13/val 6 > runs/gpu/logs/probe13-val.log 2>&1 &
+  VARIANTS=$T13 SEEDS="0 1 2" timeout "$JOB_SECONDS" bash experiments/agent_budget_probe.sh runs/gpu/probe13/test 6 > runs/gpu/logs/probe13-test.log 2>&1 &
+  VARIANTS=$T13 SEEDS="0 1 2" EXTRA="method.context_mode=shuffled" timeout "$JOB_SECONDS" bash experiments/agent_budget_probe.sh runs/gpu/probe13/shuffled 6 > runs/gpu/logs/probe13-shuffled.log 2>&1 &
+fi
 if has hypermask; then
   for seed in 0 1 2; do
     run "hypermask-split-given-s$seed" hypermask-split-fmnist seed=$seed
@@ -71,7 +81,11 @@ wait
 echo "== done $(date +%T)"
 [ -f "$OUT/cuda_tests.txt" ] && tail -3 "$OUT/cuda_tests.txt"
 [ -f "$OUT/cost.txt" ] && cat "$OUT/cost.txt"
+for d in runs/gpu/probe13/*/*/; do
+  [ -d "$d" ] && echo "probe13 $d: $(ls "$d"/seed*/results.json 2>/dev/null | wc -l) of $(ls -d "$d"/seed*/ 2>/dev/null | wc -l) finished"
+done
 for d in runs/gpu/*/; do
+  [ "$(basename "$d")" = probe13 ] && continue
   [ "$(basename "$d")" = logs ] && continue
   [ -f "$d/results.json" ] && echo "finished: $d" || echo "UNFINISHED: $d ($(tail -c 300 "runs/gpu/logs/$(basename "$d").log" | tr '\n' ' '))"
 done
