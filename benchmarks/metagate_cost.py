@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,14 @@ from metagate.runs import RunDir
 from metagate.train import Trainer, task_seed
 
 
+PRINTED: list[str] = []  # every line printed, for --md
+
+
+def say(line: str) -> None:
+    print(line)
+    PRINTED.append(line)
+
+
 def default_run_seconds(repeats: int, overrides: list[str]) -> None:
     cfg = load_config("default", ["trainer.progress=false", "trainer.checkpoint=false", *overrides])
     ref = cfg.reference_configs()[0]
@@ -52,7 +61,7 @@ def default_run_seconds(repeats: int, overrides: list[str]) -> None:
                 times[label].append(results["train_seconds"])
     med = {k: statistics.median(v) for k, v in times.items()}
     a, b = med.values()
-    print(f"default run ({cfg.benchmark.name}, {cfg.benchmark.num_tasks} tasks), median of {repeats}: "
+    say(f"default run ({cfg.benchmark.name}, {cfg.benchmark.num_tasks} tasks), median of {repeats}: "
           + ", ".join(f"{k} {v:.1f} s" for k, v in med.items()) + f"; metagate / XdG + SI = {a / b:.2f} (target <= 1.5)")
 
 
@@ -103,7 +112,7 @@ def components(tasks: int, overrides: list[str]) -> None:
             method.after_task(task)
             steps, after = steps + mid - start, after + time.process_time() - mid
         base = base or steps + after
-        print(f"{label:38s} CPU s over {tasks} tasks: steps {steps:.2f}, after_task {after:.2f}, total {steps + after:.2f} "
+        say(f"{label:38s} CPU s over {tasks} tasks: steps {steps:.2f}, after_task {after:.2f}, total {steps + after:.2f} "
               f"({(steps + after) / base:.2f} x XdG + SI)")
 
 
@@ -116,13 +125,14 @@ def main() -> None:
     p.add_argument("--only", choices=["default", "per-task", "components"], default=None)
     p.add_argument("--component-tasks", type=int, default=12, help="tasks of the default stream in part 3")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: the process's CPU time (robust to a shared machine's load)")
+    p.add_argument("--md", type=Path, default=None, help="also write what it printed as a Markdown block (for scripts/update_readme.py --summary)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the default config (e.g. method.consolidation_steps=20)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()}")
+    say(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()}")
     if args.clock == "cpu":  # every perf_counter read (the trainer's, this script's) becomes the process's CPU time
         time.perf_counter = time.process_time  # type: ignore[assignment]
-    print(f"clock: {args.clock}")
+    say(f"clock: {args.clock}")
     if args.only in (None, "default"):
         default_run_seconds(args.repeats, args.overrides)
     if args.only in (None, "components"):
@@ -134,8 +144,14 @@ def main() -> None:
         })
         for label, t in times.items():
             first, mid, last = (statistics.mean(t[a : a + 10]) for a in (0, len(t) // 2 - 5, len(t) - 10))
-            print(f"{label:32s} s/task: tasks 1-10 {first:.3f}, middle 10 {mid:.3f}, last 10 {last:.3f}; last / first {last / first:.2f}")
-    print(f"load average after: {os.getloadavg()}")
+            say(f"{label:32s} s/task: tasks 1-10 {first:.3f}, middle 10 {mid:.3f}, last 10 {last:.3f}; last / first {last / first:.2f}")
+    say(f"load average after: {os.getloadavg()}")
+    if args.md is not None:
+        argv = sys.argv[1:]
+        shown = [a for i, a in enumerate(argv) if a != "--md" and (i == 0 or argv[i - 1] != "--md") and not a.startswith("--md=")]
+        cmd = " ".join(["python benchmarks/metagate_cost.py", *shown])
+        text = f"**metagate's cost against XdG + SI** (issue 13; the output of `{cmd}`):\n\n" + "\n".join(f"    {l}" for l in PRINTED) + "\n"
+        args.md.write_text(text)
 
 
 if __name__ == "__main__":
