@@ -128,6 +128,18 @@ def test_compare_writes_comparison_and_a_markdown_table(tmp_path: Path) -> None:
     assert (tmp_path / "c" / "ewc" / "seed1" / "results.json").is_file()
 
 
+def test_compare_resume_with_another_method_set_keeps_the_earlier_methods(tmp_path: Path) -> None:
+    out = str(tmp_path / "c")
+    assert runner.invoke(app, ["compare", *FAST, "--methods", "finetune", "--seeds", "1", "--out", out]).exit_code == 0
+    before = json.loads((tmp_path / "c" / "comparison.json").read_text())["methods"]["finetune"]
+    res = runner.invoke(app, ["compare", *FAST, "--methods", "ewc", "--seeds", "1", "--out", out, "--resume"])
+    assert res.exit_code == 0, res.output
+    comp = json.loads((tmp_path / "c" / "comparison.json").read_text())
+    assert list(comp["methods"]) == ["finetune", "ewc"] and comp["methods"]["finetune"]["summary"] == before["summary"]
+    table = (tmp_path / "c" / "comparison.md").read_text()
+    assert "| finetune | nothing |" in table and "| ewc | nothing |" in table
+
+
 def test_compare_resume_reuses_finished_runs_only_of_the_same_config(tmp_path: Path) -> None:
     out = str(tmp_path / "c")
     assert runner.invoke(app, ["compare", *FAST, "--methods", "finetune", "--seeds", "1", "--out", out]).exit_code == 0

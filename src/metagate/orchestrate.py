@@ -10,6 +10,7 @@ is moved aside as ``seedN.failed-K``, never deleted) and continues the interrupt
 
 from __future__ import annotations
 
+import json
 import re
 import traceback
 from dataclasses import dataclass, field
@@ -291,10 +292,22 @@ def run_inline(jobs: list[Job], resume: bool, echo: Echo = _quiet) -> Iterator[t
         yield job.key, run_job(job.cfg, job.folder, resume, echo)
 
 
+def _earlier_comparison(root: Path, benchmark: str) -> dict[str, dict[str, Any]]:
+    """The methods of a ``comparison.json`` already in ``root`` on the same benchmark (none if absent or unreadable)."""
+    try:
+        old = json.loads((root / "comparison.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("benchmark") != benchmark or not isinstance(old.get("methods"), dict):
+        return {}
+    return {label: {"seeds": old.get("seeds"), **entry} for label, entry in old["methods"].items() if isinstance(entry, dict) and "summary" in entry}
+
+
 def run_compare(plan: ComparePlan, resume: bool, echo: Echo = _quiet, execute: Executor = run_inline) -> CompareOutcome:
     """Run every entry (with ``execute``: in this process by default, or on Ray, :mod:`metagate.sweep`);
     a failing entry is recorded and the others go on. Writes ``comparison.json`` and ``comparison.md``
-    for what finished (failed entries marked as such)."""
+    for what finished (failed entries marked as such); methods of an earlier comparison in the folder (on the
+    same benchmark) that this one does not run are kept in both, as they were."""
     plan.root.mkdir(parents=True, exist_ok=True)
     outcome = CompareOutcome(plan, {label: [] for label in plan.labels})
     jobs = [Job(key, cfg, plan.folder(*key)) for key, cfg in plan.configs.items()]
@@ -309,22 +322,22 @@ def run_compare(plan: ComparePlan, resume: bool, echo: Echo = _quiet, execute: E
             outcome.results[key[0]].append(ended[key]["results"])
     summary = {label: report.aggregate(outcome.results[label], len(plan.seeds)) for label in plan.labels}
     failed = {label: [s for (lab, s) in outcome.failures if lab == label] for label in plan.labels}
-    atomic_write_json(
-        plan.root / "comparison.json",
-        {
-            "benchmark": next(iter(plan.configs.values())).benchmark.name,
+    benchmark = next(iter(plan.configs.values())).benchmark.name
+    methods = {
+        label: {
+            "summary": summary[label],
             "seeds": plan.seeds,
-            "methods": {
-                label: {
-                    "summary": summary[label],
-                    "runs": [str(plan.folder(label, r["seed"])) for r in outcome.results[label]],
-                    "failed": {str(s): outcome.failures[(label, s)] for s in failed[label]},
-                }
-                for label in plan.labels
-            },
-        },
-    )
-    outcome.table = report.comparison_table(summary, {label: len(f) for label, f in failed.items()})
+            "runs": [str(plan.folder(label, r["seed"])) for r in outcome.results[label]],
+            "failed": {str(s): outcome.failures[(label, s)] for s in failed[label]},
+        }
+        for label in plan.labels
+    }
+    # methods an earlier comparison in this folder ran (--resume with another method set) stay in it
+    earlier = {label: entry for label, entry in _earlier_comparison(plan.root, benchmark).items() if label not in methods}
+    methods = {**earlier, **methods}
+    atomic_write_json(plan.root / "comparison.json", {"benchmark": benchmark, "seeds": plan.seeds, "methods": methods})
+    outcome.table = report.comparison_table({label: e["summary"] for label, e in methods.items()},
+                                            {label: len(e.get("failed", {})) for label, e in methods.items()})
     atomic_write_text(plan.root / "comparison.md", outcome.table + "\n")
     return outcome
 
