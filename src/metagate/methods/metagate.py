@@ -241,6 +241,24 @@ class MetaGate(Method):
       70.3% (the oracle's 78.4), zero-shot 54.9 against 54.8%, Q 0.61 against 0.62; never-used units 0 against 38-43,
       disjoint pairs 7.9 against 2.5%. Shuffled contexts with the quota: ACC 70.1%, Q 0.03. The quota adds capacity where
       a task trains, not transfer: Q and BWT stay short of issue 13's targets (0.67, -1 pt).
+    * ``si_relatedness=gamma``: SI protection that follows relatedness. While task t trains, the SI penalty of each weight
+      of the network is multiplied by ``1 + gamma r``, ``r`` the fraction of the weight's stored users that are unrelated
+      to t, ``sum_i w(t, i) U_i / max(1, sum_i U_i)`` with ``w`` :meth:`repel_weights`'s (the fraction of context numbers
+      that differ) and ``U_i = 1`` when stored task i's mask keeps both ends of the weight (an ungated end, the input or
+      the output, is kept by every task). A hidden unit u's incoming row and bias thus get ``r_t(u)``, the fraction of
+      u's stored users unrelated to t (0 for an unused unit); a weight between two gated units, the fraction over the
+      tasks using both. The outgoing column counts (the head's column of u gets ``r_t(u)``): a stored task reads u only
+      through it, and t trains it whenever u is in t's mask, so an unrelated task moving it changes the earlier task's
+      output as much as moving the incoming row would; a weight whose two ends no stored task keeps together is in no
+      stored task's forward pass, so it keeps strength 1 whatever its ends' users. Why: overlap with stored tasks that
+      share a context factor value was measured to cost almost nothing, with unrelated ones about 2.5 pt of forgetting
+      per unit of IoU, and a larger SI ``c`` everywhere buys BWT only with plasticity (c 0.03 / 0.1 / 0.3 / 1: val BWT
+      -7.7 / -3.0 / -1.1 / -0.3 pt, just trained 73.9 / 69.1 / 64.7 / 60.7%); this raises ``c`` only where unrelated tasks
+      are, leaving the weights a task shares with related ones (where it should be free to move: that is where the
+      transfer is) and unused ones at ``c``. The multipliers are computed once in ``before_task`` on the device (the
+      buffers ``si_multiplier_j``, one per parameter in a shape that broadcasts against it, registered with the switch on
+      only, handed to :meth:`SIStabilizer.set_multipliers`); the path integral and ``Omega`` are unchanged. MLP backbone
+      only. Measured: RESULTS_PENDING
     """
 
     class Config(BaseMethodConfig):

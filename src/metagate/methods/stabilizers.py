@@ -9,7 +9,8 @@ Masse et al. 2018). The owning method calls, per training step::
 and ``before_task`` / ``after_task`` around each task. ``after_backward`` sees the gradient of the
 unregularised task loss (SI's path integral needs exactly that). ``after_task(task, final=True)`` after
 the stream's last training task: nothing trains after it, so a stabiliser may skip work whose only use
-is a later task's penalty (EWC skips its Fisher there).
+is a later task's penalty (EWC skips its Fisher there). ``set_multipliers`` (optional, default none) scales the
+penalty per parameter element, e.g. per unit (metagate's ``si_relatedness``).
 """
 
 from __future__ import annotations
