@@ -258,7 +258,17 @@ class MetaGate(Method):
       transfer is) and unused ones at ``c``. The multipliers are computed once in ``before_task`` on the device (the
       buffers ``si_multiplier_j``, one per parameter in a shape that broadcasts against it, registered with the switch on
       only, handed to :meth:`SIStabilizer.set_multipliers`); the path integral and ``Omega`` are unchanged. MLP backbone
-      only. Measured: RESULTS_PENDING
+      only. Measured on validation (tuning seeds 1000-1001, composed teacher, additive agent, repel prior 1, SI c 0.1):
+      gamma 0 / 0.3 / 1 / 3 / 10 gave val_acc 72.71 / 72.49 / 71.52 / 69.82 / 67.60%, val BWT -2.63 / -2.23 / -1.66 /
+      -0.86 / -0.06 pt, last 10 just trained 73.1 / 71.7 / 70.2 / 65.3 / 62.1% (0.3 added after seeing the others): off
+      wins; gamma 3 reaches issue 13's BWT (>= -1 pt) at 8 pt of plasticity, as a larger global c does. Why it hardly
+      selects: with three factors a stored task differs from a later one in at least one number unless it has the same
+      context, so every stored task's ``w`` is 2/3 or 1 (last 10 tasks: 198 of 445 pairs 2/3, the rest 1, none 1/3 or 0),
+      and a task's own units get ``r`` 0.67-0.81 (10th-90th percentile, mean 0.74, not one unit at 0; gamma 1, seed
+      1000): the multiplier is about ``1 + 0.74 gamma`` on every unit the task trains, a larger ``c`` in disguise
+      (gamma 3: about 3.2 c; the global grid's c 0.3: val BWT -1.1 pt, just trained 64.7%). Counting as unrelated only
+      the stored tasks sharing no value (``w = 1``) would spread ``r`` on a task's own units over 0.01-0.43 (mean 0.2,
+      same run): not a setting here.
     """
 
     class Config(BaseMethodConfig):
