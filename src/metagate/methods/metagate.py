@@ -252,8 +252,8 @@ class MetaGate(Method):
       output as much as moving the incoming row would; a weight whose two ends no stored task keeps together is in no
       stored task's forward pass, so it keeps strength 1 whatever its ends' users. Why: overlap with stored tasks that
       share a context factor value was measured to cost almost nothing, with unrelated ones about 2.5 pt of forgetting
-      per unit of IoU, and a larger SI ``c`` everywhere buys BWT only with plasticity (c 0.03 / 0.1 / 0.3 / 1: val BWT
-      -7.7 / -3.0 / -1.1 / -0.3 pt, just trained 73.9 / 69.1 / 64.7 / 60.7%); this raises ``c`` only where unrelated tasks
+      per unit of IoU, and a larger SI ``c`` everywhere buys BWT only with plasticity (random prior 0.5, c 0.03 / 0.1 / 0.3
+      / 1: val BWT -7.7 / -3.0 / -1.1 / -0.3 pt, just trained 73.9 / 69.1 / 64.7 / 60.7%); this raises ``c`` only where unrelated tasks
       are, leaving the weights a task shares with related ones (where it should be free to move: that is where the
       transfer is) and unused ones at ``c``. The multipliers are computed once in ``before_task`` on the device (the
       buffers ``si_multiplier_j``, one per parameter in a shape that broadcasts against it, registered with the switch on
@@ -266,7 +266,7 @@ class MetaGate(Method):
       context, so every stored task's ``w`` is 2/3 or 1 (last 10 tasks: 198 of 445 pairs 2/3, the rest 1, none 1/3 or 0),
       and a task's own units get ``r`` 0.67-0.81 (10th-90th percentile, mean 0.74, not one unit at 0; gamma 1, seed
       1000): the multiplier is about ``1 + 0.74 gamma`` on every unit the task trains, a larger ``c`` in disguise
-      (gamma 3: about 3.2 c; the global grid's c 0.3: val BWT -1.1 pt, just trained 64.7%). Counting as unrelated only
+      (gamma 3: about 3.2 c; the global grid's c 0.3, at the random prior: val BWT -1.1 pt, just trained 64.7%). Counting as unrelated only
       the stored tasks sharing no value (``w = 1``) would spread ``r`` on a task's own units over 0.01-0.43 (mean 0.2,
       same run): not a setting here.
     """
