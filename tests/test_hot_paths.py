@@ -104,6 +104,21 @@ def test_metagate_usage_prior_reads_nothing_back_in_a_step_or_when_it_is_updated
     assert host_reads == []
 
 
+def test_metagate_si_relatedness_reads_nothing_back_in_a_step_or_when_its_multipliers_are_set(host_reads: list[str]) -> None:
+    """si_relatedness: the step reads the task's fixed SI multipliers (two gated layers: a weight between them too), and
+    their computation at the task's start (the context weights, the stored masks' products) stays on the device."""
+    m, stream = make("metagate", prior_kind="repel", si_relatedness=3.0, reg_batch=2)
+    train_tasks(m, stream.tasks[:2])
+    task = stream.tasks[2]
+    host_reads.clear()
+    m._update_multipliers(task)
+    m.before_task(task)
+    for s in range(3):
+        m.train_step(batch(task, start=64 * s), task)
+    assert host_reads == []
+    assert (m.stabilizer.multipliers["hidden.0.bias"] > 1).any()  # the multipliers are in use
+
+
 def test_metagate_free_quota_reads_nothing_back_in_a_step_or_when_it_is_updated(host_reads: list[str]) -> None:
     """free_quota: the step reads the task's fixed quota row, and the quota update at a task boundary stays on the device."""
     for every in (1, 2):
