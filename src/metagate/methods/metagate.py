@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -285,6 +286,12 @@ class MetaGate(Method):
             "least (ties: the task's random score), fixed when the task starts; the other units are the agent's top logits "
             "among the rest (0: off)"
         )
+        few_shot: int = Field(
+            0, ge=0, description="a measurement only: before a task trains, a mask is inferred from this many labelled "
+            "examples of its training split and the task's accuracy with it recorded (few_shot_acc); training is unchanged (0: off)"
+        )
+        few_shot_steps: int = Field(50, ge=1, description="Adam steps of the few-shot mask's free scores")
+        few_shot_lr: float = Field(0.05, gt=0, description="learning rate of the few-shot mask's free scores")
         c: float = Field(0.035, ge=0, description="SI strength (XdG's default)")
         xi: float = Field(0.01, gt=0, description="SI damping (XdG's default)")
 
@@ -335,6 +342,11 @@ class MetaGate(Method):
         self.register_buffer("trained", torch.zeros(stream.num_tasks, dtype=torch.bool))
         # each task's zero-shot mask: what the agent generated from its context just before it trained
         self.register_buffer("zero_shot", torch.zeros(stream.num_tasks, num_units, dtype=torch.bool, device=self.device))
+        if cfg.few_shot > 0:
+            # each task's few-shot mask (a record for extra_results; it never reaches training). Only registered with
+            # the switch on, so that other runs' state_dict (and checkpoints) stay as they were.
+            self.register_buffer("few_shot_masks", torch.zeros(stream.num_tasks, num_units, dtype=torch.bool, device=self.device))
+        self._mask_override: tuple[int, Tensor] | None = None  # (task index, mask) while a few-shot mask is measured
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.current: int | None = None
         # agent_every > 1: the open window of steps (the agent's logits and regulariser at its start, the hard mask
@@ -472,6 +484,8 @@ class MetaGate(Method):
 
     def mask_for(self, task: Task) -> Tensor:
         """The flat unit mask used for ``task`` now (differentiable while the task trains)."""
+        if self._mask_override is not None and self._mask_override[0] == task.index:
+            return self._mask_override[1]
         if task.index == self.current:
             if self.cfg.adapt and not self.cfg.meta_learning:
                 return self._topk(self.scores, self.slots(task))
@@ -491,6 +505,54 @@ class MetaGate(Method):
     def forward(self, x: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
         masks = list(self.mask_for(task).split(self.widths))
         return self.mask_logits(self.model(x, unit_masks=masks), task, task_ids)
+
+    # ---------------------------------------------------------------- few-shot
+
+    def few_shot(self, task: Task, generator: torch.Generator) -> AbstractContextManager[None] | None:
+        """``few_shot > 0``: a context in which ``task`` is predicted with :meth:`few_shot_mask` (recorded in
+        ``few_shot_masks``); else ``None``."""
+        if self.cfg.few_shot <= 0:
+            return None
+        return self._with_few_shot_mask(task, generator)
+
+    @contextmanager
+    def _with_few_shot_mask(self, task: Task, generator: torch.Generator) -> Iterator[None]:
+        mask = self.few_shot_mask(task, generator)
+        self.few_shot_masks[task.index] = mask
+        self._mask_override = (task.index, mask.float())
+        try:
+            yield
+        finally:
+            self._mask_override = None
+
+    def few_shot_mask(self, task: Task, generator: torch.Generator) -> Tensor:
+        """The mask inferred from ``few_shot`` labelled examples of ``task``'s training data (drawn without replacement
+        with ``generator``, on its device): free scores, initialised at the task's logits with the prior (what its
+        zero-shot mask is the top-k of), take ``few_shot_steps`` Adam steps on the examples' cross-entropy through the
+        straight-through top-k (:func:`topk_mask`, forced units included), the network and the agent frozen and in
+        eval mode. Changes no parameter, gradient, buffer, optimiser state or the global random stream; on the device,
+        no host read."""
+        data = self.training_data(task)
+        n = data.y.shape[0]
+        idx = torch.randperm(n, generator=generator, device=data.y.device)[: min(self.cfg.few_shot, n)]
+        x, y = data.x[idx], data.y[idx]
+        slots = self.slots(task)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                scores = self.logits(slots)[0].clone()
+            scores.requires_grad_(True)
+            optimizer = torch.optim.Adam([scores], lr=self.cfg.few_shot_lr)
+            for _ in range(self.cfg.few_shot_steps):
+                mask = self._topk(scores, slots)
+                out = self.mask_logits(self.model(x, unit_masks=list(mask.split(self.widths))), task)
+                (scores.grad,) = torch.autograd.grad(F.cross_entropy(out, y), [scores])  # nothing else gets a gradient
+                optimizer.step()
+            with torch.no_grad():
+                return self._topk(scores, slots).bool()
+        finally:
+            self.train(was_training)
 
     # ---------------------------------------------------------------- hooks
 
@@ -652,8 +714,15 @@ class MetaGate(Method):
         # the same structure figures as the adapted masks', for the zero-shot ones (before adaptation): these
         # measure how the context shapes masks, the adapted ones also what training found
         zs = metrics.mask_summary(list(self.zero_shot.cpu()), self.stream.contexts().cpu())
-        return {
+        out = {
             "agent_mask_reproduction": ious,
             "zero_shot_mask_overlap_mean": zs["mask_overlap_mean"],
             "zero_shot_context_mask_correlation": zs["context_mask_correlation"],
         }
+        if self.cfg.few_shot > 0:  # how near each task's few-shot and zero-shot masks came to its trained mask (IoU)
+            final = torch.stack([self.stored[t.index].bool() for t in self.stream.tasks]).float()
+            for name, masks in (("few_shot", self.few_shot_masks), ("zero_shot", self.zero_shot)):
+                m = masks.float()
+                inter, union = (m * final).sum(1), ((m + final) > 0).float().sum(1)
+                out[f"{name}_final_iou"] = (inter / union.clamp_min(1)).cpu().tolist()
+        return out
