@@ -17,7 +17,7 @@ METHOD = {"name": "metagate", "backbone": {"hidden": [32]}, "consolidation_steps
 
 
 def raw(few_shot: int = 0, **method: object) -> dict:
-    return small_config(method={**METHOD, "few_shot": few_shot, "few_shot_steps": 20, **method}, trainer={"epochs": 1, "batch_size": 64, "progress": False})
+    return small_config(method={**METHOD, "few_shot": few_shot, "few_shot_steps": 20, "few_shot_lr": 0.1, **method}, trainer={"epochs": 1, "batch_size": 64, "progress": False})
 
 
 def fit(cfg: dict) -> tuple[dict, Trainer]:
