@@ -141,3 +141,20 @@ def test_validation_columns_are_shown_on_request_and_named_as_validation(tmp_pat
     header = text.splitlines()[0]
     assert header.index("val ACC (%)") < header.index("val BWT (pt)") < header.index("ACC (%) |", header.index("val BWT"))
     assert "| 75.0 ± 7.1" in text and "-2.0 ± 0.0" in text and "val: the validation split (choose on these)" in text
+
+
+def test_few_shot_columns_appear_only_with_a_few_shot_measurement(tmp_path: Path) -> None:
+    fake_run(tmp_path / "xdg" / "seed0", "xdg", 0, 0.5, zs=[0.1, 0.3, 0.3], mask_density=[0.2] * 3)
+    fake_run(tmp_path / "metagate" / "seed0", "metagate", 0, 0.7, zs=[0.1, 0.6, 0.6], mask_density=[0.2] * 3)
+    _, text = aggregate_paths([tmp_path])
+    assert "few-shot" not in text
+    fake_run(tmp_path / "fewshot" / "seed0", "metagate", 0, 0.7, lr=0.01, zs=[0.1, 0.6, 0.6], mask_density=[0.2] * 3,
+             few_shot_acc=[0.2, 0.7, 0.8])
+    summary, text = aggregate_paths([tmp_path])
+    assert "| few-shot (%) |" in text and "| Q few-shot |" in text and "zero-shot, few-shot, just trained" in text
+    row = summary["fewshot"]
+    assert row["few_shot"]["mean"] == pytest.approx(0.75) and row["zero_shot"]["mean"] == pytest.approx(0.6)
+    # the same normalisation as Q: (fs - zs_xdg) / (just trained - zs_xdg), just trained 0.9, zs_xdg 0.3
+    assert row["q_few_shot"]["mean"] == pytest.approx((0.75 - 0.3) / 0.6) and row["q"]["mean"] == pytest.approx(0.5)
+    assert summary["metagate"]["few_shot"]["mean"] is None and summary["metagate"]["q_few_shot"]["mean"] is None
+    assert summary["xdg"]["q_few_shot"]["mean"] is None

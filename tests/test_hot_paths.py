@@ -133,6 +133,17 @@ def test_metagate_free_quota_reads_nothing_back_in_a_step_or_when_it_is_updated(
         assert host_reads == []
 
 
+@pytest.mark.parametrize("free_quota", [0.0, 0.5])
+def test_metagate_few_shot_inference_reads_nothing_back(free_quota: float, host_reads: list[str]) -> None:
+    """few_shot: the mask's inference before a task trains (outside the steps) stays on the device too."""
+    m, stream = make("metagate", prior_kind="repel", free_quota=free_quota, reg_batch=2, few_shot=16, few_shot_steps=3)
+    train_tasks(m, stream.tasks[:2])
+    host_reads.clear()
+    with m.few_shot(stream.tasks[2], torch.Generator().manual_seed(0)):
+        pass
+    assert host_reads == []
+
+
 def test_metagate_unpacks_stored_masks_once_per_task(monkeypatch: pytest.MonkeyPatch) -> None:
     m, stream = make("metagate", consolidation_steps=5)
     train_tasks(m, stream.tasks[:2])

@@ -15,7 +15,9 @@ and the scenario. Q = (zs - zs_xdg) / (just trained - zs_xdg) over the tasks aft
 ``zs_xdg`` is the zero-shot accuracy of an XdG run on the same stream and seed found among the
 aggregated runs: 0 means the method's fresh masks are no better than XdG's random ones, 1 means a new
 task is as good before training as after (``n/a`` without such an XdG run, and for methods without
-task masks).
+task masks). Runs with a few-shot measurement (``few_shot_acc``: a task's accuracy before training it
+with what a few labelled examples of it gave) add its mean over the same tasks and ``Q few-shot``, the
+same Q with the few-shot accuracy in place of zs; other runs leave both columns out.
 """
 
 from __future__ import annotations
@@ -197,10 +199,16 @@ def window(results: dict[str, Any], last: int | None = None) -> list[int]:
     return tasks if last is None else tasks[-last:]
 
 
-def zero_shot_mean(results: dict[str, Any], last: int | None = None) -> float | None:
-    """Mean accuracy of the window's tasks before training them."""
-    zs = results.get("zero_shot_acc") or []
+def zero_shot_mean(results: dict[str, Any], last: int | None = None, key: str = "zero_shot_acc") -> float | None:
+    """Mean accuracy of the window's tasks before training them (``key="few_shot_acc"``: with the few-shot mask)."""
+    zs = results.get(key) or []
     return _mean([zs[j] for j in window(results, last) if j < len(zs)])
+
+
+def few_shot_mean(results: dict[str, Any], last: int | None = None) -> float | None:
+    """Mean accuracy of the window's tasks before training them, with what a few labelled examples gave (methods
+    with a few-shot measurement, ``few_shot_acc``; else ``None``)."""
+    return zero_shot_mean(results, last, "few_shot_acc")
 
 
 def just_trained_mean(results: dict[str, Any], last: int | None = None) -> float | None:
@@ -209,12 +217,13 @@ def just_trained_mean(results: dict[str, Any], last: int | None = None) -> float
     return _mean([r[j][j] for j in window(results, last)])
 
 
-def zero_shot_quality(results: dict[str, Any], xdg: dict[str, Any], last: int | None = None) -> float | None:
-    """Q = (zs - zs_xdg) / (just trained - zs_xdg), means over the window's tasks."""
-    zs, zx = results.get("zero_shot_acc") or [], xdg.get("zero_shot_acc") or []
+def zero_shot_quality(results: dict[str, Any], xdg: dict[str, Any], last: int | None = None, key: str = "zero_shot_acc") -> float | None:
+    """Q = (zs - zs_xdg) / (just trained - zs_xdg), means over the window's tasks (``key="few_shot_acc"``: the
+    few-shot accuracy in place of zs, the same normalisation)."""
+    zs, zx = results.get(key) or [], xdg.get("zero_shot_acc") or []
     if len(zs) < 2 or len(zs) != len(zx):
         return None
-    m_zs, m_zx, m_jt = zero_shot_mean(results, last), zero_shot_mean(xdg, last), just_trained_mean(results, last)
+    m_zs, m_zx, m_jt = zero_shot_mean(results, last, key), zero_shot_mean(xdg, last), just_trained_mean(results, last)
     if m_zs is None or m_zx is None or m_jt is None or abs(m_jt - m_zx) < 1e-9:
         return None
     return (m_zs - m_zx) / (m_jt - m_zx)
@@ -232,6 +241,7 @@ PER_RUN: dict[str, Callable[[dict[str, Any], int | None], float | None]] = {
     "fwt": lambda r, _: r.get("fwt"),
     "forgetting": lambda r, _: r.get("forgetting"),
     "zero_shot": zero_shot_mean,
+    "few_shot": few_shot_mean,
     "just_trained": just_trained_mean,
     "steps_to_90": _steps,
     "train_seconds": lambda r, _: r.get("train_seconds"),
@@ -257,7 +267,9 @@ def run_figures(record: RunRecord, baselines: dict[tuple[str, int], dict[str, An
     out = {k: f(record.results, last) for k, f in PER_RUN.items()}
     xdg = baselines.get((json.dumps(record.config.get("benchmark"), sort_keys=True), int(record.results.get("seed", -1))))
     gating = record.results.get("mask_density") is not None  # Q rates masks: gating methods only
-    out["q"] = zero_shot_quality(record.results, xdg, last) if xdg is not None and gating and record.results.get("method") != "xdg" else None
+    rated = xdg is not None and gating and record.results.get("method") != "xdg"
+    out["q"] = zero_shot_quality(record.results, xdg, last) if rated else None
+    out["q_few_shot"] = zero_shot_quality(record.results, xdg, last, "few_shot_acc") if rated else None
     return out
 
 
@@ -289,7 +301,7 @@ def summarise(
     out: dict[str, dict[str, Any]] = {}
     for label, runs in groups.items():
         figures = [run_figures(r, baselines, last) for r in runs]
-        row: dict[str, Any] = {k: stat([f[k] for f in figures]) for k in [*PER_RUN, "q"]}
+        row: dict[str, Any] = {k: stat([f[k] for f in figures]) for k in [*PER_RUN, "q", "q_few_shot"]}
         for key in ("test_time_info", "scenario", "benchmark", "method"):
             values = sorted({str(r.results.get(key)) for r in runs if r.results.get(key) is not None})
             row[key] = "/".join(values) if values else None
@@ -305,8 +317,10 @@ COLUMNS: list[tuple[str, str, float, int]] = [  # (figure, header, scale, digits
     ("fwt", "FWT (pt)", 100.0, 1),
     ("forgetting", "forgetting (pt)", 100.0, 1),
     ("zero_shot", "zero-shot (%)", 100.0, 1),
+    ("few_shot", "few-shot (%)", 100.0, 1),
     ("just_trained", "just trained (%)", 100.0, 1),
     ("q", "Q", 1.0, 2),
+    ("q_few_shot", "Q few-shot", 1.0, 2),
     ("steps_to_90", "steps to 90%", 1.0, 0),
     ("train_seconds", "time (s)", 1.0, 1),
     ("peak_memory_mb", "peak memory (MiB)", 1.0, 0),
@@ -340,7 +354,8 @@ def table(summary: dict[str, dict[str, Any]], last: int | None = None, validatio
     text += "\n\nmean ± std [95% confidence interval of the mean, Student's t] over the seeds of each row; "
     text += "val: the validation split (choose on these), the rest test figures" if validation else "test figures"
     over = f"the last {last} task{'s' if last > 1 else ''}" if last else "every task after the first"
-    text += f"; zero-shot, just trained, Q and steps to 90% over {over}."
+    few = " few-shot," if any(c[0] == "few_shot" for c in cols) else ""
+    text += f"; zero-shot,{few} just trained, Q and steps to 90% over {over}."
     if any(row["q"]["mean"] is not None for row in summary.values()):
         text += " Q against the XdG run of the same stream and seed."
     infos = {row.get("test_time_info") for row in summary.values() if row.get("test_time_info")}

@@ -35,6 +35,8 @@ RESUME_FREE_KEYS = ("device", "progress", "eval_batch_size", "checkpoint")
 NOT_THE_RUN = ("reference", "tracking")
 # metrics.jsonl record fields that say where a record belongs; the others are its values.
 RECORD_FIELDS = ("type", "task", "epoch", "step")
+# added to a task's seed for the generator of a few-shot measurement's examples (another stream than its batches')
+FEW_SHOT_SEED_OFFSET = 104_729
 
 
 def run_identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -242,6 +244,7 @@ class Trainer:
             task = tasks[t]
             torch.manual_seed(task_seed(cfg.seed, t))
             gen = torch.Generator(device=self.device).manual_seed(task_seed(cfg.seed, t))
+            self._few_shot(task, state)
             self._sync()
             started = time.perf_counter()
             method.train()
@@ -352,6 +355,21 @@ class Trainer:
             return "no checkpoints are written with trainer.checkpoint=false, so it cannot be resumed"
         return f"the checkpoint after task {t - 1} is kept" if t > 0 else "no task had finished, so there is no checkpoint"
 
+    def _few_shot(self, task: Task, state: dict[str, Any]) -> None:
+        """The method's few-shot measurement of ``task`` (:meth:`Method.few_shot`), before it trains and untimed: its
+        test and val accuracy with what the method inferred from a few labelled examples, appended to the state's
+        ``few_shot_acc`` / ``few_shot_val_acc`` (absent for methods without one). The examples' generator is seeded
+        from the run's seed and the task, so a resumed run draws the same."""
+        seed = (task_seed(self.cfg.seed, task.index) + FEW_SHOT_SEED_OFFSET) % 2**63
+        probe = self.method.few_shot(task, torch.Generator(device=self.device).manual_seed(seed))
+        if probe is None:
+            return
+        size = self.cfg.trainer.eval_batch_size
+        with probe:
+            test, val = evaluate(self.method, [task], size)[0], evaluate(self.method, [task], size, "val")[0]
+        state.setdefault("few_shot_acc", []).append(test)
+        state.setdefault("few_shot_val_acc", []).append(val)
+
     def _curve_point(self, task: Task) -> float:
         return evaluate(self.method, [task], self.cfg.trainer.eval_batch_size)[0]  # restores train mode
 
@@ -391,6 +409,8 @@ class Trainer:
             "data": self.stream.provenance,
             **self._storage(),
             **({"artifacts": state["artifacts"]} if state.get("artifacts") else {}),
+            # few-shot accuracy of each task before training it (methods with a few-shot measurement only)
+            **{k: state[k] for k in ("few_shot_acc", "few_shot_val_acc") if k in state},
             **self.method.extra_results(),
             **self._mask_figures(),
         }

@@ -14,6 +14,7 @@ of the same config, and the optimiser state rides along as the module's extra st
 from __future__ import annotations
 
 import copy
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -269,6 +270,14 @@ class Method(nn.Module):
     @torch.no_grad()
     def predict(self, x: Tensor, task: Task) -> Tensor:
         return self(x, task)
+
+    def few_shot(self, task: Task, generator: torch.Generator) -> AbstractContextManager[None] | None:
+        """A measurement before ``task`` trains (after its zero-shot evaluation): a context in which ``predict`` for
+        ``task`` uses what the method infers from a few labelled training examples of it, drawn with ``generator``
+        (the Trainer's, seeded from the run's seed and the task), else ``None`` (the default: no such measurement).
+        Entering and leaving it must change no parameter, buffer, optimiser state or the global random stream: it
+        only measures, and training then proceeds as without it."""
+        return None
 
     def unit_mask(self, task: Task) -> Tensor | None:
         """For gating methods: the task's binary mask over all gated units, flattened (else ``None``)."""
