@@ -65,9 +65,10 @@ fi
 if has probe13; then
   P13=${P13:-"k1-s300-lr1e-3:1:300:0.001 k4-s100-lr1e-3:4:100:0.001 k8-s25-lr1e-3:8:25:0.001"}
   T13=${T13:-"k4-s100-lr1e-3:4:100:0.001 k8-s25-lr1e-3:8:25:0.001"}
+  S13=${S13:-"k8-s25-lr1e-3:8:25:0.001"}
   VARIANTS=$P13 SEEDS="1000 1001" timeout "$JOB_SECONDS" bash experiments/agent_budget_probe.sh runs/gpu/probe13/val 6 > runs/gpu/logs/probe13-val.log 2>&1 &
   VARIANTS=$T13 SEEDS="0 1 2" timeout "$JOB_SECONDS" bash experiments/agent_budget_probe.sh runs/gpu/probe13/test 6 > runs/gpu/logs/probe13-test.log 2>&1 &
-  VARIANTS=$T13 SEEDS="0 1 2" EXTRA="method.context_mode=shuffled" timeout "$JOB_SECONDS" bash experiments/agent_budget_probe.sh runs/gpu/probe13/shuffled 6 > runs/gpu/logs/probe13-shuffled.log 2>&1 &
+  VARIANTS=$S13 SEEDS="0 1 2" EXTRA="method.context_mode=shuffled" timeout "$JOB_SECONDS" bash experiments/agent_budget_probe.sh runs/gpu/probe13/shuffled 6 > runs/gpu/logs/probe13-shuffled.log 2>&1 &
 fi
 if has hypermask; then
   for seed in 0 1 2; do

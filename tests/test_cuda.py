@@ -137,3 +137,29 @@ def test_mark_phases_and_meta_learning_on_cuda_never_sync_with_the_host() -> Non
         if on_cuda:
             torch.cuda.set_sync_debug_mode("default")
     assert m._phase == len(m._phases) - 1
+
+
+def test_metagate_few_shot_measurement_on_cuda_leaves_training_as_it_was_and_never_syncs(tmp_path) -> None:  # noqa: ANN001
+    """The few-shot measurement (issue 13): on the device, training with it equals training without it, and the
+    inference (outside training steps, but on the device) reads nothing back."""
+    def raw(few_shot: int) -> dict[str, Any]:
+        return {"seed": 0, "benchmark": BENCH, "trainer": {"epochs": 1, "batch_size": 64, "device": DEVICE, "progress": False},
+                "method": {"name": "metagate", "backbone": {"hidden": [32]}, "agent": "additive", "agent_hidden": [16],
+                           "prior_kind": "repel", "reg_batch": 4, "consolidation_steps": 10, "few_shot": few_shot}}
+    off = Trainer(config_from_dict(raw(0)), RunDir.create(tmp_path / "off")).fit()
+    trainer = Trainer(config_from_dict(raw(16)), RunDir.create(tmp_path / "on"))
+    on = trainer.fit()
+    assert on["acc_matrix"] == off["acc_matrix"] and len(on["few_shot_acc"]) == len(off["acc_matrix"])
+    method, task = trainer.method, trainer.stream.tasks[-1]
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    method.few_shot_mask(task, gen)  # warm-up
+    on_cuda = DEVICE == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = method.few_shot_mask(task, gen)
+    finally:
+        if on_cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    assert mask.device.type == DEVICE
