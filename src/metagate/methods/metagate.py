@@ -181,6 +181,17 @@ class MetaGate(Method):
       (gradient accumulation through the straight-through estimator; the mask fixed within a window): k - 1
       of k steps cost what an XdG step costs. It trades quality for speed: on the same probe k = 4 (with 100
       consolidation steps) gave Q 0.31 and 63 steps to 90% against 0.52 and 27 at k = 1.
+      With the repel prior (session 5; ``experiments/agent_budget_probe.sh``, composed teacher, 50 tasks; cost as the
+      default run's ``train_seconds`` by CPU clock, ``benchmarks/metagate_cost.py --only default --repeats 3 --clock
+      cpu``, metagate / XdG + SI): (k, consolidation steps) = (1, 300): val_acc 72.8%, test Q 0.66, 21 steps to 90%,
+      cost 4.2x; (4, 100): 72.2%, Q 0.61, 39 steps, 1.7-1.9x; (8, 50): 71.6%, Q 0.53, 60 steps, 1.65x; (8, 25): 71.6%,
+      Q 0.50, 73 steps, 1.52x (val over tuning seeds 1000-1001, test over seeds 0-2, last 10 tasks; the probe's runs
+      on a lent machine's CPU cores, torch 2.11). Validation keeps (1, 300); no setting meets issue 13's cost target
+      (1.5x) and its quality targets at once. Where the time goes (``--only components``, default settings): the
+      in-task agent updates and the consolidation cost about the same (each about half of XdG + SI's whole time), a
+      step through the mask as a leaf almost nothing; an agent update is ~1 ms of per-operation overhead on a CPU
+      (a few dozen small kernels), whatever the agent's size, so fewer updates is the lever, and fewer updates teach
+      the agent less. Shuffled contexts at (8, 25): Q 0.04, 248 steps to 90% (XdG + SI: 182): the speed-up is gone.
     * ``prior_kind=usage``: the prior's score of a task is ``std(-u) + 0.1 r_t`` instead of ``r_t``, with ``u`` the number
       of stored masks that use each unit (standardised per layer like the agent's logits) and ``r_t`` the task's random
       score as a tie-break, so that a new task's non-context part goes to the least-used units (its mask disjoint from
