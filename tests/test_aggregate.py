@@ -139,8 +139,9 @@ def test_validation_columns_are_shown_on_request_and_named_as_validation(tmp_pat
     assert "val ACC" not in text and summary["a"]["val_acc"]["mean"] == pytest.approx(0.75)
     _, text = aggregate_paths([tmp_path], validation=True)
     header = text.splitlines()[0]
-    assert header.index("val ACC (%)") < header.index("val BWT (pt)") < header.index("ACC (%) |", header.index("val BWT"))
-    assert "| 75.0 ± 7.1" in text and "-2.0 ± 0.0" in text and "val: the validation split (choose on these)" in text
+    assert header.index("val ACC (%)") < header.index("val BWT (pt)") and "| ACC (%)" not in header and "zero-shot" not in header
+    assert "steps to 90%" in header and "| 75.0 ± 7.1" in text and "-2.0 ± 0.0" in text
+    assert "validation figures (choose on these; test figures not shown)" in text
 
 
 def test_few_shot_columns_appear_only_with_a_few_shot_measurement(tmp_path: Path) -> None:

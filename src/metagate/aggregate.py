@@ -325,7 +325,9 @@ COLUMNS: list[tuple[str, str, float, int]] = [  # (figure, header, scale, digits
     ("train_seconds", "time (s)", 1.0, 1),
     ("peak_memory_mb", "peak memory (MiB)", 1.0, 0),
 ]
-# with ``validation``: the figures hyperparameters are chosen on (tuning seeds), first
+# with ``validation``: the figures hyperparameters are chosen on (tuning seeds), in place of the test figures (a
+# tuning run's test accuracy is never shown next to them); the columns that are no accuracy stay
+NOT_ACCURACY = {"steps_to_90", "train_seconds", "peak_memory_mb"}
 VAL_COLUMNS: list[tuple[str, str, float, int]] = [("val_acc", "val ACC (%)", 100.0, 1), ("val_bwt", "val BWT (pt)", 100.0, 1)]
 
 
@@ -342,8 +344,10 @@ def fmt(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
 
 def table(summary: dict[str, dict[str, Any]], last: int | None = None, validation: bool = False) -> str:
     """One row per label: mean ± std [95% CI] over seeds; columns without any value are left out; with
-    ``validation``, the validation split's ACC and BWT first (what a choice among the rows is made on)."""
-    cols = [c for c in [*(VAL_COLUMNS if validation else []), *COLUMNS] if any(row[c[0]]["mean"] is not None for row in summary.values())]
+    ``validation``, the validation split's ACC and BWT instead of the test figures (what a choice among
+    tuning runs is made on)."""
+    shown = [*VAL_COLUMNS, *(c for c in COLUMNS if c[0] in NOT_ACCURACY)] if validation else COLUMNS
+    cols = [c for c in shown if any(row[c[0]]["mean"] is not None for row in summary.values())]
     header = ["method", "uses at test", "scenario", "seeds", *(c[1] for c in cols)]
     rows = [
         [label, uses_at_test(row.get("test_time_info")), row.get("scenario") or "n/a", str(len(row["seeds"])),
@@ -352,11 +356,11 @@ def table(summary: dict[str, dict[str, Any]], last: int | None = None, validatio
     ]
     text = markdown_table(header, rows)
     text += "\n\nmean ± std [95% confidence interval of the mean, Student's t] over the seeds of each row; "
-    text += "val: the validation split (choose on these), the rest test figures" if validation else "test figures"
+    text += "validation figures (choose on these; test figures not shown)" if validation else "test figures"
     over = f"the last {last} task{'s' if last > 1 else ''}" if last else "every task after the first"
     few = " few-shot," if any(c[0] == "few_shot" for c in cols) else ""
-    text += f"; zero-shot,{few} just trained, Q and steps to 90% over {over}."
-    if any(row["q"]["mean"] is not None for row in summary.values()):
+    text += f"; steps to 90% over {over}." if validation else f"; zero-shot,{few} just trained, Q and steps to 90% over {over}."
+    if not validation and any(row["q"]["mean"] is not None for row in summary.values()):
         text += " Q against the XdG run of the same stream and seed."
     infos = {row.get("test_time_info") for row in summary.values() if row.get("test_time_info")}
     if len(infos) > 1:
@@ -373,7 +377,7 @@ def table(summary: dict[str, dict[str, Any]], last: int | None = None, validatio
 def aggregate_paths(paths: Sequence[Path], last: int | None = None, validation: bool = False) -> tuple[dict[str, dict[str, Any]], str]:
     """Find, group and summarise the runs at or below ``paths``: (summary, Markdown table); per-task
     figures over the last ``last`` tasks (default: every task after the first); ``validation``: the
-    validation split's ACC and BWT columns too."""
+    validation split's ACC and BWT in place of the test figures."""
     records = find_runs(paths)
     summary = summarise(group(records), records, last)
     return summary, table(summary, last, validation)

@@ -279,7 +279,7 @@ def aggregate(
     paths: list[Path] = typer.Argument(..., help="run folders, or folders holding them (a sweep, a compare, runs made by hand)"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the table (Markdown) and aggregate.json here: FILE.md"),
     last: Optional[int] = typer.Option(None, "--last", min=1, help="per-task figures (zero-shot, just trained, Q, steps) over the last N tasks"),
-    val: bool = typer.Option(False, "--val", help="also the validation split's ACC and BWT (to choose on tuning seeds' runs)"),
+    val: bool = typer.Option(False, "--val", help="the validation split's ACC and BWT instead of the test figures (to choose among tuning runs)"),
 ) -> None:
     """One table of every finished run below PATHS: mean ± std and the 95% CI over seeds.
 
