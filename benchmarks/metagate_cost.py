@@ -91,12 +91,12 @@ def seconds_per_task(tasks: int, steps: int, variants: dict[str, list[str]]) -> 
 
 def components(tasks: int, overrides: list[str]) -> None:
     """CPU seconds of the training steps and of ``after_task``, per variant, on the default stream's first tasks."""
-    xdg = ["method.name=xdg", "method.gate_fraction=0.842", "method.input_dropout=0.0", "method.c=0.1", "method.xi=0.01"]
-    variants = {"xdg + si": xdg, "metagate": overrides, "metagate, no in-task agent updates": [*overrides, "method.agent_every=1000000"],
-                "metagate, no consolidation": [*overrides, "method.consolidation_steps=0"]}
+    variants: dict[str, list[str] | None] = {  # None: the default run's XdG + SI reference, as part 1 trains it
+        "xdg + si": None, "metagate": overrides, "metagate, no in-task agent updates": [*overrides, "method.agent_every=1000000"],
+        "metagate, no consolidation": [*overrides, "method.consolidation_steps=0"]}
     base = None
     for label, ov in variants.items():
-        cfg = load_config("default", ["reference=null", *ov])
+        cfg = load_config("default", overrides).reference_configs()[0] if ov is None else load_config("default", ["reference=null", *ov])
         stream = build_stream(cfg.benchmark, 0)
         torch.manual_seed(task_seed(0, -1))
         method = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu")).train()

@@ -1,7 +1,7 @@
 """metagate's few-shot measurement (issue 13), several settings side by side in one training run: the measurement
 does not change training, so every (n, steps, lr) sees the same network and agent at each task and the same examples'
 generator state. Per task, the accuracy on SPLIT (val or test) with the mask each setting infers is written to
-OUT/grid.json; the run itself (``metagate run``'s folder) records the setting passed as STEPS LR (n = 32).
+OUT/grid.json; the run itself (``metagate run``'s folder) records the setting passed as STEPS LR (n = 32; default: the Config's).
 
     PYTHONPATH=src python experiments/few_shot_grid.py OUT SEED SPLIT CONTEXT_MODE GRID [STEPS LR]
 
@@ -21,7 +21,7 @@ GRID = [tuple(float(v) if "." in v else int(v) for v in g.split(":")) for g in g
 overrides = """method.name=metagate method.backbone.kind=mlp method.backbone.dropout=0.0 method.backbone.hidden=[209]
 trainer.curve_every=10 reference=null trainer.progress=false method.density=0.158 method.agent=additive
 method.agent_hidden=[64] method.reg_batch=32 method.consolidation_batch=64 method.c=0.1 method.xi=0.01 method.prior=1.0
-method.prior_kind=repel method.few_shot=32 method.few_shot_steps=50 method.few_shot_lr=0.05""".split()
+method.prior_kind=repel method.few_shot=32""".split()  # steps and lr: the Config's (chosen on validation) unless given
 extra = [f"method.few_shot_steps={sys.argv[6]}", f"method.few_shot_lr={sys.argv[7]}"] if len(sys.argv) > 7 else []
 cfg = load_config("composed-teacher", overrides + [f"seed={seed}", f"method.context_mode={mode}", *extra])
 rows = []

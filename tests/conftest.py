@@ -78,6 +78,18 @@ def whole_and_resumed(raw: dict[str, Any], tmp_path: Any, monkeypatch: pytest.Mo
     return whole, fit(RunDir.open_for_resume(tmp_path / "cut"), resume=True)
 
 
+def train_tasks(method: Any, tasks: Any, steps: int, batch: int) -> None:
+    """Each of ``tasks`` in turn through the method's hooks (before_task, ``steps`` train_steps on the task's first
+    ``steps x batch`` training samples in order, after_task); the method's train / eval mode is left as it is."""
+    from metagate.methods import Batch
+
+    for task in tasks:
+        method.before_task(task)
+        for s in range(steps):
+            method.train_step(Batch(task.x_train[batch * s : batch * (s + 1)], task.y_train[batch * s : batch * (s + 1)]), task)
+        method.after_task(task)
+
+
 def train_on(method: Any, task: Any, steps: int, batch: int = 64, seed: int = 0, then_eval: bool = True) -> None:
     """``steps`` optimiser steps on ``task`` through the method's hooks (before_task, train_step, after_task),
     batches of ``batch`` drawn with ``seed``; the method left in eval mode unless ``then_eval`` is false."""

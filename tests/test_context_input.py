@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import train_tasks
 from metagate.config import config_from_dict
 from metagate.data import build_stream
 from metagate.methods import create_method
@@ -28,14 +29,6 @@ def make(name: str = "finetune", context_input: str = "film", bench: dict[str, A
     stream = build_stream(cfg.benchmark, 0)
     torch.manual_seed(task_seed(0, -1))
     return create_method(cfg.method, stream, cfg.trainer, torch.device("cpu")), stream
-
-
-def train(method, tasks, steps: int = 5) -> None:  # noqa: ANN001
-    for task in tasks:
-        method.before_task(task)
-        for s in range(steps):
-            method.train_step(Batch(task.x_train[64 * s : 64 * s + 64], task.y_train[64 * s : 64 * s + 64]), task)
-        method.after_task(task)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -75,7 +68,7 @@ def test_a_method_with_film_starts_as_the_plain_method_and_learns_a_context_depe
     plain.model.load_state_dict(film.model.backbone.state_dict())
     x = stream.tasks[0].x_test[:20]
     assert all(torch.equal(film(x, t), plain(x, t)) for t in stream.tasks)  # same weights, same logits
-    train(film, stream.tasks[:1])
+    train_tasks(film, stream.tasks[:1], 5, 64)
     outs = [film.predict(x, t) for t in stream.tasks]
     assert not torch.allclose(outs[0], outs[1], atol=1e-4) and not torch.allclose(outs[1], outs[2], atol=1e-4)
     assert film.model.generator.linear.weight.abs().sum() > 0
@@ -84,7 +77,7 @@ def test_a_method_with_film_starts_as_the_plain_method_and_learns_a_context_depe
 
 def test_mixed_batches_take_each_samples_own_context() -> None:
     method, stream = make("joint")
-    train(method, stream.tasks[:2])
+    train_tasks(method, stream.tasks[:2], 5, 64)
     ids = torch.tensor([0, 2, 1, 1, 0])
     x = stream.tasks[0].x_test[:5]
     mixed = method(x, stream.tasks[0], ids)
@@ -110,31 +103,31 @@ def test_the_stabilisers_protect_the_generator() -> None:
     si, stream = make("si", c=1.0)
     assert any(p is si.model.generator.linear.weight for p in si.stabilizer.params)
     assert "generator.linear.weight" in si.stabilizer.quadratic.names
-    train(si, stream.tasks[:2])
+    train_tasks(si, stream.tasks[:2], 5, 64)
     assert si.stabilizer.quadratic.importance("generator.linear.weight").abs().sum() > 0
     ewc, stream = make("ewc", **{"lambda": 1.0, "fisher_samples": 100})
-    train(ewc, stream.tasks[:2])
+    train_tasks(ewc, stream.tasks[:2], 5, 64)
     assert ewc.stabilizer.quadratic.importance("generator.linear.weight").abs().sum() > 0
     assert ewc.stabilizer.quadratic.importance("generator.linear.bias").abs().sum() > 0
 
 
 def test_a_film_method_round_trips_through_its_state_dict() -> None:
     method, stream = make("si", c=1.0)
-    train(method, stream.tasks[:2])
+    train_tasks(method, stream.tasks[:2], 5, 64)
     state = copy.deepcopy(method.state_dict())  # as from a file: Adam's loaded moments would alias the live ones
     assert any(k.startswith("model.generator.") for k in state)
     fresh, _ = make("si", c=1.0)
     fresh.load_state_dict(state)
     x = stream.tasks[2].x_test[:10]
     assert all(torch.equal(method.predict(x, t), fresh.predict(x, t)) for t in stream.tasks)
-    train(method, stream.tasks[2:], steps=2)  # the stabiliser's state came along too: training continues alike
-    train(fresh, stream.tasks[2:], steps=2)
+    train_tasks(method, stream.tasks[2:], 2, 64)  # the stabiliser's state came along too: training continues alike
+    train_tasks(fresh, stream.tasks[2:], 2, 64)
     assert torch.equal(method.predict(x, stream.tasks[0]), fresh.predict(x, stream.tasks[0]))
 
 
 def test_a_training_step_with_film_reads_nothing_back(host_reads: list[str]) -> None:  # noqa: F811
     method, stream = make("si", c=1.0)
-    train(method, stream.tasks[:1])
+    train_tasks(method, stream.tasks[:1], 5, 64)
     task = stream.tasks[1]
     method.before_task(task)
     host_reads.clear()

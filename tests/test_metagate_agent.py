@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import train_tasks
 from metagate.config import ConfigError, config_from_dict
 from metagate.data import build_stream
 from metagate.methods import create_method
@@ -298,14 +299,6 @@ def plain_topk(logits: torch.Tensor, widths: list[int], density: float) -> torch
     return torch.cat(parts, dim=-1)
 
 
-def run_tasks(m, tasks, steps: int = 2) -> None:  # noqa: ANN001
-    for task in tasks:
-        m.before_task(task)
-        for s in range(steps):
-            m.train_step(Batch(task.x_train[32 * s : 32 * s + 32], task.y_train[32 * s : 32 * s + 32]), task)
-        m.after_task(task)
-
-
 def test_the_default_free_quota_is_unchanged() -> None:
     """free_quota=0 (the default): no buffer (earlier checkpoints load as before), topk_mask is the plain top-k with the
     same forward and gradient, and a run stores the same masks and weights as one that does not name the switch."""
@@ -323,7 +316,7 @@ def test_the_default_free_quota_is_unchanged() -> None:
     for method in ({}, {"free_quota": 0.0}):
         m, stream = make(prior_kind="usage", prior=0.5, agent="additive", agent_hidden=[16], consolidation_steps=5, **method)
         assert not hasattr(m, "quota_masks")
-        run_tasks(m, stream.tasks[:3])
+        train_tasks(m, stream.tasks[:3], 2, 32)
         runs.append(m.state_dict())
     assert runs[0].keys() == runs[1].keys() and "quota_masks" not in runs[0]
     for key in runs[0]:
@@ -379,7 +372,7 @@ def test_forced_units_pass_no_gradient_and_untrained_rows_follow_the_usage() -> 
     g, = torch.autograd.grad((mask * torch.randn(2, 20)).sum(), z)
     assert bool((g[forced] == 0).all()) and bool((g[~forced] != 0).all())
     m, stream = make(free_quota=0.5, density=0.25, consolidation_steps=5)
-    run_tasks(m, stream.tasks[:2])
+    train_tasks(m, stream.tasks[:2], 2, 32)
     snapshot = m.quota_masks.clone()
     m._update_quota()  # nothing changed since the boundary: the same rows
     assert torch.equal(m.quota_masks, snapshot)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import train_tasks
 from metagate.config import config_from_dict
 from metagate.data import build_stream
 from metagate.methods import create_method
-from metagate.methods.base import Batch
 from metagate.nn.gates import BitMask
 from metagate.train import task_seed
 
@@ -23,14 +23,6 @@ def make(hidden: list[int] | None = None, **method):  # noqa: ANN003, ANN201
     stream = build_stream(cfg.benchmark, 0)
     torch.manual_seed(task_seed(0, -1))
     return create_method(cfg.method, stream, cfg.trainer, torch.device("cpu")), stream
-
-
-def train(m, tasks, steps: int = 4) -> None:  # noqa: ANN001
-    for task in tasks:
-        m.before_task(task)
-        for s in range(steps):
-            m.train_step(Batch(task.x_train[32 * s : 32 * s + 32], task.y_train[32 * s : 32 * s + 32]), task)
-        m.after_task(task)
 
 
 def with_two_stored_tasks(hidden: list[int], gamma: float = GAMMA):  # noqa: ANN201
@@ -80,7 +72,7 @@ def test_multipliers_of_one_train_exactly_as_the_switch_off() -> None:
     for gamma in (0.0, GAMMA):
         m, stream = make(si_relatedness=gamma, consolidation_steps=2)
         m.contexts.copy_(m.contexts[:1].expand_as(m.contexts))
-        train(m, stream.tasks[:3])
+        train_tasks(m, stream.tasks[:3], 4, 32)
         if gamma:
             assert all(torch.equal(t, torch.ones_like(t)) for t in m.stabilizer.multipliers.values())
         runs.append([p.detach().clone() for p in m.model.parameters()])

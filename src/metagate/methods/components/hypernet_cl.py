@@ -161,6 +161,7 @@ class HypernetCL(Method):
         self.task_step.zero_()
         self._steps = 0
         earlier = self.earlier_indices()
+        self._index_tensors.clear()  # the last task's lists and random subsets: the cache stays bounded by a task's steps
         for indices in ([task.index], earlier, [task.index, *earlier]):  # the lists a step asks for by default
             self.index_tensor(indices)
         with torch.no_grad():
