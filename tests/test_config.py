@@ -105,3 +105,16 @@ def test_resolved_config_round_trips(small) -> None:  # noqa: ANN001
     cfg = config_from_dict(small(method={"name": "ewc", "lambda": 7}))
     again = config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg
+
+
+def test_shortening_the_default_run_below_what_its_novel_tasks_need_says_which_keys_to_set() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["benchmark.num_tasks=4"])
+    message = str(refused.value)
+    assert message.startswith("benchmark: novel_tasks (5) must be fewer than num_tasks (4).")
+    assert "benchmark.num_tasks=4 benchmark.novel_tasks=5: set the ones to change as overrides" in message
+    assert "(got {" not in message  # not the whole section echoed back
+    # the keys it names, set as it says, give a config that loads
+    cfg = load_config(None, ["benchmark.num_tasks=4", "benchmark.novel_tasks=1", "benchmark.min_value_tasks=0"])
+    assert (cfg.benchmark.num_tasks, cfg.benchmark.novel_tasks) == (4, 1)
+    assert load_config(None, ["benchmark.num_tasks=17"]).benchmark.novel_tasks == 5  # the rule the default config states

@@ -10,6 +10,7 @@ this machine has (:func:`check_runnable`), and the packages of the tracking back
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +118,24 @@ def _format_validation_error(section: str, err: ValidationError, model: type[Bas
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in (section, *e["loc"]))
-        if e["type"] == "extra_forbidden":
+        if not e["loc"] and isinstance(e.get("input"), dict):  # the section's own check of keys that depend on each other
+            lines.append(_dependent_keys_error(section, e, model))
+        elif e["type"] == "extra_forbidden":
             valid = ", ".join(f.alias or n for n, f in model.model_fields.items())
             lines.append(f"unknown key {loc!r}; valid keys here: {valid}")
         else:
             lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
+
+
+def _dependent_keys_error(section: str, e: Any, model: type[BaseModel]) -> str:
+    """A section's own check failed (keys that depend on each other, e.g. ``novel_tasks`` < ``num_tasks``): its
+    message, then the keys it names as dotted overrides with their values now, so the user knows what to set."""
+    message = str(e["msg"]).removeprefix("Value error, ")
+    named = [k for k in model.model_fields if re.search(rf"\b{re.escape(k)}\b", message)]
+    keys = [f"{section}.{k}={e['input'].get(k, model.model_fields[k].default)!r}" for k in named]
+    advice = f". Now {' '.join(keys)}: set the ones to change as overrides (key=value after the config)" if keys else ""
+    return f"{section}: {message}{advice}"
 
 
 def validate_section(section: str, model: type[BaseModel], data: Any) -> Any:
