@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from metagate import __version__
+from metagate._version import __version__
 
 CHECKPOINT_FORMAT = 2
 CHECKPOINT_MAGIC = b"METAGATE-CHECKPOINT\n"  # then 64 hex digits of the payload's SHA-256, a newline, the payload
