@@ -59,7 +59,11 @@ def whole_and_resumed(raw: dict[str, Any], tmp_path: Any, monkeypatch: pytest.Mo
     from metagate.runs import RunDir
     from metagate.train import Trainer
 
-    fit = lambda run, resume=False: Trainer(config_from_dict(raw), run).fit(resume=resume)  # noqa: E731
+    def fit(run: RunDir, resume: bool = False) -> dict[str, Any]:
+        try:
+            return Trainer(config_from_dict(raw), run).fit(resume=resume)
+        finally:
+            run.unlock()  # the folder's lock is its caller's (orchestration's) to release
     whole = fit(RunDir.create(tmp_path / "whole"))
     cls = METHODS.get(raw["method"]["name"])
     original = cls.before_task

@@ -116,15 +116,17 @@ def test_resume_of_an_interrupted_run_from_its_folder(tmp_path: Path) -> None:
     assert json.loads((out / "results.json").read_text())["acc_matrix"] == whole["acc_matrix"]
 
 
-def test_compare_writes_comparison_and_a_markdown_table(tmp_path: Path) -> None:
+def test_compare_writes_comparison_and_the_aggregate_table(tmp_path: Path) -> None:
     res = runner.invoke(app, ["compare", *FAST, "--methods", "finetune,ewc", "--seeds", "2", "--out", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
-    assert "| method | uses at test | scenario | ACC (%) | BWT (pt) | FWT (pt) | forgetting (pt) | time (s) |" in res.output
-    assert "| ewc | nothing | domain |" in res.output and "Not like for like" not in res.output
+    assert "| method | uses at test | scenario | seeds | ACC (%) | BWT (pt) | FWT (pt) | forgetting (pt) |" in res.output
+    assert "| ewc | nothing | domain | 2 |" in res.output and "Not like for like" not in res.output
     comp = json.loads((tmp_path / "c" / "comparison.json").read_text())
     assert set(comp["methods"]) == {"finetune", "ewc"} and comp["seeds"] == [0, 1]
     acc = comp["methods"]["ewc"]["summary"]["acc"]
-    assert len(acc["values"]) == 2 and acc["std"] >= 0
+    assert acc["n"] == 2 and acc["std"] >= 0 and acc["ci95"] > 0
+    # the same table as metagate aggregate makes of the folder (one statistics and table stack)
+    assert (tmp_path / "c" / "comparison.md").read_text().strip() == runner.invoke(app, ["aggregate", str(tmp_path / "c")]).output.strip()
     assert (tmp_path / "c" / "ewc" / "seed1" / "results.json").is_file()
 
 
@@ -230,7 +232,8 @@ def test_compare_keeps_going_records_the_failure_and_resume_retries_it(tmp_path:
     assert error.startswith("loss = nan") and "Traceback" in error
     comp = json.loads((out / "comparison.json").read_text())
     assert comp["methods"]["bad"]["failed"] == {"0": error.splitlines()[0]} and comp["methods"]["bad"]["summary"]["acc"]["n"] == 0
-    assert "| bad | n/a |" in (out / "comparison.md").read_text() and "failed runs" in (out / "comparison.md").read_text()
+    assert "| bad | n/a | n/a | 0 |" in (out / "comparison.md").read_text()
+    assert "failed runs, not in the figures above (see error.txt in their folders): bad (seed 0)" in (out / "comparison.md").read_text()
     # the cause fixed, --resume retries the failed entry, keeps its old attempt, reuses the finished one
     si_before = (out / "si" / "seed0" / "results.json").read_bytes()
     res = runner.invoke(app, [*args, "bad:trainer.lr=0.001", "--resume"])

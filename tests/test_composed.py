@@ -92,7 +92,7 @@ def build(method: dict, seed: int = 0, **bench):  # noqa: ANN003, ANN201
 
 def test_the_oracle_uses_exactly_each_tasks_oracle_mask() -> None:
     method, stream = build({"name": "oracle"})
-    assert method.test_time_info() == "task_id"
+    assert method.report().test_time_info == "task_id"
     for task in stream.tasks + stream.heldout:
         assert torch.equal(method.unit_mask(task), task.oracle_mask[0])
 
@@ -110,7 +110,7 @@ def train_through(method, tasks) -> None:  # noqa: ANN001
 
 def test_nearest_context_gives_a_new_task_the_mask_of_the_nearest_trained_context() -> None:
     method, stream = build({"name": "nearest_context"})
-    assert method.test_time_info() == "task_id"
+    assert method.report().test_time_info == "task_id"
     trained, rest = stream.tasks[:10], stream.tasks[10:] + stream.heldout
     train_through(method, trained)
     ctx = torch.stack([t.context for t in trained])
@@ -128,7 +128,7 @@ def test_nearest_context_records_the_zero_shot_mask_and_then_trains_with_the_ora
     train_through(method, [task])
     assert torch.equal(method.zero_shot_masks[10], zero_shot)
     assert torch.equal(method.unit_mask(task), task.oracle_mask[0])
-    recall = method.extra_results()["zero_shot_oracle_recall"][10]
+    recall = method.report().figures["zero_shot_oracle_recall"][10]
     assert recall == pytest.approx(float((zero_shot & task.oracle_mask[0]).sum() / task.oracle_mask[0].sum()))
 
 

@@ -72,7 +72,7 @@ def test_a_method_with_film_starts_as_the_plain_method_and_learns_a_context_depe
     outs = [film.predict(x, t) for t in stream.tasks]
     assert not torch.allclose(outs[0], outs[1], atol=1e-4) and not torch.allclose(outs[1], outs[2], atol=1e-4)
     assert film.model.generator.linear.weight.abs().sum() > 0
-    assert film.test_time_info() == "context"
+    assert film.report().test_time_info == "context"
 
 
 def test_mixed_batches_take_each_samples_own_context() -> None:

@@ -131,7 +131,7 @@ def test_forgets_less_than_finetune_of_the_same_size() -> None:
 )
 def test_test_time_info_follows_the_context_option(options: dict, info: str) -> None:
     method, _ = build(dendrites(**options))
-    assert method.test_time_info() == info
+    assert method.report().test_time_info == info
 
 
 def test_a_stream_context_cannot_be_inferred() -> None:

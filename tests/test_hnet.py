@@ -221,7 +221,7 @@ def test_with_context_embeddings_an_untrained_task_gets_its_weights_from_its_con
 )
 def test_test_time_info_per_option(option: dict, expected: str) -> None:
     method, _ = build(option)
-    assert method.test_time_info() == expected
+    assert method.report().test_time_info == expected
 
 
 def test_refused_configs_name_the_fix() -> None:

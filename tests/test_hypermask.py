@@ -177,7 +177,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, monkeypatch) -> None:  # no
 )
 def test_test_time_info_per_option(option: dict, expected: str) -> None:
     method, _ = build(option)
-    assert method.test_time_info() == expected
+    assert method.report().test_time_info == expected
 
 
 def test_with_context_embeddings_an_untrained_task_gets_its_mask_from_its_context() -> None:

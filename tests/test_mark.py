@@ -228,7 +228,7 @@ def test_meta_statistics_show_the_direction(monkeypatch: pytest.MonkeyPatch) -> 
     for direction, sign in (("toward", 1.0), ("away", -1.0)):
         m, stream = make(meta_direction=direction, meta_weight_decay=0.0)
         run_task(m, stream.tasks[0])
-        stats = m.extra_results()
+        stats = m.report().figures
         assert stats["mark_meta_alignment"][0] == pytest.approx(sign, abs=1e-3)  # float32 rounding of a small change
         assert stats["mark_meta_kb_change"][0] > 0
         assert stats["mark_meta_alignment"][1] is None  # not trained yet
@@ -242,7 +242,7 @@ def test_a_diverged_mini_task_adds_nothing(monkeypatch: pytest.MonkeyPatch) -> N
     m.meta_learn(stream.tasks[0])
     for t, p in zip(theta, m.model.kb.parameters()):
         torch.testing.assert_close(p.detach(), t + 2 / 2)  # weight 1 on the finite one, divided by K = 2
-    assert m.extra_results()["mark_meta_diverged_mini_tasks"][0] == 1
+    assert m.report().figures["mark_meta_diverged_mini_tasks"][0] == 1
 
 
 def test_inner_clip_equals_torch_clip_grad_norm() -> None:

@@ -5,6 +5,7 @@ search; exact resume."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,15 +282,15 @@ def test_pathnet_resume_is_exact(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_results_count_the_bytes_each_task_adds_and_the_comparison_shows_them() -> None:
-    from metagate import report
+    from metagate import aggregate
 
     xdg = Trainer(config_from_dict(raw_config({"name": "xdg", "backbone": {"hidden": [30, 20]}}, epochs=1))).fit()
     assert xdg["task_bytes"] == [math.ceil(30 / 8) + math.ceil(20 / 8)] * 3  # one bit per hidden unit
     fine = Trainer(config_from_dict(raw_config({"name": "finetune"}, epochs=1))).fit()
     assert fine["task_bytes"] == [0, 0, 0] and fine["bytes_per_task"] == 0
-    summary = {"xdg": report.aggregate([xdg]), "finetune": report.aggregate([fine])}
-    table = report.comparison_table(summary)
-    assert table.splitlines()[0].endswith("| time (s) | bytes / task |")
+    groups = {label: [aggregate.RunRecord(Path(label), label, {}, r)] for label, r in (("xdg", xdg), ("finetune", fine))}
+    table = aggregate.table(aggregate.summarise(groups))
+    assert table.splitlines()[0].endswith("| peak memory (MiB) | bytes / task |")
     assert table.splitlines()[2].endswith(f"| {xdg['bytes_per_task']:.0f} ± 0 |")
 
 

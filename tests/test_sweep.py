@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from metagate.cli import app
 from metagate.config import ConfigError, find_config, load_config, read_yaml
-from metagate.sweep import SweepSpec, expand, read_spec
+from metagate.sweep import SweepSpec, grid_points, read_spec
 
 runner = CliRunner()
 FAST = [
@@ -25,7 +25,7 @@ FAST = [
 
 def test_the_grid_is_a_product_per_method_and_a_label_limits_a_key() -> None:
     spec = SweepSpec(grid={"si:method.c": [0.1, 1], "trainer.lr": [0.001, 0.01], "ewc:method.lambda": [10]})
-    variants = expand(spec, {"si": "si", "ewc": "ewc", "finetune": "finetune"})
+    variants = grid_points(spec, {"si": "si", "ewc": "ewc", "finetune": "finetune"})
     assert variants["si"] == [
         ["method.c=0.1", "trainer.lr=0.001"], ["method.c=0.1", "trainer.lr=0.01"],
         ["method.c=1", "trainer.lr=0.001"], ["method.c=1", "trainer.lr=0.01"],
@@ -39,18 +39,18 @@ def test_random_draws_are_reproducible_within_bounds_and_per_grid_point() -> Non
         {"grid": {"trainer.batch_size": [32, 64]},
          "random": {"samples": 5, "seed": 3, "space": {"method.c": "loguniform:0.01,10", "method.xi": "int:1,3"}}}
     )
-    a, b = expand(spec, {"si": "si"}), expand(spec, {"si": "si"})
+    a, b = grid_points(spec, {"si": "si"}), grid_points(spec, {"si": "si"})
     assert a == b and len(a["si"]) == 10
     for point in a["si"]:
         c, xi = float(point[1].split("=")[1]), int(point[2].split("=")[1])
         assert 0.01 <= c <= 10 and 1 <= xi <= 3
     other = SweepSpec.model_validate({"random": {"samples": 5, "seed": 4, "space": {"method.c": "loguniform:0.01,10"}}})
-    assert expand(other, {"si": "si"}) != expand(SweepSpec.model_validate({**other.model_dump(), "random": {**other.random.model_dump(), "seed": 3}}), {"si": "si"})
+    assert grid_points(other, {"si": "si"}) != grid_points(SweepSpec.model_validate({**other.model_dump(), "random": {**other.random.model_dump(), "seed": 3}}), {"si": "si"})
 
 
 def test_a_choice_drawn_twice_is_one_variant() -> None:
     spec = SweepSpec.model_validate({"random": {"samples": 20, "space": {"method.c": "choice:0.1,1"}}})
-    assert sorted(expand(spec, {"si": "si"})["si"]) == [["method.c=0.1"], ["method.c=1"]]
+    assert sorted(grid_points(spec, {"si": "si"})["si"]) == [["method.c=0.1"], ["method.c=1"]]
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_a_bad_spec_is_a_one_line_error(cli: dict, message: str) -> None:
 
 def test_a_grid_naming_a_label_the_methods_lack_is_refused() -> None:
     with pytest.raises(ConfigError, match="names ewc, which the methods do not name"):
-        expand(SweepSpec(grid={"ewc:method.lambda": [1]}), {"si": "si"})
+        grid_points(SweepSpec(grid={"ewc:method.lambda": [1]}), {"si": "si"})
 
 
 def test_the_sweep_section_of_a_config_with_command_line_additions(tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def test_the_sweep_section_of_a_config_with_command_line_additions(tmp_path: Pat
     path.write_text(yaml.safe_dump(raw))
     spec = read_spec(str(path), {"grid": ["strong:method.lambda=10,100"], "seeds": 3, "gpus": 0.5})
     assert spec.seeds == 3 and spec.resources.cpus == 2 and spec.resources.gpus == 0.5
-    assert expand(spec, {"si": "si", "strong": "ewc"})["strong"] == [["method.lambda=10"], ["method.lambda=100"]]
+    assert grid_points(spec, {"si": "si", "strong": "ewc"})["strong"] == [["method.lambda=10"], ["method.lambda=100"]]
     assert load_config(str(path)).method.name == raw["method"]["name"]  # a single run ignores the sweep section
 
 
@@ -170,18 +170,16 @@ def test_a_sweep_on_a_local_ray_with_two_workers(tmp_path: Path, monkeypatch: py
 
 def test_every_ready_sweep_plans_without_error(tmp_path: Path) -> None:
     from metagate.config import list_ready_configs
-    from metagate.orchestrate import parse_entries, plan_compare, variant_label
+    from metagate.plan import expand, parse_entries, plan_jobs
 
     for name in list_ready_configs():
         if "sweep" not in read_yaml(find_config(name)):
             continue
         spec = read_spec(name, {})
         method_of = parse_entries(spec.method_list())
-        variants = expand(spec, method_of)
-        entries = [f"{variant_label(k, p)}={method_of[k]}" for k, ps in variants.items() for p in ps]
-        specific = [f"{variant_label(k, p)}:{o}" for k, ps in variants.items() for p in ps for o in p]
-        plan = plan_compare(name, specific, ",".join(entries), spec.seeds, tmp_path / name, False, lambda b, s: tmp_path)
-        assert len(plan.configs) == len(entries) * spec.seeds
+        variants = [v for vs in expand(method_of, grid_points(spec, method_of)).values() for v in vs]
+        plan = plan_jobs(name, [], variants, spec.seeds, tmp_path / name, False, lambda b, s: tmp_path)
+        assert len(plan.jobs) == len(variants) * spec.seeds
 
 
 @pytest.mark.slow

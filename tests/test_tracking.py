@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 
 from conftest import Interrupted, small_config
 from metagate.config import ConfigError, config_from_dict, load_config
+from metagate.identity import same_run
 from metagate.methods import METHODS
 from metagate.runs import RunDir
 from metagate.tracking import MLFLOW_RUN_FILE, TENSORBOARD_DIR, Tracker, Tracking, TrackingWarning, open_tracker
-from metagate.train import Trainer, same_run
+from metagate.train import Trainer
 
 
 def has(module: str) -> bool:
@@ -44,7 +45,10 @@ def tiny(**tracking: Any) -> dict[str, Any]:
 
 def fit(raw: dict[str, Any], folder: Path, resume: bool = False) -> dict[str, Any]:
     run = RunDir.open_for_resume(folder) if resume else RunDir.create(folder)
-    return Trainer(config_from_dict(raw), run).fit(resume=resume)
+    try:
+        return Trainer(config_from_dict(raw), run).fit(resume=resume)
+    finally:
+        run.unlock()
 
 
 def interrupted(raw: dict[str, Any], folder: Path, monkeypatch: pytest.MonkeyPatch, after_steps: int = 14) -> None:
@@ -335,7 +339,8 @@ def test_a_reference_shares_its_runs_store_and_is_nested_under_it(store: dict[st
     from metagate.orchestrate import run_with_reference
 
     cfg = config_from_dict(tiny(**store) | {"reference": {"name": "joint"}})
-    results, (reference,) = run_with_reference(cfg, tmp_path / "run", resume=False)
+    outcome = run_with_reference(cfg, tmp_path / "run", resume=False)
+    results, (reference,) = outcome.results, outcome.references
     client, run = mlflow_run(tmp_path / "run")
     ref_client, ref = mlflow_run(tmp_path / "run" / "reference")
     assert ref_client.tracking_uri == client.tracking_uri  # the default store: tmp_path/mlflow.db for both

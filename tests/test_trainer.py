@@ -17,7 +17,12 @@ NUMBERS = ("acc_matrix", "initial_acc", "acc", "bwt", "fwt", "forgetting", "held
 
 
 def fit(raw: dict, run: RunDir | None = None, resume: bool = False) -> dict:
-    return Trainer(config_from_dict(raw), run).fit(resume=resume)
+    """Train ``raw`` into ``run`` (locked by the caller, as orchestration does), releasing the folder after."""
+    try:
+        return Trainer(config_from_dict(raw), run).fit(resume=resume)
+    finally:
+        if run is not None:
+            run.unlock()
 
 
 @pytest.mark.parametrize("method", ["finetune", "ewc", "si"])
@@ -120,12 +125,15 @@ def test_corrupt_checkpoint_refused(small, tmp_path: Path) -> None:  # noqa: ANN
         fit(raw, RunDir.open_for_resume(tmp_path / "run"), resume=True)
 
 
-def test_checkpoint_of_another_config_refused(small, tmp_path: Path) -> None:  # noqa: ANN001
+def test_resuming_a_run_of_another_config_is_refused_and_leaves_the_folder_free(small, tmp_path: Path) -> None:  # noqa: ANN001
+    from metagate.orchestrate import prepare
+
     raw = small()
     run = RunDir.create(tmp_path / "run")
     fit(raw, run)
-    with pytest.raises(CheckpointError, match="another config"):
-        fit({**raw, "seed": 5}, RunDir.open_for_resume(tmp_path / "run"), resume=True)
+    with pytest.raises(CheckpointError, match=r"another config \(seed: 0 there vs 5 here\)"):
+        prepare(config_from_dict({**raw, "seed": 5}), tmp_path / "run", resume=True)
+    RunDir(tmp_path / "run").lock().unlock()  # the refusal released the folder
 
 
 def test_checkpoint_of_another_shape_refused(small, tmp_path: Path) -> None:  # noqa: ANN001

@@ -32,13 +32,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import yaml
 
+from metagate.identity import differing_keys, row_identity, with_current_defaults
 from metagate.report import markdown_table, uses_at_test
 from metagate.runs import RunDir
 
 SEED_FOLDER = re.compile(r"seed\d+")
-# config keys that never make two runs different rows (they do not change the numbers)
-NOT_IDENTITY = {"seed", "reference", "tracking"}
-NOT_IDENTITY_TRAINER = {"device", "progress", "eval_batch_size", "checkpoint", "threads", "log_every"}
 
 
 class AggregationError(ValueError):
@@ -55,11 +53,11 @@ class RunRecord:
     results: dict[str, Any]
     identity: str = field(default="", repr=False)  # the config without the seed, as canonical JSON
 
-
-def _identity(config: dict[str, Any]) -> str:
-    trimmed = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
-    trimmed["trainer"] = {k: v for k, v in (config.get("trainer") or {}).items() if k not in NOT_IDENTITY_TRAINER}
-    return json.dumps(trimmed, sort_keys=True, default=str)
+    def row(self) -> dict[str, Any]:
+        """The run as one flat row of a table: its label and folder, then every scalar figure of its results
+        (method, benchmark, seed, acc, bwt, fwt, forgetting, val_acc, train_seconds, ...)."""
+        scalars = {k: v for k, v in self.results.items() if v is None or isinstance(v, (bool, int, float, str))}
+        return {"label": self.label, "folder": str(self.folder), **scalars}
 
 
 def _read(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -72,8 +70,6 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise AggregationError(f"{folder / RunDir.RESULTS} is not a metagate results file; move that folder away or rerun it")
     config = dict(config or {})
     config.pop("provenance", None)
-    from metagate.train import with_current_defaults
-
     return with_current_defaults(config), results  # a field added since the run was made takes its default
 
 
@@ -92,9 +88,15 @@ def find_runs(paths: Sequence[Path]) -> list[RunRecord]:
     records = []
     for folder in folders:
         config, results = _read(folder)
-        records.append(RunRecord(folder, "", config, results, _identity(config)))
+        records.append(RunRecord(folder, "", config, results, row_identity(config)))
     _label(records)
     return records
+
+
+def read_run(folder: Path, label: str) -> RunRecord:
+    """The finished run in ``folder`` as a record labelled ``label``."""
+    config, results = _read(folder)
+    return RunRecord(folder, label, config, results, row_identity(config))
 
 
 def _ordered(root: Path, folders: list[Path]) -> list[Path]:
@@ -154,8 +156,6 @@ def _label(records: list[RunRecord]) -> None:
 def _telling_keys(configs: list[dict[str, Any]]) -> list[str]:
     """Few config keys whose values tell every config apart: greedily the key that splits them into the
     most groups, until each config has its own values (among equals a ``.name``, then alphabetical)."""
-    from metagate.train import differing_keys
-
     candidates = sorted({k for a in configs for b in configs if a is not b for k in differing_keys(a, b)})
     chosen: list[str] = []
     while candidates:
@@ -246,6 +246,7 @@ PER_RUN: dict[str, Callable[[dict[str, Any], int | None], float | None]] = {
     "steps_to_90": _steps,
     "train_seconds": lambda r, _: r.get("train_seconds"),
     "peak_memory_mb": lambda r, _: r.get("peak_memory_mb"),
+    "bytes_per_task": lambda r, _: r.get("bytes_per_task"),
     "val_acc": lambda r, _: r.get("val_acc"),
     "val_bwt": lambda r, _: r.get("val_bwt"),
 }
@@ -324,10 +325,11 @@ COLUMNS: list[tuple[str, str, float, int]] = [  # (figure, header, scale, digits
     ("steps_to_90", "steps to 90%", 1.0, 0),
     ("train_seconds", "time (s)", 1.0, 1),
     ("peak_memory_mb", "peak memory (MiB)", 1.0, 0),
+    ("bytes_per_task", "bytes / task", 1.0, 0),
 ]
 # with ``validation``: the figures hyperparameters are chosen on (tuning seeds), in place of the test figures (a
 # tuning run's test accuracy is never shown next to them); the columns that are no accuracy stay
-NOT_ACCURACY = {"steps_to_90", "train_seconds", "peak_memory_mb"}
+NOT_ACCURACY = {"steps_to_90", "train_seconds", "peak_memory_mb", "bytes_per_task"}
 VAL_COLUMNS: list[tuple[str, str, float, int]] = [("val_acc", "val ACC (%)", 100.0, 1), ("val_bwt", "val BWT (pt)", 100.0, 1)]
 
 
@@ -336,7 +338,7 @@ def fmt(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     if s["mean"] is None:
         return "n/a"
     text = f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
-    if s["ci95"] is not None:
+    if s.get("ci95") is not None:
         lo, hi = scale * (s["mean"] - s["ci95"]), scale * (s["mean"] + s["ci95"])
         text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
     return text

@@ -59,28 +59,12 @@ def run(
 ) -> None:
     """Train one method on one benchmark and write a run folder."""
     from metagate import orchestrate, report
-    from metagate.config import config_from_dict, load_config
-    from metagate.runs import RunDir, default_run_dir
 
     config, overrides = _split(config, overrides)
     try:
-        if resume:
-            if out is None:
-                _fail("--resume needs --out DIR, the run folder to continue")
-            saved = RunDir.open_for_resume(out)
-            saved.unlock()  # the run itself takes the lock again
-            cfg = config_from_dict(saved.read_config(), overrides) if config is None else load_config(config, overrides)
-            reference_done = all(
-                (out / orchestrate.reference_dir(i) / RunDir.RESULTS).is_file() for i in range(len(cfg.reference_configs()))
-            )
-            if saved.has_results() and reference_done:
-                _fail(f"{out} holds a finished run (results.json); nothing to resume")
-        else:
-            cfg = load_config(config, overrides)
-            out = out or default_run_dir(Path("runs"), cfg.benchmark.name, cfg.method.name, cfg.seed)
+        cfg, out = orchestrate.run_config(config, overrides, out, resume)
     except orchestrate.RunProblem as e:
         _fail(str(e))
-    assert out is not None
 
     def announce(prepared: Prepared) -> None:
         t = prepared.trainer
@@ -91,16 +75,16 @@ def run(
 
     again = f"metagate run --resume --out {out}"
     try:
-        results, references = orchestrate.run_with_reference(cfg, out, resume, typer.echo, announce)
+        outcome = orchestrate.run_with_reference(cfg, out, resume, typer.echo, announce)
     except KeyboardInterrupt:
         _interrupted(out, cfg.trainer.checkpoint, again)
     except orchestrate.RunProblem as e:
         _fail(str(e))
     typer.echo("")
-    typer.echo((out / orchestrate.PER_TASK).read_text().rstrip())
+    typer.echo(outcome.per_task)
     typer.echo("")
-    typer.echo(f"{cfg.method.name}: {report.summary_line(results)}")
-    for reference in references:
+    typer.echo(f"{cfg.method.name}: {report.summary_line(outcome.results)}")
+    for reference in outcome.references:
         typer.echo(f"{reference['method']}: {report.summary_line(reference)}")
     _report(out, again=f"metagate report {out}")
 
@@ -145,10 +129,10 @@ def compare(
     assert outcome.compare is not None
     plan = outcome.compare.plan
     typer.echo("")
-    typer.echo(f"{len(plan.labels)} methods x {len(plan.seeds)} seeds, mean ± std ({plan.root / 'comparison.json'})")
+    typer.echo(f"{len(plan.labels)} methods x {len(plan.seeds)} seeds ({plan.root / 'comparison.json'})")
     typer.echo(outcome.compare.table)
     _report(plan.root, again=f"metagate report {plan.root}")
-    _report_failures(outcome.failures, len(plan.configs), "fix the cause and rerun the same command with --resume to retry them")
+    _report_failures(outcome.failures, len(plan.jobs), "fix the cause and rerun the same command with --resume to retry them")
 
 
 def _report_failures(failures: dict[tuple[str, int], str], total: int, advice: str) -> None:
@@ -270,7 +254,7 @@ def sweep(
         typer.echo(f"test figures of the chosen settings on fresh seeds ({out / 'final'}):")
     typer.echo(outcome.aggregate_table)
     _report(out, again=f"metagate report {out}")
-    total = len(outcome.compare.plan.configs) if outcome.compare else 0
+    total = len(outcome.compare.plan.jobs) if outcome.compare else 0
     _report_failures(outcome.failures, total or len(outcome.failures), "run the same command again to retry them")
 
 

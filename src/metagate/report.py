@@ -1,4 +1,5 @@
-"""Tables for the terminal and Markdown: per-task accuracy, summaries, comparisons over seeds."""
+"""Tables of one run for the terminal and Markdown: per-task accuracy and a summary line (tables over seeds:
+:mod:`metagate.aggregate`)."""
 
 from __future__ import annotations
 
@@ -80,73 +81,12 @@ def summary_line(results: dict[str, Any]) -> str:
     )
 
 
-def mean_std(values: Sequence[float | None], planned: int | None = None) -> dict[str, Any]:
-    """Mean and sample standard deviation of the values present; ``n`` says how many there were (of
-    ``planned``), so a figure over fewer seeds than asked is never mistaken for a full one."""
-    vals = [v for v in values if v is not None]
-    out: dict[str, Any] = {"mean": None, "std": None, "n": len(vals), "planned": planned or len(values), "values": list(values)}
-    if vals:
-        arr = np.asarray(vals, dtype=float)
-        out.update(mean=float(arr.mean()), std=float(arr.std(ddof=1)) if len(arr) > 1 else 0.0)
-    return out
-
-
-COMPARED = ("acc", "bwt", "fwt", "forgetting", "train_seconds", "bytes_per_task")
-
-
-def aggregate(runs: Sequence[dict[str, Any]], planned: int | None = None) -> dict[str, Any]:
-    """Mean and (sample) standard deviation over seeds of each compared figure, with its count, and
-    what the runs used at test time in which scenario (so a table can say so beside the figures)."""
-    out: dict[str, Any] = {k: mean_std([r.get(k) for r in runs], planned or len(runs)) for k in COMPARED}
-    for key in ("test_time_info", "scenario"):
-        values = sorted({str(r.get(key)) for r in runs if r.get(key) is not None})
-        out[key] = "/".join(values) if values else None
-    return out
-
-
 TEST_TIME_LABELS = {"none": "nothing", "task_id": "task identity", "context": "context"}
 
 
 def uses_at_test(info: str | None) -> str:
     """``task_id`` -> ``task identity``: what a method used at test time, for tables."""
     return "n/a" if info is None else "/".join(TEST_TIME_LABELS.get(i, i) for i in info.split("/"))
-
-
-def fmt_stat(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
-    """``mean ± std``, with ``(n of m)`` when fewer seeds than planned gave the figure."""
-    if stat["mean"] is None:
-        return "n/a"
-    text = f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
-    if stat.get("planned") and stat.get("n", stat["planned"]) < stat["planned"]:
-        text += f" ({stat['n']} of {stat['planned']})"
-    return text
-
-
-def comparison_table(summary: dict[str, dict[str, Any]], failed: dict[str, int] | None = None) -> str:
-    """One row per method: mean ± std over seeds; a ``failed`` column when some runs failed."""
-    failed = failed or {}
-    header = ["method", "uses at test", "scenario", "ACC (%)", "BWT (pt)", "FWT (pt)", "forgetting (pt)", "time (s)"]
-    rows = [
-        [
-            m, uses_at_test(s.get("test_time_info")), s.get("scenario") or "n/a",
-            fmt_stat(s["acc"]), fmt_stat(s["bwt"]), fmt_stat(s["fwt"]), fmt_stat(s["forgetting"]), fmt_stat(s["train_seconds"], 1.0),
-        ]
-        for m, s in summary.items()
-    ]
-    if any(s.get("bytes_per_task", {}).get("mean") is not None for s in summary.values()):
-        header.append("bytes / task")
-        rows = [[*row, fmt_stat(s.get("bytes_per_task") or {"mean": None}, 1.0, 0)] for row, s in zip(rows, summary.values())]
-    if any(failed.values()):
-        header.append("failed runs")
-        rows = [[*row, str(failed.get(m, 0))] for row, m in zip(rows, summary)]
-    table = markdown_table(header, rows)
-    infos = {s.get("test_time_info") for s in summary.values() if s.get("test_time_info")}
-    if len(infos) > 1:
-        table += (
-            "\n\nNot like for like: these methods use different information at test time "
-            f"({', '.join(sorted(uses_at_test(i) for i in infos))}); compare within the same 'uses at test'."
-        )
-    return table
 
 
 def generated_section(results: dict[str, Any]) -> str:

@@ -347,7 +347,7 @@ def tuning_blocks(path: Path, root: Path) -> list[Block]:
         record = json.loads(path.read_text())
         chosen = {m: " ".join(o) for m, o in record["chosen"].items()}
         rows = [
-            [method, variant, " ".join(overrides) or "(as configured)", report.fmt_stat({**record["validation"][variant], "planned": None}),
+            [method, variant, " ".join(overrides) or "(as configured)", aggregate.fmt(record["validation"][variant]),
              "chosen" if " ".join(overrides) == chosen.get(method) else ""]
             for method, variants in record["candidates"].items()
             for variant, overrides in variants.items()

@@ -52,7 +52,8 @@ from pydantic import Field, ValidationError
 
 from metagate import orchestrate
 from metagate.config import ConfigError, find_config, read_yaml
-from metagate.orchestrate import Echo, Executor, Job, run_inline
+from metagate.orchestrate import Echo, Executor, run_inline
+from metagate.plan import Job, expand, parse_entries, plan_jobs, split_overrides
 from metagate.runs import RunFolderError, atomic_write_json, atomic_write_text
 from metagate.schema import Section
 
@@ -185,8 +186,8 @@ def _applies(key: str, label: str) -> str | None:
     return rest if head == label else None
 
 
-def expand(spec: SweepSpec, method_of: dict[str, str]) -> dict[str, list[list[str]]]:
-    """Per method label, every variant as a list of overrides: the grid's product, times
+def grid_points(spec: SweepSpec, method_of: dict[str, str]) -> dict[str, list[list[str]]]:
+    """Per method label, every point of the search as a list of overrides: the grid's product, times
     ``random.samples`` draws of the random axes (none without random axes); duplicates dropped."""
     labelled = {k.partition(":")[0] for k in [*spec.grid, *spec.random.space] if ":" in k}
     unknown = sorted(labelled - set(method_of))
@@ -265,8 +266,8 @@ def _run_sweep(
     if out is not None and out.exists() and not out.is_dir():
         raise RunFolderError(f"{out} is a file, not a folder; nothing was written. Choose another --out.")
     resume = resume or (auto_resume and out is not None and (out / SPEC_FILE).is_file())
-    method_of = orchestrate.parse_entries(spec.method_list())
-    variants = expand(spec, method_of)
+    method_of = parse_entries(spec.method_list())
+    points = grid_points(spec, method_of)
     record = {"config": config, "overrides": overrides, **spec.model_dump(mode="json")}
     if spec.tune is not None:
         if out is None:
@@ -275,27 +276,18 @@ def _run_sweep(
             raise RunFolderError(f"{out} already exists and is not empty; nothing was written. Pass --resume or another --out.")
         root = out
         tuned = orchestrate.tune_variants(
-            config, overrides, method_of, variants, spec.tune.tuning_seeds, spec.seeds, out, resume, echo, False, execute,
+            config, overrides, method_of, points, spec.tune.tuning_seeds, spec.seeds, out, resume, echo, False, execute,
             on_planned=lambda: (_prepare(execute), _save_spec(root, record)),
         )
         assert tuned.final is not None
         return SweepOutcome(spec, None, tuned, _finish(out / "final", tuned.final, out, {"tuning": tuned.tuning}))
-    entries, specific = [], []
-    for label, points in variants.items():
-        for point in points:
-            v = orchestrate.variant_label(label, point)
-            entries.append(f"{v}={method_of[label]}")
-            specific += [f"{v}:{o}" for o in point]
-    general, per_label = orchestrate.split_overrides(overrides, list(method_of))
-    for label, rests in per_label.items():
-        specific += [f"{orchestrate.variant_label(label, p)}:{rest}" for p in variants[label] for rest in rests]
-    plan = orchestrate.plan_compare(
-        config, [*general, *specific], ",".join(entries), spec.seeds, out, resume, default_root or (lambda b, s: Path("runs") / f"sweep-{b}")
-    )
+    general, own = split_overrides(overrides, list(method_of))
+    variants = [v for vs in expand(method_of, points, own).values() for v in vs]
+    plan = plan_jobs(config, general, variants, spec.seeds, out, resume, default_root or (lambda b, s: Path("runs") / f"sweep-{b}"))
     _prepare(execute)
     plan.root.mkdir(parents=True, exist_ok=True)
     _save_spec(plan.root, record)
-    echo(f"{len(entries)} variants x {spec.seeds} seeds = {len(plan.configs)} runs -> {plan.root}")
+    echo(f"{len(variants)} variants x {spec.seeds} seeds = {len(plan.jobs)} runs -> {plan.root}")
     compared = orchestrate.run_compare(plan, resume, echo, execute)
     return SweepOutcome(spec, compared, None, _finish(plan.root, compared, plan.root))
 
@@ -304,7 +296,7 @@ def _status(compared: orchestrate.CompareOutcome, prefix: str = "") -> dict[str,
     return {
         f"{prefix}{label}/seed{seed}": {"status": "failed", "error": compared.failures[(label, seed)]}
         if (label, seed) in compared.failures else {"status": "finished"}
-        for (label, seed) in compared.plan.configs
+        for (label, seed) in (job.key for job in compared.plan.jobs)
     }
 
 
@@ -319,7 +311,7 @@ def _finish(root: Path, compared: orchestrate.CompareOutcome, out: Path, before:
         status.update(_status(earlier, f"{stage}/"))
     status.update(_status(compared, f"{root.relative_to(out)}/" if root != out else ""))
     atomic_write_json(out / STATUS_FILE, {"root": str(root), "runs": status})
-    folders = [plan.folder(label, seed) for (label, seed) in plan.configs if (label, seed) not in compared.failures]
+    folders = [job.folder for job in plan.jobs if job.key not in compared.failures]
     try:
         _, table = aggregate_paths(folders) if folders else ({}, "no run finished")
     except AggregationError as e:

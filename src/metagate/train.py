@@ -6,7 +6,6 @@ Reads top to bottom: ``fit`` is the whole loop. It never knows which method it d
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import sys
@@ -18,75 +17,19 @@ import torch
 from tqdm.auto import tqdm
 
 from metagate import metrics
-from metagate.config import config_from_dict
 from metagate.data import build_stream
 from metagate.data.stream import Stream, Task
 from metagate.methods import Batch, Method, create_method
 from metagate.runs import CheckpointError, RunDir, environment
 from metagate.runtime import PeakMemory, check_machine, configure_threads, resolve_device
 from metagate.schema import ExperimentConfig
+from metagate.seeds import few_shot_seed, task_seed
 from metagate.tracking import Tracker, check_tracking, open_tracker, summary_figures, task_figures
 
-__all__ = ["Trainer", "TrainingDiverged", "differing_keys", "evaluate", "resolve_device", "run_identity", "same_run"]
+__all__ = ["Trainer", "TrainingDiverged", "evaluate", "resolve_device", "task_seed"]
 
-# Trainer fields that may differ between a run and its resumption (they do not change the numbers).
-RESUME_FREE_KEYS = ("device", "progress", "eval_batch_size", "checkpoint")
-# Top-level sections that are not part of a run: another run (reference), where its numbers are sent (tracking).
-NOT_THE_RUN = ("reference", "tracking")
 # metrics.jsonl record fields that say where a record belongs; the others are its values.
 RECORD_FIELDS = ("type", "task", "epoch", "step")
-# added to a task's seed for the generator of a few-shot measurement's examples (another stream than its batches')
-FEW_SHOT_SEED_OFFSET = 104_729
-
-
-def run_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What makes two configs the same run: all but the keys a resumed run may change, the
-    ``reference`` (another run) and ``tracking`` (where the numbers are sent)."""
-    trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in RESUME_FREE_KEYS}
-    return {**{k: v for k, v in config.items() if k not in NOT_THE_RUN}, "trainer": trainer}
-
-
-def with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config read through today's schema: a field added since the run was written takes its
-    default, which reproduces the behaviour from before the field existed (new fields are added that
-    way here), so a finished run stays reusable. Explicit values are kept as written; a config that no
-    longer parses is returned unchanged (and then differs). ``tracking`` is read as off: it is not part
-    of the run, and comparing must not need a tracking backend's package."""
-    try:
-        return config_from_dict(copy.deepcopy({k: v for k, v in saved.items() if k != "tracking"})).to_dict()
-    except Exception:  # noqa: BLE001 - any parse failure means "not the same run"; the caller says what differs
-        return saved
-
-
-def same_run(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether a saved config and the current one are the same run (see :func:`run_identity`)."""
-    return run_identity(with_current_defaults(saved)) == run_identity(current)
-
-
-def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts (missing counts as differing)."""
-    out = []
-    for key in sorted(set(a) | set(b), key=str):
-        va, vb, name = a.get(key), b.get(key), f"{prefix}{key}"
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += differing_keys(va, vb, f"{name}.")
-        elif va != vb or (key in a) != (key in b):
-            out.append(name)
-    return out
-
-
-def describe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
-    """``method.c: 0.1 there vs 1.0 here; ...`` (saved vs current) for the first few differing keys."""
-
-    def get(d: dict[str, Any], dotted: str) -> Any:
-        for part in dotted.split("."):
-            d = d.get(part, "<absent>") if isinstance(d, dict) else "<absent>"
-        return d
-
-    saved = with_current_defaults(saved)
-    keys = differing_keys(run_identity(saved), run_identity(current))
-    shown = [f"{k}: {get(saved, k)!r} there vs {get(current, k)!r} here" for k in keys[:6]]
-    return "; ".join(shown) + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,12 +40,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def task_seed(seed: int, task_index: int) -> int:
-    """A seed per (run seed, task): each task's randomness is independent of how the run got there,
-    so a resumed run draws the same batches and dropout masks as an uninterrupted one."""
-    return (seed * 1_000_003 + task_index * 7919 + 1) % 2**63
 
 
 @torch.no_grad()
@@ -129,7 +66,10 @@ def evaluate(method: Method, tasks: list[Task], batch_size: int, split: str = "t
 
 
 class Trainer:
-    """Drives one method through one stream for one config, writing into ``run`` (if given)."""
+    """Drives one method through one stream for one validated config, writing into ``run`` (if given).
+
+    It never reads a config file nor decides what a run folder holds: :mod:`metagate.orchestrate` creates or
+    opens the folder, holds its lock, and checks that a resumed run is the same run (:mod:`metagate.identity`)."""
 
     def __init__(self, cfg: ExperimentConfig, run: RunDir | None = None) -> None:
         self.cfg = cfg
@@ -163,13 +103,7 @@ class Trainer:
 
     def _load_state(self) -> dict[str, Any]:
         assert self.run is not None
-        ckpt = self.run.load_checkpoint(self.device)
-        saved, current = ckpt.get("config", {}), self.cfg.to_dict()
-        if not same_run(saved, current):
-            raise CheckpointError(
-                f"checkpoint {self.run.checkpoint_path} was written by another config ({describe_difference(saved, current)}); "
-                "resume with the run's own config.yaml (no overrides), or start a new run in another --out"
-            )
+        ckpt = self.run.load_checkpoint(self.device)  # that it is this config's run, orchestration checked
         data = ckpt.get("provenance", {})
         if data.get("sha256") and data.get("sha256") != self.stream.provenance.get("sha256"):
             raise CheckpointError(
@@ -209,22 +143,17 @@ class Trainer:
     # ----------------------------------------------------------------- loop
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train the stream (from the last checkpoint with ``resume``), holding the run folder's lock."""
+        """Train the stream (from the run folder's last checkpoint with ``resume``). The caller owns the
+        folder: it made or opened it, holds its lock, and checked that a resumed run is this config's."""
         self.memory = PeakMemory(self.device).start()
         try:
-            if self.run is not None:
-                self.run.lock()
-            try:
-                return self._fit(resume)
-            except BaseException as e:
-                self.tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-                raise
-            finally:
-                self.tracker.close()  # a no-op once closed; before the folder is unlocked (TensorBoard writes into it)
-                self.tracker = Tracker()
-                if self.run is not None:
-                    self.run.unlock()
+            return self._fit(resume)
+        except BaseException as e:
+            self.tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
         finally:
+            self.tracker.close()  # a no-op once closed; before the caller unlocks the folder (TensorBoard writes into it)
+            self.tracker = Tracker()
             self.memory.stop()
 
     def _fit(self, resume: bool) -> dict[str, Any]:
@@ -320,7 +249,7 @@ class Trainer:
             state["next_task"] = t + 1
             self._log({"type": "eval", "task": t, "step": state["steps"], "acc": row, "heldout_acc": held, "val_acc": val})
             self.tracker.log_task(t, task_figures(t, row, val, held, (state.get("task_seconds") or [None])[-1]))
-            for name, image in method.artifacts(task).items():  # sample grids of generative replay methods
+            for name, image in method.report(task).images.items():  # sample grids of generative replay methods
                 if self.run is not None:
                     self.run.write_image(name, image)
                 state.setdefault("artifacts", []).append(name)
@@ -360,7 +289,7 @@ class Trainer:
         test and val accuracy with what the method inferred from a few labelled examples, appended to the state's
         ``few_shot_acc`` / ``few_shot_val_acc`` (absent for methods without one). The examples' generator is seeded
         from the run's seed and the task, so a resumed run draws the same."""
-        seed = (task_seed(self.cfg.seed, task.index) + FEW_SHOT_SEED_OFFSET) % 2**63
+        seed = few_shot_seed(self.cfg.seed, task.index)
         probe = self.method.few_shot(task, torch.Generator(device=self.device).manual_seed(seed))
         if probe is None:
             return
@@ -381,11 +310,13 @@ class Trainer:
         cfg = self.cfg
         acc = state["acc_rows"]
         secs = state["train_seconds"]
+        peak_memory = self.memory.stop()  # the run's own peak, before the method's report is made
+        report = self.method.report()
         return {
             "method": cfg.method.name,
             "benchmark": cfg.benchmark.name,
             "scenario": self.stream.scenario,
-            "test_time_info": self.method.test_time_info(),
+            "test_time_info": report.test_time_info,
             "seed": cfg.seed,
             "num_tasks": self.stream.num_tasks,
             "task_names": [t.name for t in self.stream.tasks],
@@ -403,16 +334,16 @@ class Trainer:
             "task_seconds": state.get("task_seconds"),  # training time of each task (None: a run resumed from an older checkpoint)
             "train_samples_per_second": state["samples_seen"] / secs if secs > 0 else None,
             "train_steps": state["steps"],
-            "peak_memory_mb": self.memory.stop(),
+            "peak_memory_mb": peak_memory,
             "device": str(self.device),
             "threads": self.threads,
             "data": self.stream.provenance,
-            **self._storage(),
+            **self._storage(report.task_bytes),
             **({"artifacts": state["artifacts"]} if state.get("artifacts") else {}),
             # few-shot accuracy of each task before training it (methods with a few-shot measurement only)
             **{k: state[k] for k in ("few_shot_acc", "few_shot_val_acc") if k in state},
-            **self.method.extra_results(),
-            **self._mask_figures(),
+            **report.figures,
+            **self._mask_figures(report.unit_masks),
         }
 
     def _validation(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -427,19 +358,18 @@ class Trainer:
             **{f"val_{k}": v for k, v in metrics.summary(rows, state["initial_val"]).items()},
         }
 
-    def _storage(self) -> dict[str, Any]:
+    @staticmethod
+    def _storage(sizes: list[int | None] | None) -> dict[str, Any]:
         """``task_bytes``: what each task added to what the method keeps (its mask bits, head, embedding, ...);
         ``bytes_per_task``: their mean over the tasks after the first (the first may carry a backbone)."""
-        sizes = [self.method.task_bytes(t) for t in self.stream.tasks]
-        if any(s is None for s in sizes):
+        if sizes is None or any(s is None for s in sizes):
             return {"task_bytes": None, "bytes_per_task": None}
         later = sizes[1:] or sizes
         return {"task_bytes": sizes, "bytes_per_task": sum(later) / len(later)}  # type: ignore[arg-type]
 
-    def _mask_figures(self) -> dict[str, Any]:
-        """Density and overlap of the tasks' masks, for gating methods (those with ``unit_mask``)."""
-        masks = [self.method.unit_mask(t) for t in self.stream.tasks]
-        if any(m is None for m in masks):
+    def _mask_figures(self, masks: list[torch.Tensor | None] | None) -> dict[str, Any]:
+        """Density and overlap of the tasks' masks, for gating methods (those that report ``unit_masks``)."""
+        if masks is None or any(m is None for m in masks):
             return {}
         oracle = [t.oracle_mask for t in self.stream.tasks]
         return metrics.mask_summary(

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from metagate.data import BENCHMARKS
+from metagate.data.base import BENCHMARKS
 from metagate.data.angles import AngleFields, angle_schedule
 from metagate.data.sources import (
     DatasetName,

@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import Tensor
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, TestTimeInfo
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport, TestTimeInfo
 from metagate.methods.stabilizers import SIStabilizer
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.dendrites import DendriticMLP
@@ -181,7 +181,14 @@ class ActiveDendrites(Method):
         contexts, index = self.contexts_for(x, task, task_ids, inferring)
         return self.mask_logits(self.model(x, contexts, index), task, task_ids)
 
-    def test_time_info(self) -> TestTimeInfo:
+    def report(self, task: Task | None = None) -> MethodReport:
+        out = super().report(task)
+        if task is None:
+            out.test_time_info = self._test_time_info()
+            out.figures = {**out.figures, **self._figures()}
+        return out
+
+    def _test_time_info(self) -> TestTimeInfo:
         if self.label_masking or self.num_heads > 1:
             return "task_id"
         if self.cfg.context == "stream":
@@ -232,7 +239,7 @@ class ActiveDendrites(Method):
             out.append(None if found is None else float((slots[found[1]] == self.slot[task.index]).float().mean()))
         return out
 
-    def extra_results(self) -> dict[str, Any]:
+    def _figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "dendrites": {
                 "context": self.cfg.context,

@@ -3,8 +3,13 @@
 A Method owns its networks, optimisers and the state that fights forgetting. The Trainer drives it
 through a few hooks and never knows which method it drives:
 
-    before_task(task) -> training_data(task) -> train_step(batch, task)* -> after_task(task)
+    before_task(task) -> train_step(batch, task)* -> after_task(task)
     predict(x, task) -> logits        (evaluation, any task, trained or not)
+    report(task | None) -> MethodReport   (what it adds to the results: after a task, at the end)
+
+Optional, for methods that need them: ``training_data(task)`` (what the batches are drawn from: joint
+training's union of tasks), ``epochs_for(task, epochs)`` (passes per task: methods trained in phases) and
+``few_shot(task, generator)`` (a measurement before a task trains).
 
 State (weights, optimiser, importance, masks, ...) round-trips through ``state_dict()`` /
 ``load_state_dict()``: buffers are allocated at construction so a fresh method loads any checkpoint
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -47,6 +53,24 @@ class TrainingData(NamedTuple):
 
 
 TestTimeInfo = Literal["none", "task_id", "context"]
+
+
+@dataclass
+class MethodReport:
+    """What a method adds to its run's results (:meth:`Method.report`).
+
+    After each task: ``images``, the pictures the run folder keeps of that moment (file name ending ``.png`` ->
+    ``[C, H, W]`` or ``[H, W]`` values in ``[0, 1]``; generators' sample grids). At the end of the stream: what the
+    method uses at test time besides the input (``test_time_info``), the bytes each task added to what it keeps
+    (``task_bytes``, one per training task, ``None`` where it does not count them), each task's binary mask over
+    its gated units (``unit_masks``, gating methods; the Trainer adds their density and overlap), and any further
+    figures for ``results.json`` (``figures``)."""
+
+    test_time_info: TestTimeInfo = "none"
+    task_bytes: list[int | None] | None = None
+    unit_masks: list[Tensor | None] | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, Tensor] = field(default_factory=dict)
 
 
 class BaseMethodConfig(MethodConfig):
@@ -182,14 +206,6 @@ class Method(nn.Module):
         row[list(task.classes)] = True
         return row
 
-    def test_time_info(self) -> TestTimeInfo:
-        """What the method uses at test time besides the input: ``task_id`` when it predicts a task
-        through the task's identity (label masking, a head or a mask per task), else ``none``.
-        (``context``: a method that predicts from the task's context vector alone.)"""
-        if self.gates or self.label_masking or self.num_heads > 1:
-            return "task_id"
-        return "context" if self.cfg.context_input != "none" else "none"
-
     def mask_logits(self, logits: Tensor, task: Task, task_ids: Tensor | None = None) -> Tensor:
         """The task's own head (``heads=per_task``), then task-incremental label masking: outputs of
         other tasks get ``-inf``."""
@@ -279,17 +295,31 @@ class Method(nn.Module):
         only measures, and training then proceeds as without it."""
         return None
 
+    def report(self, task: Task | None = None) -> MethodReport:
+        """What the method adds to its run's results (:class:`MethodReport`): after training ``task`` the Trainer
+        asks with it and keeps the ``images``; at the end of the stream it asks with ``None`` and keeps the rest.
+        A method extends ``super().report(task)``; the default reports nothing after a task, and at the end what
+        the base class knows: ``task_id`` at test time with label masking, a head per task or gating, ``context``
+        with a context input, else ``none``; a gating method's ``unit_mask`` of every task.
+
+        Kept for one release: the former hooks ``test_time_info``, ``task_bytes``, ``extra_results`` and
+        ``artifacts``, where a method still defines them, are reported through this default."""
+        if task is not None:
+            return MethodReport(images=self.artifacts(task))
+        tasks = self.stream.tasks
+        info = self.test_time_info()
+        sizes = [self.task_bytes(t) for t in tasks]
+        figures = self.extra_results()
+        masks = [self.unit_mask(t) for t in tasks]
+        return MethodReport(
+            test_time_info=info,
+            task_bytes=None if any(s is None for s in sizes) else sizes,
+            unit_masks=None if any(m is None for m in masks) else masks,
+            figures=figures,
+        )
+
     def unit_mask(self, task: Task) -> Tensor | None:
         """For gating methods: the task's binary mask over all gated units, flattened (else ``None``)."""
-        return None
-
-    def extra_results(self) -> dict[str, Any]:
-        """Method-specific figures for results.json (masks' density and overlap, ...)."""
-        return {}
-
-    def task_bytes(self, task: Task) -> int | None:
-        """Bytes that training ``task`` adds to what the method keeps (its mask bits, head, embedding, ...),
-        beyond the state every task shares; ``None`` where the method does not count it."""
         return None
 
     def head_bytes(self) -> int:
@@ -301,13 +331,30 @@ class Method(nn.Module):
             return 0
         return (head.weight.numel() + (head.bias.numel() if head.bias is not None else 0)) * 4 // self.num_heads
 
+    # ---------------------------------------------------------------- former reporting hooks (one release)
+
+    def test_time_info(self) -> TestTimeInfo:
+        """Deprecated: set :attr:`MethodReport.test_time_info` in :meth:`report`. The base class's answer:
+        ``task_id`` when it predicts a task through the task's identity (label masking, a head or a mask per
+        task), ``context`` with a context input, else ``none``."""
+        if self.gates or self.label_masking or self.num_heads > 1:
+            return "task_id"
+        return "context" if self.cfg.context_input != "none" else "none"
+
+    def extra_results(self) -> dict[str, Any]:
+        """Deprecated: put method-specific figures in :attr:`MethodReport.figures` in :meth:`report`."""
+        return {}
+
+    def task_bytes(self, task: Task) -> int | None:
+        """Deprecated: set :attr:`MethodReport.task_bytes` in :meth:`report`."""
+        return None
+
     def artifacts(self, task: Task) -> dict[str, Tensor]:
-        """Images the run folder keeps after ``task`` (generators' sample grids): file name (``.png``) ->
-        ``[C, H, W]`` or ``[H, W]`` values in ``[0, 1]``. The Trainer writes them; a method never writes files."""
+        """Deprecated: return images in :attr:`MethodReport.images` from :meth:`report` after a task."""
         return {}
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", group="metagate.methods")
 
 
 def create_method(cfg: MethodConfig, stream: Stream, trainer: TrainerConfig, device: torch.device) -> Method:

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport
 from metagate.methods.components.generative import VAE, WGANGP, GeneratorConfig, image_grid
 
 
@@ -157,8 +157,12 @@ class DGR(Method):
             self.gen.g_opt.load_state_dict(opts["g"])
             self.gen.c_opt.load_state_dict(opts["c"])
 
+    def report(self, task: Task | None = None) -> MethodReport:
+        """After each task, a grid of the generator's samples (:meth:`_images`)."""
+        return MethodReport(images=self._images(task)) if task is not None else super().report()
+
     @torch.no_grad()
-    def artifacts(self, task: Task) -> dict[str, Tensor]:
+    def _images(self, task: Task) -> dict[str, Tensor]:
         """A 10 x 10 grid of the generator's samples after each task (fixed noise for the WGAN)."""
         self.gen.eval()
         if isinstance(self.gen, VAE):

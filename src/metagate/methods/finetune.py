@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Method
+from metagate.methods.base import METHODS, BaseMethodConfig, Method, MethodReport
 
 
 @METHODS.register("finetune")
@@ -17,6 +17,9 @@ class Finetune(Method):
 
     name = "finetune"
 
-    def task_bytes(self, task: Task) -> int:
+    def report(self, task: Task | None = None) -> MethodReport:
         """Nothing is kept per task (one shared network), but a task's own head with ``heads=per_task``."""
-        return self.head_bytes()
+        out = super().report(task)
+        if task is None:
+            out.task_bytes = [self.head_bytes() for _ in self.stream.tasks]
+        return out

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, MethodReport
 from metagate.methods.components.hypernet_cl import HypernetCL, HypernetCLConfig
 
 
@@ -240,8 +240,14 @@ class HNet(HypernetCL):
 
     # ---------------------------------------------------------------- results
 
+    def report(self, task: Task | None = None) -> MethodReport:
+        out = super().report(task)
+        if task is None:
+            out.figures = {**out.figures, **self._figures()}
+        return out
+
     @torch.no_grad()
-    def extra_results(self) -> dict[str, Any]:
+    def _figures(self) -> dict[str, Any]:
         hnet_params = sum(p.numel() for _, p in self.theta())
         target_params = self.hnet.num_outputs
         return {

@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import Tensor
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, MethodReport
 from metagate.methods.components.hypernet_cl import HypernetCL, HypernetCLConfig
 from metagate.nn.hypernetwork import percentile
 
@@ -233,8 +233,14 @@ class HyperMask(HypernetCL):
         """Which target weights the task uses (mask value above 0), over every masked tensor, flattened."""
         return torch.cat([m.flatten() > 0 for m in self.task_masks(task)[:-1]])
 
+    def report(self, task: Task | None = None) -> MethodReport:
+        out = super().report(task)
+        if task is None:
+            out.figures = {**out.figures, **self._figures()}
+        return out
+
     @torch.no_grad()
-    def extra_results(self) -> dict[str, Any]:
+    def _figures(self) -> dict[str, Any]:
         return {
             "mask_value_mean": [float(torch.cat([m.flatten() for m in self.task_masks(t)[:-1]]).mean()) for t in self.stream.tasks],
             **self.task_inference_results(),

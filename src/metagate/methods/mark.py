@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport
 
 # --------------------------------------------------------------------------- networks
 
@@ -572,8 +572,14 @@ class Mark(Method):
             return torch.ones(sum(self.cfg.kb_channels), dtype=torch.bool)
         return (m > 0).float().mean(0) >= 0.5
 
+    def report(self, task: Task | None = None) -> MethodReport:
+        out = super().report(task)
+        if task is None:
+            out.figures = {**out.figures, **self._figures()}
+        return out
+
     @torch.no_grad()
-    def extra_results(self) -> dict[str, Any]:
+    def _figures(self) -> dict[str, Any]:
         """MARK's masks are continuous and per sample: per task the mean fraction of KB channels with a
         scale above 0 (``mark_mask_sample_density``), the mean scale, how far a sample's mask is from its task's
         mean mask (``mark_mask_within_task_cosine``: mean cosine of each sample's mask with its task's mean), and

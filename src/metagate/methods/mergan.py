@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport
 from metagate.methods.components.generative import WGANGP, GeneratorConfig, image_grid
 from metagate.nn.backbones import BackboneConfig, build_backbone
 
@@ -220,13 +220,20 @@ class MeRGAN(Method):
         learned = sorted({c for t in self.stream.tasks[: task.index + 1] for c in t.classes})
         self.gen_acc[task.index, learned] = self.generated_accuracy(learned)
 
-    def extra_results(self) -> dict[str, Any]:
+    def report(self, task: Task | None = None) -> MethodReport:
+        if task is not None:
+            return MethodReport(images=self._images(task))
+        out = super().report(task)
+        out.figures = {**out.figures, **self._figures()}
+        return out
+
+    def _figures(self) -> dict[str, Any]:
         rows = [[None if v != v else v for v in row] for row in self.gen_acc.cpu().tolist()]
         means = [None if all(v is None for v in r) else sum(v for v in r if v is not None) / sum(v is not None for v in r) for r in rows]
         return {"generated_class_acc": rows, "generated_acc": means, "evaluator_test_acc": float(self.evaluator_acc)}
 
     @torch.no_grad()
-    def artifacts(self, task: Task) -> dict[str, Tensor]:
+    def _images(self, task: Task) -> dict[str, Tensor]:
         """Rows: the classes learned so far; columns: 10 samples from fixed noise (one batch per class)."""
         learned = sorted({c for t in self.stream.tasks[: task.index + 1] for c in t.classes})
         k = len(learned)

@@ -11,11 +11,12 @@ from torch import Tensor, nn
 
 from metagate import metrics
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS
+from metagate.methods.base import METHODS, MethodReport
 from metagate.methods.oracle import Oracle
 from metagate.methods.xdg import XdG
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.gates import BitMask
+from metagate.seeds import METHOD_DRAW_OFFSET
 
 
 @METHODS.register("nearest_context")
@@ -60,7 +61,7 @@ class NearestContext(Oracle):
         self.register_buffer("contexts", torch.stack([t.context for t in tasks]).float().to(self.device), persistent=False)
         # which tasks' masks are fixed (trained, or training now); the others are looked up on demand
         self.register_buffer("fixed", torch.zeros(len(tasks), dtype=torch.bool, device=self.device))
-        gen = torch.Generator().manual_seed(int(self.mask_seed) + 104_729)
+        gen = torch.Generator().manual_seed(int(self.mask_seed) + METHOD_DRAW_OFFSET)
         # the mask each training task would have had zero-shot, just before it trained (for results)
         self.register_buffer("zero_shot_masks", torch.zeros(self.stream.num_tasks, sum(self.model.gated_widths), dtype=torch.bool, device=self.device))
         self.register_buffer("tie_break", torch.rand(sum(self.model.gated_widths), generator=gen).to(self.device) * 1e-6)
@@ -114,7 +115,13 @@ class NearestContext(Oracle):
         self._dense[task.index] = [m.float() for m in looked_up]
         return self._dense[task.index]
 
-    def extra_results(self) -> dict[str, Any]:
+    def report(self, task: Task | None = None) -> MethodReport:
+        out = super().report(task)
+        if task is None:
+            out.figures = {**out.figures, **self._figures()}
+        return out
+
+    def _figures(self) -> dict[str, Any]:
         """Per training task, its zero-shot mask (looked up just before it trained) as unit indices,
         those masks' overlap and context correlation (as metagate's zero-shot figures), and the fraction of its oracle mask's units that mask holds (``None`` without oracle masks)."""
         out: dict[str, Any] = {"zero_shot_masks": [torch.nonzero(m).flatten().tolist() for m in self.zero_shot_masks]}

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, TestTimeInfo
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport, TestTimeInfo
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.gates import BitMask, binarize_ste
 
@@ -260,7 +260,15 @@ class Piggyback(Method):
         """Which backbone weights the task uses, over every masked tensor, flattened."""
         return torch.cat([m.flatten() for m in self.task_masks(task)]).bool()
 
-    def test_time_info(self) -> TestTimeInfo:
+    def report(self, task: Task | None = None) -> MethodReport:
+        out = super().report(task)
+        if task is None:
+            out.test_time_info = self._test_time_info()
+            out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
+            out.figures = {**out.figures, **self._figures()}
+        return out
+
+    def _test_time_info(self) -> TestTimeInfo:
         return "task_id"
 
     # ---------------------------------------------------------------- hooks
@@ -346,7 +354,7 @@ class Piggyback(Method):
 
     # ---------------------------------------------------------------- figures
 
-    def task_bytes(self, task: Task) -> int:
+    def _task_bytes(self, task: Task) -> int:
         """What the task adds to storage: its mask's bits and its head (float32); the first task under
         ``pretrain=first_task`` adds the backbone itself."""
         head = sum(p.numel() for p in self.heads[task.index].parameters()) * 4
@@ -354,7 +362,7 @@ class Piggyback(Method):
             return head + sum(p.numel() * p.element_size() for p in self.model.parameters())
         return head + sum(m.nbytes for m in self.stored[task.index])
 
-    def extra_results(self) -> dict[str, Any]:
+    def _figures(self) -> dict[str, Any]:
         return {
             "piggyback": {
                 "pretrain": self.cfg.pretrain,

@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Method
+from metagate.methods.base import METHODS, BaseMethodConfig, Method, MethodReport
 from metagate.methods.stabilizers import EWCStabilizer, SIStabilizer
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.dropout import Dropout
@@ -149,6 +149,10 @@ class XdG(Method):
     def unit_mask(self, task: Task) -> Tensor:
         return torch.cat(self.task_masks(task)).bool()
 
-    def task_bytes(self, task: Task) -> int:
-        """The task's unit mask as bits (SI's importance and anchor are shared by all tasks)."""
-        return sum(m.nbytes for m in self.masks[str(task.index)]) + self.head_bytes()
+    def report(self, task: Task | None = None) -> MethodReport:
+        """Bytes per task: the task's unit mask as bits (SI's importance and anchor are shared by all tasks);
+        the tasks' unit masks (:meth:`unit_mask`)."""
+        out = super().report(task)
+        if task is None:
+            out.task_bytes = [sum(m.nbytes for m in self.masks[str(t.index)]) + self.head_bytes() for t in self.stream.tasks]
+        return out

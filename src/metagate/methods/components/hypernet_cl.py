@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagate.data.stream import Task
-from metagate.methods.base import BaseMethodConfig, Method, TestTimeInfo
+from metagate.methods.base import BaseMethodConfig, Method, MethodReport, TestTimeInfo
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.hypernetwork import HyperNetwork
 
@@ -214,11 +214,18 @@ class HypernetCL(Method):
             return self.infer(x)[0]
         return self(x, task)
 
-    def task_bytes(self, task: Task) -> int:
+    def report(self, task: Task | None = None) -> MethodReport:
+        out = super().report(task)
+        if task is None:
+            out.test_time_info = self._test_time_info()
+            out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
+        return out
+
+    def _task_bytes(self, task: Task) -> int:
         """The task's learned embedding (float32; none with ``embedding=context``): the hypernetwork is shared."""
         return self.cfg.embedding_dim * 4 if self.cfg.embedding == "learned" else 0
 
-    def test_time_info(self) -> TestTimeInfo:
+    def _test_time_info(self) -> TestTimeInfo:
         if self.cfg.task_inference == "entropy":
             return "none"
         return "context" if self.cfg.embedding == "context" else "task_id"
