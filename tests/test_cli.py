@@ -150,7 +150,7 @@ def test_compare_resume_reuses_finished_runs_only_of_the_same_config(tmp_path: P
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "c" / "finetune" / "seed0" / "results.json").read_text()) == first
     res = runner.invoke(app, ["compare", *FAST, "trainer.lr=0.01", "--methods", "finetune", "--seeds", "1", "--out", out, "--resume"])
-    assert res.exit_code == 1 and "another config (trainer.lr: 0.001 there vs 0.01 here)" in res.output
+    assert res.exit_code == 2 and "another config (trainer.lr: 0.001 there vs 0.01 here); nothing was written" in res.output
     assert not (tmp_path / "c" / "finetune" / "seed0" / "error.txt").exists()  # a finished run is left as it was
 
 
@@ -168,7 +168,7 @@ def test_a_finished_run_written_before_a_field_existed_is_reused_when_the_field_
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "c" / "finetune" / "seed0" / "results.json").read_text()) == first
     res = runner.invoke(app, ["compare", *FAST, "trainer.iterations_per_task=5", "--methods", "finetune", "--seeds", "1", "--out", out, "--resume"])
-    assert res.exit_code == 1 and "another config (trainer.iterations_per_task: 0 there vs 5 here)" in res.output
+    assert res.exit_code == 2 and "another config (trainer.iterations_per_task: 0 there vs 5 here)" in res.output
 
 
 def test_compare_method_specific_overrides(tmp_path: Path) -> None:

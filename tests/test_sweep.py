@@ -178,7 +178,7 @@ def test_every_ready_sweep_plans_without_error(tmp_path: Path) -> None:
         spec = read_spec(name, {})
         method_of = parse_entries(spec.method_list())
         variants = [v for vs in expand(method_of, grid_points(spec, method_of)).values() for v in vs]
-        plan = plan_jobs(name, [], variants, spec.seeds, tmp_path / name, False, lambda b, s: tmp_path)
+        plan = plan_jobs(name, [], variants, spec.seeds, tmp_path / name, lambda b, s: tmp_path)
         assert len(plan.jobs) == len(variants) * spec.seeds
 
 

@@ -36,14 +36,20 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code=code)
 
 
-def _interrupted(folder: Path, checkpoint: bool, again: str) -> NoReturn:
-    """Ctrl-C: say what is kept and how to go on."""
+def _interrupted(folder: Path, checkpoint: bool, again: str, one_run: bool = False) -> NoReturn:
+    """Ctrl-C: say what is kept and how to go on. ``one_run`` (``metagate run``): ``again`` resumes the run in
+    ``folder`` only from a checkpoint (or a finished run, whose references it then finishes); the many-run
+    commands continue anything (a run without a checkpoint is restarted, its attempt kept aside)."""
     from metagate.runs import RunDir
 
+    kept = (folder / RunDir.CHECKPOINT).is_file() or (folder / RunDir.RESULTS).is_file()
     if not checkpoint:
         hint = "this run wrote no checkpoints (trainer.checkpoint=false), so it cannot be resumed; start it again"
-    elif (folder / RunDir.CHECKPOINT).is_file() or any(folder.glob(f"*/*/{RunDir.CHECKPOINT}")):
+    elif kept or (not one_run and any(folder.glob(f"*/*/{RunDir.CHECKPOINT}"))):
         hint = f"the last checkpoint is kept; continue with: {again}"
+    elif one_run:
+        hint = (f"no task had finished, so there is no checkpoint to resume from; start the run again "
+                f"in another folder, or delete {folder} first")
     else:
         hint = f"no task had finished; {again} starts it afresh"
     typer.secho(f"interrupted: {hint}", fg=typer.colors.YELLOW, err=True)
@@ -77,7 +83,7 @@ def run(
     try:
         outcome = orchestrate.run_with_reference(cfg, out, resume, typer.echo, announce)
     except KeyboardInterrupt:
-        _interrupted(out, cfg.trainer.checkpoint, again)
+        _interrupted(out, cfg.trainer.checkpoint, again, one_run=True)
     except orchestrate.RunProblem as e:
         _fail(str(e))
     typer.echo("")

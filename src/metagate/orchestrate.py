@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,7 +24,9 @@ from metagate import aggregate, report
 from metagate.config import ConfigError, config_from_dict, load_config
 from metagate.identity import describe_difference, same_run
 from metagate.plan import Job, Plan, Variant, expand, parse_entries, parse_grid, plan_jobs, split_overrides
-from metagate.runs import CheckpointError, RunDir, RunFolderBusy, RunFolderError, atomic_write_json, atomic_write_text, default_run_dir
+from metagate.runs import (
+    CheckpointError, RunDir, RunFolderBusy, RunFolderError, atomic_write_json, atomic_write_text, default_run_dir, write_problem,
+)
 from metagate.schema import ExperimentConfig
 from metagate.train import Trainer, TrainingDiverged
 
@@ -192,6 +195,86 @@ def reference_dir(i: int) -> str:
     return REFERENCE_DIR if i == 0 else f"{REFERENCE_DIR}-{i + 1}"
 
 
+# --------------------------------------------------------------------------- folders of many runs
+
+
+COMPARISON_JSON, COMPARISON_MD = "comparison.json", "comparison.md"
+_held: dict[Path, list[Any]] = {}  # folders this process holds: resolved path -> [RunDir, depth]
+
+
+def check_out(root: Path) -> None:
+    """A folder for many runs that can be made (or used): refused in one line when it is a file or under one."""
+    if root.exists() and not root.is_dir():
+        raise RunFolderError(f"{root} is a file, not a folder; nothing was written. Choose another --out.")
+    above = next((p for p in root.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise RunFolderError(f"{above} is a file, so no folder can be made under it; nothing was written. Choose another --out.")
+
+
+def _has_content(root: Path) -> bool:
+    return root.is_dir() and any(p.name != RunDir.LOCK for p in root.iterdir())
+
+
+def check_folders(plan: Plan, resume: bool) -> None:
+    """Everything about a plan's folders, before anything in them is touched: the folder can be made; without
+    ``resume`` it is empty; with ``resume`` it is a comparison's folder of the same benchmark (its summaries are
+    ours to rewrite), and every run in it that would be reused or resumed is a run of its job's config (a
+    failed run is retried whatever its config: its attempt is moved aside)."""
+    root = plan.root
+    check_out(root)
+    if not _has_content(root):
+        return
+    if not resume:
+        raise RunFolderError(f"{root} already exists and is not empty; nothing was written. Pass --resume or another --out.")
+    benchmark = plan.jobs[0].cfg.benchmark.name
+    if (root / COMPARISON_JSON).exists() or (root / COMPARISON_MD).exists():
+        try:
+            record = json.loads((root / COMPARISON_JSON).read_text())
+            methods, earlier = record.get("methods"), record.get("benchmark")
+        except (OSError, ValueError, AttributeError):
+            methods = earlier = None
+        if not isinstance(methods, dict):
+            raise RunFolderError(
+                f"{root} is not the folder of a comparison (it holds a {COMPARISON_MD} or {COMPARISON_JSON} that metagate did not "
+                "write), so continuing here would write over them; nothing was written. Choose another --out."
+            )
+        if earlier != benchmark:
+            raise RunFolderError(
+                f"{root} holds a comparison on {earlier}, not {benchmark}; continuing here would write over its record; "
+                "nothing was written. Choose another --out."
+            )
+    for job in plan.jobs:
+        run = RunDir(job.folder)
+        kept = run.has_results() or (run.checkpoint_path.is_file() and not run.file(RunDir.ERROR).is_file())
+        if kept and not same_run(saved := run.read_config(), job.cfg.to_dict()):
+            raise RunFolderError(
+                f"{job.folder} holds a run of another config ({describe_difference(saved, job.cfg.to_dict())}); nothing was "
+                "written. Rerun with the settings it was made with, or choose another --out."
+            )
+
+
+@contextmanager
+def holding(folder: Path) -> Iterator[None]:
+    """Hold the folder of a compare, tune or sweep while it runs (its ``.lock``, as a run folder's): a second
+    command on it is refused at once, naming the holder. The folder is made here (a one-line error where it
+    cannot be). Re-entrant within this process: a tuned sweep holds its folder while its stages run."""
+    key = folder.resolve()
+    if key in _held:
+        _held[key][1] += 1
+    else:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_problem(folder, e) from None
+        _held[key] = [RunDir(folder).lock(), 1]
+    try:
+        yield
+    finally:
+        _held[key][1] -= 1
+        if _held[key][1] == 0:
+            _held.pop(key)[0].unlock()
+
+
 # --------------------------------------------------------------------------- running a plan
 
 
@@ -267,7 +350,11 @@ def run_compare(plan: Plan, resume: bool, echo: Echo = _quiet, execute: Executor
     :func:`metagate.aggregate.summarise`, its runs and its failures) and ``comparison.md`` (the table of
     :func:`metagate.aggregate.table`, and the failed runs); labels of an earlier comparison in the folder (on the
     same benchmark) that this one does not run are kept in both, as they were."""
-    plan.root.mkdir(parents=True, exist_ok=True)
+    with holding(plan.root):
+        return _run_compare(plan, resume, echo, execute)
+
+
+def _run_compare(plan: Plan, resume: bool, echo: Echo, execute: Executor) -> CompareOutcome:
     outcome = CompareOutcome(plan, {label: [] for label in plan.labels})
     ended: dict[tuple[str, int], dict[str, Any]] = {}
     for key, result in execute(plan.jobs, resume, echo):
@@ -354,29 +441,37 @@ def tune_variants(
     general, own = split_overrides(overrides, list(method_of))
     candidates = expand(method_of, points, own)
     variants = [v for vs in candidates.values() for v in vs]
-    tuning_plan = plan_jobs(config, general, variants, tuning_seeds, out / "tuning", resume, lambda b, s: out / "tuning",
-                            first_seed=TUNING_SEED_BASE)
-    if on_planned is not None:  # every tuning config validated, nothing written yet
-        on_planned()
-    echo(f"tuning: {len(variants)} variants x {tuning_seeds} seeds (from {TUNING_SEED_BASE}), chosen on validation accuracy")
-    tuning = run_compare(tuning_plan, resume, echo, execute)
-    labels = {label: [v.label for v in vs] for label, vs in candidates.items()}
-    picked, scores = choose_on_validation(tuning.results, labels)
-    chosen = {label: points[label][labels[label].index(v)] for label, v in picked.items()}
-    record = {
-        "protocol": "each variant on tuning seeds, chosen by mean val_acc; chosen variants rerun on fresh seeds, test reported",
-        "tuning_seeds": tuning_plan.seeds,
-        "final_seeds": None,
-        "candidates": {label: dict(zip(labels[label], points[label])) for label in candidates},
-        "validation": {v: {k: s[k] for k in ("mean", "std", "ci95", "n")} for v, s in scores.items()},
-        "chosen": chosen,
-    }
-    atomic_write_json(out / "tuning.json", record)
-    if choose_only:
-        return TuneOutcome(chosen, tuning, None, scores)
-    final = [Variant(label, method, (*chosen[label], *own.get(label, []))) for label, method in method_of.items()]
-    final_plan = plan_jobs(config, general, final, seeds, out / "final", resume, lambda b, s: out / "final")
-    echo(f"final: the chosen variants on {seeds} fresh seeds; test figures reported")
-    finished = run_compare(final_plan, resume, echo, execute)
-    atomic_write_json(out / "tuning.json", {**record, "final_seeds": final_plan.seeds})
-    return TuneOutcome(chosen, tuning, finished, scores)
+    tuning_plan = plan_jobs(config, general, variants, tuning_seeds, out / "tuning", lambda b, s: out / "tuning", first_seed=TUNING_SEED_BASE)
+    check_out(out)
+    check_folders(tuning_plan, resume)
+    if any(job.cfg.benchmark.val_fraction == 0 for job in tuning_plan.jobs):
+        raise ConfigError(
+            "tune chooses on validation accuracy, but benchmark.val_fraction=0 leaves no validation split to choose on; "
+            "set benchmark.val_fraction (e.g. 0.1); nothing was run"
+        )
+    with holding(out):  # tuning/, final/ and tuning.json: one writer
+        if on_planned is not None:  # every tuning config validated, nothing written yet
+            on_planned()
+        echo(f"tuning: {len(variants)} variants x {tuning_seeds} seeds (from {TUNING_SEED_BASE}), chosen on validation accuracy")
+        tuning = run_compare(tuning_plan, resume, echo, execute)
+        labels = {label: [v.label for v in vs] for label, vs in candidates.items()}
+        picked, scores = choose_on_validation(tuning.results, labels)
+        chosen = {label: points[label][labels[label].index(v)] for label, v in picked.items()}
+        record = {
+            "protocol": "each variant on tuning seeds, chosen by mean val_acc; chosen variants rerun on fresh seeds, test reported",
+            "tuning_seeds": tuning_plan.seeds,
+            "final_seeds": None,
+            "candidates": {label: dict(zip(labels[label], points[label])) for label in candidates},
+            "validation": {v: {k: s[k] for k in ("mean", "std", "ci95", "n")} for v, s in scores.items()},
+            "chosen": chosen,
+        }
+        atomic_write_json(out / "tuning.json", record)
+        if choose_only:
+            return TuneOutcome(chosen, tuning, None, scores)
+        final = [Variant(label, method, (*chosen[label], *own.get(label, []))) for label, method in method_of.items()]
+        final_plan = plan_jobs(config, general, final, seeds, out / "final", lambda b, s: out / "final")
+        check_folders(final_plan, resume)
+        echo(f"final: the chosen variants on {seeds} fresh seeds; test figures reported")
+        finished = run_compare(final_plan, resume, echo, execute)
+        atomic_write_json(out / "tuning.json", {**record, "final_seeds": final_plan.seeds})
+        return TuneOutcome(chosen, tuning, finished, scores)

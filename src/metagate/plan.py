@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 from metagate.config import ConfigError, apply_overrides, config_from_dict, find_config, read_yaml
-from metagate.runs import RunFolderError
 from metagate.runtime import check_machine
 from metagate.schema import ExperimentConfig
 
@@ -155,12 +154,13 @@ def expand(
 
 
 def plan_jobs(
-    config: str | None, overrides: list[str], variants: list[Variant], seeds: int, root: Path | None, resume: bool,
+    config: str | None, overrides: list[str], variants: list[Variant], seeds: int, root: Path | None,
     default_root: Callable[[str, int], Path], first_seed: int | None = None,
 ) -> Plan:
     """Every variant on ``seeds`` seeds (from ``first_seed``, default the config's own seed), each job's config
-    validated and checked against this machine, and the plan's folder checked, before anything is trained
-    or written. ``root=None``: ``default_root(benchmark, first seed)``."""
+    validated and checked against this machine before anything is trained or written (the folders are
+    orchestration's to check: :func:`metagate.orchestrate.check_folders`). ``root=None``: ``default_root(benchmark,
+    first seed)``."""
     base = apply_overrides(read_yaml(find_config(config)), overrides)
     base_seed = config_from_dict(base).seed
     start = base_seed if first_seed is None else first_seed
@@ -173,9 +173,5 @@ def plan_jobs(
     for _, _, cfg in configs:
         check_machine(cfg)
     root = root or default_root(configs[0][2].benchmark.name, start)
-    if root.exists() and not root.is_dir():
-        raise RunFolderError(f"{root} is a file, not a folder; nothing was written. Choose another --out.")
-    if root.exists() and any(root.iterdir()) and not resume:
-        raise RunFolderError(f"{root} already exists and is not empty; nothing was written. Pass --resume or another --out.")
     jobs = [Job(v, seed, cfg, root / v.label / f"seed{seed}") for v, seed, cfg in configs]
     return Plan(root, list(variants), seed_list, jobs)

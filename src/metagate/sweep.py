@@ -263,8 +263,8 @@ def _run_sweep(
     config: str | None, overrides: list[str], spec: SweepSpec, out: Path | None, resume: bool, echo: Echo,
     execute: Executor, auto_resume: bool, default_root: Callable[[str, int], Path] | None,
 ) -> SweepOutcome:
-    if out is not None and out.exists() and not out.is_dir():
-        raise RunFolderError(f"{out} is a file, not a folder; nothing was written. Choose another --out.")
+    if out is not None:
+        orchestrate.check_out(out)
     resume = resume or (auto_resume and out is not None and (out / SPEC_FILE).is_file())
     method_of = parse_entries(spec.method_list())
     points = grid_points(spec, method_of)
@@ -272,7 +272,7 @@ def _run_sweep(
     if spec.tune is not None:
         if out is None:
             raise ConfigError("a sweep with tune needs --out, the folder for tuning/, final/ and tuning.json")
-        if out.exists() and any(out.iterdir()) and not resume:
+        if orchestrate._has_content(out) and not resume:
             raise RunFolderError(f"{out} already exists and is not empty; nothing was written. Pass --resume or another --out.")
         root = out
         tuned = orchestrate.tune_variants(
@@ -280,16 +280,18 @@ def _run_sweep(
             on_planned=lambda: (_prepare(execute), _save_spec(root, record)),
         )
         assert tuned.final is not None
-        return SweepOutcome(spec, None, tuned, _finish(out / "final", tuned.final, out, {"tuning": tuned.tuning}))
+        with orchestrate.holding(out):
+            return SweepOutcome(spec, None, tuned, _finish(out / "final", tuned.final, out, {"tuning": tuned.tuning}))
     general, own = split_overrides(overrides, list(method_of))
     variants = [v for vs in expand(method_of, points, own).values() for v in vs]
-    plan = plan_jobs(config, general, variants, spec.seeds, out, resume, default_root or (lambda b, s: Path("runs") / f"sweep-{b}"))
-    _prepare(execute)
-    plan.root.mkdir(parents=True, exist_ok=True)
-    _save_spec(plan.root, record)
-    echo(f"{len(variants)} variants x {spec.seeds} seeds = {len(plan.jobs)} runs -> {plan.root}")
-    compared = orchestrate.run_compare(plan, resume, echo, execute)
-    return SweepOutcome(spec, compared, None, _finish(plan.root, compared, plan.root))
+    plan = plan_jobs(config, general, variants, spec.seeds, out, default_root or (lambda b, s: Path("runs") / f"sweep-{b}"))
+    orchestrate.check_folders(plan, resume)
+    with orchestrate.holding(plan.root):
+        _prepare(execute)
+        _save_spec(plan.root, record)
+        echo(f"{len(variants)} variants x {spec.seeds} seeds = {len(plan.jobs)} runs -> {plan.root}")
+        compared = orchestrate.run_compare(plan, resume, echo, execute)
+        return SweepOutcome(spec, compared, None, _finish(plan.root, compared, plan.root))
 
 
 def _status(compared: orchestrate.CompareOutcome, prefix: str = "") -> dict[str, dict[str, str]]:
