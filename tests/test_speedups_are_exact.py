@@ -111,3 +111,43 @@ def test_cpu_dropout_gives_the_numbers_of_mask_times_input_times_scale() -> None
         torch.set_rng_state(state)
         want = x * keep_mask(x.shape, 0.7) * (1.0 / 0.7)
         assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # bit for bit, signed zeros and NaN included
+
+
+def test_er_draws_the_same_replay_batches_as_the_inverse_cdf_over_the_filled_slots() -> None:
+    """The reservoir's prefix count kept on the host (no cumulative sum) and ``index_select`` gathers give the
+    draws of the general inverse-CDF sampler, so training is bit for bit the same."""
+    raw = {
+        "benchmark": {"name": "split", "dataset": "digits", "num_tasks": 3, "classes_per_task": 2, "scenario": "class"},
+        "method": {"name": "er", "buffer_size": 150, "replay_batch": 24, "backbone": {"hidden": [16]}},
+        "trainer": {"batch_size": 16},
+    }
+    cfg = config_from_dict(raw)
+    stream = build_stream(cfg.benchmark, 0)
+    torch.manual_seed(0)
+    fast = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
+    ref = copy.deepcopy(fast)
+    ref.optimizer = ref.make_optimizer(ref.model.parameters())
+
+    def general_sample(k: int) -> tuple[torch.Tensor, ...]:  # the sampler as it was
+        cdf = ref.filled[: ref.capacity].cumsum(0)
+        idx = torch.searchsorted(cdf, torch.rand(k) * cdf[-1], right=True).clamp_(max=ref.capacity - 1)
+        return ref.mem_x[idx], ref.mem_y[idx], ref.mem_task[idx]
+
+    ref.sample = general_sample  # type: ignore[method-assign]
+    step = 0
+    for task in stream.tasks:
+        for method in (fast, ref):
+            method.before_task(task)
+        for b in range(0, task.num_train, 16):
+            batch = Batch(task.x_train[b : b + 16], task.y_train[b : b + 16])
+            for method in (fast, ref):
+                torch.manual_seed(step)
+                method.train_step(batch, task)
+            step += 1
+            for p, q in zip(fast.model.parameters(), ref.model.parameters()):
+                assert torch.equal(p, q)
+    seen = sum(t.num_train for t in stream.tasks)
+    assert fast.seen_host == int(fast.seen.sum()) == seen and torch.equal(fast.mem_x, ref.mem_x)
+    again = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
+    again.load_state_dict(fast.state_dict())
+    assert again.seen_host == seen  # restored with the buffers
