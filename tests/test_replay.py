@@ -44,6 +44,7 @@ def test_reservoir_buffer_keeps_its_size_and_a_uniform_sample_of_the_stream() ->
     for rep in range(10):
         m.filled.zero_()
         m.seen.zero_()
+        m.seen_host = 0  # its host mirror (the sampler's count of filled slots)
         torch.manual_seed(rep)
         for start in range(0, n, 50):  # the stream: each sample's value is its position
             pos = torch.arange(start, start + 50)

@@ -74,6 +74,12 @@ class TrainerConfig(Section):
     )
     progress: bool = Field(True, description="report progress: bars on a terminal, one line per epoch in a log")
     checkpoint: bool = Field(True, description="write a checkpoint after every task")
+    compile: bool = Field(
+        False,
+        description="torch.compile the method's training step (compiled where it traces, eager elsewhere; the same "
+        "numbers up to float rounding). Compiling costs tens of seconds on CPU at the start and at each new task: "
+        "it pays only for long tasks (docs/speed.md)",
+    )
     divergence_factor: float = Field(
         1e4, gt=1, description="stop as diverged when an epoch's mean loss exceeds this multiple of the run's first loss"
     )

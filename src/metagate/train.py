@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metagate import metrics
+from metagate.compile import compile_step
 from metagate.data import build_stream
 from metagate.data.stream import Stream, Task
 from metagate.methods import Batch, Method, create_method
@@ -165,6 +166,7 @@ class Trainer:
         self.tracker = open_tracker(cfg, None if self.run is None else self.run.path, resume, state["steps"])
         self.tracker.log_params(cfg.to_dict())
         tasks = self.stream.tasks
+        train_step = compile_step(method.train_step, len(tasks)) if tc.compile else method.train_step
         bars = tc.progress and sys.stderr.isatty()  # bars on a terminal; in a log, one line per epoch
         lines = tc.progress and not bars
         bar = tqdm(total=len(tasks), initial=state["next_task"], desc="tasks", unit="task", disable=not bars)
@@ -197,7 +199,7 @@ class Trainer:
                 for b in range(epoch_steps):
                     idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
                     batch = Batch(data.x[idx], data.y[idx], None if data.task_ids is None else data.task_ids[idx])
-                    losses = method.train_step(batch, task)
+                    losses = train_step(batch, task)
                     if first_loss is None and "reference_loss" not in state:
                         first_loss = losses["loss"].detach().clone()
                     for k, v in losses.items():

@@ -61,6 +61,7 @@ class ER(Method):
         self.register_buffer("seen", torch.zeros(self.classes if self.cfg.balanced else 1, dtype=torch.long, device=self.device))
         self.capacity = m
         self.steps = 0  # host mirror: no replay before the first insertion
+        self.seen_host = 0  # host mirror of seen.sum(): samples inserted so far
 
     def replay_size(self) -> int:
         return self.cfg.replay_batch or self.trainer_cfg.batch_size
@@ -83,6 +84,7 @@ class ER(Method):
             j = torch.where(pos < self.capacity, pos, j)
             slot = torch.where(j < self.capacity, j, torch.full_like(j, self.capacity))
             self.seen += n
+        self.seen_host += n
         # sequential order among equal slots: the last writer wins (index_copy_ keeps the last on CPU; on CUDA
         # one of them)
         self.mem_x.index_copy_(0, slot, x)
@@ -92,10 +94,19 @@ class ER(Method):
         self.filled[self.capacity :].zero_()  # the overflow slot (a view's fill: an indexed assignment syncs on CUDA)
 
     def sample(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``k`` samples drawn uniformly, with replacement, from the filled slots (inverse CDF on the device: no sync)."""
-        cdf = self.filled[: self.capacity].cumsum(0)
-        idx = torch.searchsorted(cdf, torch.rand(k, device=cdf.device) * cdf[-1], right=True).clamp_(max=self.capacity - 1)
-        return self.mem_x[idx], self.mem_y[idx], self.mem_task[idx]
+        """``k`` samples drawn uniformly, with replacement, from the filled slots (inverse CDF on the device: no sync).
+
+        Without ``balanced`` the filled slots are the first ``min(seen, buffer_size)`` (reservoir insertion fills
+        them in order), a count the host keeps: the inverse CDF of that prefix is ``floor(u n)``, the same draw as
+        the general path's ``searchsorted`` without the cumulative sum. Rows are gathered with ``index_select``
+        (on CPU several times faster than indexing with a tensor)."""
+        if self.cfg.balanced:
+            cdf = self.filled[: self.capacity].cumsum(0)
+            idx = torch.searchsorted(cdf, torch.rand(k, device=cdf.device) * cdf[-1], right=True).clamp_(max=self.capacity - 1)
+        else:
+            n = min(self.seen_host, self.capacity)
+            idx = (torch.rand(k, device=self.mem_x.device) * n).long().clamp_(max=n - 1)
+        return self.mem_x.index_select(0, idx), self.mem_y.index_select(0, idx), self.mem_task.index_select(0, idx)
 
     def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
         task_ids = batch.task_ids if batch.task_ids is not None else self._task_index(task, batch.y.shape[0])
@@ -130,3 +141,4 @@ class ER(Method):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         self.steps = int(state["steps"])
+        self.seen_host = int(self.seen.sum())  # the buffers load before the extra state: one sync, at load

@@ -35,6 +35,7 @@ class QuadraticPenalty(nn.Module):
         self.register_buffer("active_flag", torch.zeros((), dtype=torch.bool))
         self.active = False  # host-side copy of active_flag: checked every step without a device sync
         self._diff: list[Tensor] = []  # scratch for add_grad_, allocated on first use
+        self._prod: list[Tensor] = []
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_active())
 
     def _sync_active(self) -> None:
@@ -94,29 +95,40 @@ class QuadraticPenalty(nn.Module):
         return total
 
     @torch.no_grad()
-    def add_grad_(self, model: nn.Module, scale: float, multipliers: dict[str, Tensor] | None = None) -> Tensor:
+    def add_grad_(
+        self, model: nn.Module, scale: float, multipliers: dict[str, Tensor] | None = None, keep_grads: bool = False
+    ) -> Tensor:
         """Add ``scale`` times this penalty's gradient, ``2 F (theta - a)``, to every parameter's
-        ``.grad`` in place and return ``scale`` times its value: the same as ``(scale * self(model, multipliers)).backward()``
-        up to rounding, without building an autograd graph (a handful of fused per-tensor ops). ``multipliers`` as in
-        :meth:`forward` (``None``: none, the same ops as without the argument)."""
+        ``.grad`` and return ``scale`` times its value: the same as ``(scale * self(model, multipliers)).backward()``
+        up to rounding, without building an autograd graph. ``multipliers`` as in :meth:`forward` (``None``: none).
+
+        Per tensor, four passes into two scratch buffers reused every step: ``d = theta - a``, ``fd = F d`` (times
+        the multiplier), the value's share ``fd . d`` (a dot product: no temporary) and ``grad + 2 scale fd``.
+        ``keep_grads``: the gradient tensors are left as they are; the sum goes into a scratch tensor that becomes
+        the parameter's ``.grad`` (SI keeps the task loss's gradient this way without copying it)."""
         named = dict(model.named_parameters())
         params = [named[n] for n in self.names]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
         if len(self._diff) != len(params) or self._diff[0].device != params[0].device:  # scratch, reused every step
-            self._diff = [torch.empty_like(p) for p in params]
-        diff = self._diff
-        torch._foreach_copy_(diff, params)
-        torch._foreach_sub_(diff, [self.anchor(n) for n in self.names])  # theta - a
-        torch._foreach_mul_(diff, [self.importance(n) for n in self.names])  # F (theta - a)
-        if multipliers is not None:
-            for d, n in zip(diff, self.names):
-                if n in multipliers:
-                    d.mul_(multipliers[n])  # s F (theta - a): the value below is then s F (theta - a)^2 too
-        torch._foreach_add_([p.grad for p in params], diff, alpha=2.0 * scale)
-        value = torch.stack([(d * (p - self.anchor(n))).sum() for d, p, n in zip(diff, params, self.names)]).sum()
-        return scale * (value + self.offset)
+            self._diff = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+            self._prod = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+        values = []
+        for i, (n, p) in enumerate(zip(self.names, params)):
+            if p.grad is self._diff[i]:  # the sum of the last step is still the gradient (zeroed, not set to None)
+                self._diff[i] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            d, fd = self._diff[i], self._prod[i]
+            torch.sub(p, self.anchor(n), out=d)  # theta - a
+            torch.mul(d, self.importance(n), out=fd)  # F (theta - a)
+            if multipliers is not None and n in multipliers:
+                fd.mul_(multipliers[n])  # s F (theta - a): the value below is then s F (theta - a)^2 too
+            values.append(torch.dot(fd.view(-1), d.view(-1)))  # sum F (theta - a)^2
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            if keep_grads:
+                p.grad = torch.add(grad, fd, alpha=2.0 * scale, out=d)
+            elif p.grad is None:
+                p.grad = grad.add_(fd, alpha=2.0 * scale)
+            else:
+                grad.add_(fd, alpha=2.0 * scale)
+        return scale * (torch.stack(values).sum() + self.offset)
 
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Linear] | None:

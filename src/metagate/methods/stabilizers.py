@@ -7,7 +7,9 @@ Masse et al. 2018). The owning method calls, per training step::
     loss.backward(); stab.after_backward(); stab.add_penalty_grad(); optimizer.step(); stab.after_step()
 
 and ``before_task`` / ``after_task`` around each task. ``after_backward`` sees the gradient of the
-unregularised task loss (SI's path integral needs exactly that). ``after_task(task, final=True)`` after
+unregularised task loss (SI's path integral needs exactly that; SI keeps those gradient tensors until
+``after_step`` and ``add_penalty_grad`` puts the penalised sum in fresh ``.grad`` tensors, so nothing between
+the two may change a gradient in place). ``after_task(task, final=True)`` after
 the stream's last training task: nothing trains after it, so a stabiliser may skip work whose only use
 is a later task's penalty (EWC skips its Fisher there). ``set_multipliers`` (optional, default none) scales the
 penalty per parameter element, e.g. per unit (metagate's ``si_relatedness``).
@@ -154,7 +156,7 @@ class SIStabilizer(Stabilizer):
         for i, p in enumerate(self.params):
             self.register_buffer(f"path_{i}", torch.zeros_like(p))  # w_k over the current task
             self.register_buffer(f"start_{i}", p.detach().clone())  # theta at the start of the task
-        self._grads = [torch.zeros_like(p) for p in self.params]
+        self._grads: list[Tensor] = []  # the task loss's gradients between after_backward and after_step
         self._before = [torch.zeros_like(p) for p in self.params]
 
     def _list(self, prefix: str) -> list[Tensor]:
@@ -170,13 +172,21 @@ class SIStabilizer(Stabilizer):
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        torch._foreach_copy_(self._grads, [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
+        # the task loss's gradient tensors themselves, not copies: add_penalty_grad leaves them as they are (the
+        # penalised sum becomes .grad), so nothing may change them in place before after_step
+        self._grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         torch._foreach_copy_(self._before, [p.detach() for p in self.params])
+
+    def add_penalty_grad(self) -> Tensor | None:
+        if not self.quadratic.active:
+            return None
+        return self.quadratic.add_grad_(self.net, self.strength(), self.multipliers, keep_grads=True)
 
     @torch.no_grad()
     def after_step(self) -> None:
         torch._foreach_sub_(self._before, [p.detach() for p in self.params])  # now theta_before - theta_after
         torch._foreach_addcmul_(self._list("path"), self._before, self._grads)  # w_k -= g_k * (theta_after - theta_before)
+        self._grads = []
 
     @torch.no_grad()
     def after_task(self, task: Task, final: bool = False) -> None:
