@@ -105,7 +105,7 @@ def test_a_whole_run_on_cuda_finishes_with_every_tensor_on_the_device(name: str,
 
 
 RESUMED = [("metagate", {}), ("metagate", {"agent": "additive", "agent_hidden": [16], "prior_kind": "repel", "reg_batch": 4, "agent_every": 2}),
-           ("xdg", {}), ("hypermask", {}), ("hat", {}), ("packnet", {})]
+           ("xdg", {}), ("hypermask", {}), ("hat", {}), ("packnet", {}), ("supsup", {"task_inference": "oneshot", "transfer": True}), ("wsn", {})]
 
 
 @pytest.mark.parametrize(("name", "method"), RESUMED, ids=[f"{n}-{len(m)}" for n, m in RESUMED])

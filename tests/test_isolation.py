@@ -160,3 +160,116 @@ def test_steps_that_end_an_epoch_or_prune_read_nothing_back(name: str, method: d
     for s in range(math.ceil(task.num_train / 64)):  # a whole epoch: HAT validates at its end, PackNet prunes halfway
         m.train_step(Batch(task.x_train[64 * s : 64 * (s + 1)], task.y_train[64 * s : 64 * (s + 1)]), task)
     assert host_reads == []
+
+
+# ------------------------------------------------------------------------------------------------ supsup
+
+
+def test_supsup_trains_scores_only_over_fixed_signed_constant_weights_and_keeps_earlier_tasks_bit_identical() -> None:
+    method, stream, cfg = build({"name": "supsup", "lr": 1e-2})
+    weights = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
+    for name in method.weight_names:  # init.py signed_constant: +-sqrt(2 / fan_in)
+        w = weights[name]
+        assert torch.allclose(w.abs(), torch.full_like(w, math.sqrt(2.0 / w[0].numel())))
+    t0 = stream.tasks[0]
+    train_task(method, t0, cfg)
+    pred = method.predict(t0.x_test, t0)
+    assert 0.05 < float(method.unit_mask(t0).float().mean()) < 0.95
+    for task in stream.tasks[1:]:
+        train_task(method, task, cfg)
+    for k, v in method.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert torch.equal(method.predict(t0.x_test, t0), pred)
+
+
+def test_supsup_oneshot_inference_needs_no_task_and_finds_the_task_of_each_batch() -> None:
+    bench = {"name": "permuted", "dataset": "digits", "num_tasks": 3, "identity_first": True, "context": "random"}
+    method, stream, cfg = build({"name": "supsup", "lr": 1e-2, "task_inference": "oneshot", "inference_samples": 16, "inference_batch": 32}, epochs=5, bench=bench)
+    for task in stream.tasks:
+        train_task(method, task, cfg)
+    assert method.test_time_info() == "none"
+    found = method.extra_results()["task_inference_acc"]
+    assert min(found) >= 0.9, found
+    wrong_task = stream.tasks[1]  # the task argument is ignored: predictions come from the inferred mask
+    t0 = stream.tasks[0]
+    assert torch.equal(method.predict(t0.x_test[:64], wrong_task), method.predict(t0.x_test[:64], t0))
+
+
+def test_supsup_transfer_starts_a_task_from_the_mean_of_earlier_scores_and_predicts_unseen_tasks_with_it() -> None:
+    method, stream, cfg = build({"name": "supsup", "lr": 1e-2, "transfer": True})
+    finals = []
+    for task in stream.tasks[:2]:
+        train_task(method, task, cfg)
+        finals.append([s.detach().clone() for s in method.scores])
+    mean = [(a + b) / 2 for a, b in zip(*finals)]
+    unseen = stream.tasks[2]
+    for m, want in zip(method.task_masks(unseen), mean):  # zero-shot: the running mean's mask
+        assert torch.equal(m, (want >= 0).float())
+    method.before_task(unseen)
+    for s, want in zip(method.scores, mean):
+        torch.testing.assert_close(s.detach(), want)
+
+
+@pytest.mark.parametrize("method", [{}, {"task_inference": "oneshot", "transfer": True}], ids=["given", "oneshot-transfer"])
+def test_supsup_run_counts_one_bit_per_weight_and_resumes_exactly(method: dict, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    raw = raw_config({"name": "supsup", "lr": 1e-2, **method})
+    whole, resumed = whole_and_resumed(raw, tmp_path, monkeypatch)
+    assert resumed["acc_matrix"] == whole["acc_matrix"]
+    assert resumed.get("task_inference_acc") == whole.get("task_inference_acc")
+    stream = build_stream(config_from_dict(raw).benchmark, 0)
+    k = stream.num_outputs
+    assert whole["task_bytes"] == [math.ceil(stream.input_dim * 32 / 8) + 32 * 32 // 8 + math.ceil(32 * k / 8)] * 3
+
+
+# ------------------------------------------------------------------------------------------------ wsn
+
+
+def test_top_fraction_mask_keeps_wsn_percentile_share_and_passes_the_gradient_straight_through() -> None:
+    from metagate.nn.gates import topk_ste
+
+    scores = torch.arange(10.0).flip(0).requires_grad_(True)
+    mask = topk_ste(scores, 0.3)
+    assert mask.tolist() == [1.0] * 4 + [0.0] * 6  # k = 1 + round(0.7 * 9) = 7: the 7th smallest (6.0) is the cut, kept
+    upstream = torch.linspace(-1, 1, 10)
+    (mask * upstream).sum().backward()
+    assert torch.equal(scores.grad, upstream)
+
+
+def test_huffman_bits_is_the_coded_length() -> None:
+    from metagate.methods.wsn import huffman_bits
+
+    assert huffman_bits([0] * 5) == 5
+    assert huffman_bits([0, 0, 0, 0, 1, 1, 2, 3]) == 4 * 1 + 2 * 2 + 1 * 3 + 1 * 3  # codes 0, 10, 110, 111
+
+
+def test_wsn_freezes_weights_earlier_tasks_use_and_keeps_their_predictions_bit_identical() -> None:
+    method, stream, cfg = build({"name": "wsn", "c": 0.3})
+    t0 = stream.tasks[0]
+    train_task(method, t0, cfg)
+    pred = method.predict(t0.x_test, t0)
+    params = dict(method.model.named_parameters())
+    before = [params[n].detach().clone() for n in method.weight_names]
+    used0 = [u.clone() for u in method.used()]
+    for m in method.stored[t0.index]:
+        assert abs(float(m.bool().float().mean()) - 0.3) < 0.01  # the top c of each layer
+    for task in stream.tasks[1:]:
+        train_task(method, task, cfg)
+    params = dict(method.model.named_parameters())
+    for name, w, u in zip(method.weight_names, before, used0):
+        assert torch.equal(params[name].detach()[u], w[u])
+        assert not torch.equal(params[name].detach()[~u], w[~u])  # free weights did train
+    assert torch.equal(method.predict(t0.x_test, t0), pred)
+
+
+def test_wsn_run_reports_coded_mask_bytes_and_resumes_exactly(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    raw = raw_config({"name": "wsn"})
+    whole, resumed = whole_and_resumed(raw, tmp_path, monkeypatch)
+    assert resumed["acc_matrix"] == whole["acc_matrix"] and resumed["task_bytes"] == whole["task_bytes"]
+    r = np.asarray(whole["acc_matrix"])
+    for j in range(3):
+        assert np.all(r[j:, j] == r[j, j])
+    stream = build_stream(config_from_dict(raw).benchmark, 0)
+    head = (32 * stream.num_outputs + stream.num_outputs) * 4
+    for bits, size in zip(whole["wsn"]["mask_bits_coded"], whole["task_bytes"]):
+        assert size == math.ceil(bits / 8) + head
+        assert 0 < bits <= (stream.input_dim * 32 + 32 * 32) * 1.1  # about 1 bit per weight or less at c = 0.5
