@@ -37,7 +37,7 @@ class PackNet(Method):
     Defaults as the code's sequence script (``run_sequence.sh``): training with SGD, momentum 0.9, ``lr = 1e-3``,
     decayed by 0.1 after half of it (``--lr_decay_every 10`` of ``--finetune_epochs 20``; ``utils.step_lr``),
     ``prune = 0.75`` of a task's weights (``PRUNE_STR 0.75,0.75,-1``: the last task is not pruned), retraining
-    with ``lr = 1e-4`` for a third of the task (``--post_prune_epochs 10`` after 20), biases trained on the first
+    with ``lr = 1e-4`` (``retrain_lr`` null: a tenth of ``lr``, as 1e-4 is of 1e-3) for a third of the task (``--post_prune_epochs 10`` after 20), biases trained on the first
     task only (``TAG='nobias-nobn'``: ``--train_biases`` off after the ImageNet stage, which trains them), batch
     32 (``main.py:45``); the classifier is a new ``nn.Linear`` per task.
 
@@ -64,7 +64,7 @@ class PackNet(Method):
         prune_last: bool = Field(False, description="prune the stream's last task too (code: -1, not pruned)")
         lr: float = Field(1e-3, gt=0, description="SGD rate while a task trains (code: 1e-3)")
         lr_decay_at: float = Field(0.5, gt=0, le=1, description="fraction of the training phase after which the rate is multiplied by 0.1 (code: 10 of 20 epochs)")
-        retrain_lr: float = Field(1e-4, gt=0, description="SGD rate while the pruned task retrains (code: 1e-4)")
+        retrain_lr: float | None = Field(None, gt=0, description="SGD rate while the pruned task retrains (null: 0.1 x lr, the code's 1e-4 after 1e-3)")
         retrain_fraction: float = Field(1 / 3, ge=0, lt=1, description="share of a task's steps spent retraining after pruning (code: 10 of 30 epochs)")
         momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (code: 0.9)")
         train_biases: bool = Field(False, description="train biases after the first task (code: off, 'nobias')")
@@ -174,7 +174,8 @@ class PackNet(Method):
             o.masked_fill_(remove, 0)
             w.masked_fill_(remove, 0.0)
             self._own[i] = (o == self._k).float()
-        self.optimizer = self._sgd(self.cfg.retrain_lr)  # main.py:256: a new SGD for the post-prune training
+        retrain = self.cfg.retrain_lr if self.cfg.retrain_lr is not None else 0.1 * self.cfg.lr
+        self.optimizer = self._sgd(retrain)  # main.py:256: a new SGD for the post-prune training
 
     def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
         cfg = self.cfg
