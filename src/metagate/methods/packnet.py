@@ -37,9 +37,10 @@ class PackNet(Method):
     Defaults as the code's sequence script (``run_sequence.sh``): training with SGD, momentum 0.9, ``lr = 1e-3``,
     decayed by 0.1 after half of it (``--lr_decay_every 10`` of ``--finetune_epochs 20``; ``utils.step_lr``),
     ``prune = 0.75`` of a task's weights (``PRUNE_STR 0.75,0.75,-1``: the last task is not pruned), retraining
-    with ``lr = 1e-4`` (``retrain_lr`` null: a tenth of ``lr``, as 1e-4 is of 1e-3) for a third of the task (``--post_prune_epochs 10`` after 20), biases trained on the first
-    task only (``TAG='nobias-nobn'``: ``--train_biases`` off after the ImageNet stage, which trains them), batch
-    32 (``main.py:45``); the classifier is a new ``nn.Linear`` per task.
+    with ``lr = 1e-4`` (``retrain_lr`` null: a tenth of ``lr``, as 1e-4 is of 1e-3) for a third of the task
+    (``--post_prune_epochs 10`` after 20), biases trained on the first task only (``TAG='nobias-nobn'``:
+    ``--train_biases`` off after the ImageNet stage, which trains them), batch 32 (``main.py:45``); the classifier
+    is a new ``nn.Linear`` per task.
 
     Differences, all deliberate:
 
@@ -87,8 +88,10 @@ class PackNet(Method):
         # owner of each weight: 0 free, k the k-th trained task (the code's previous_masks); per task its bits
         for i, s in enumerate(shapes):
             self.register_buffer(f"owner_{i}", torch.zeros(s, dtype=torch.uint8, device=self.device))
-        self.owned = nn.ModuleList(nn.ModuleList(BitMask(torch.zeros(s, dtype=torch.bool)) for s in shapes) for _ in range(rows)).to(self.device)
-        self.register_buffer("position", torch.full((rows,), -1, dtype=torch.long))  # training order of each task (-1: not yet)
+        self.owned = nn.ModuleList(
+            nn.ModuleList(BitMask(torch.zeros(s, dtype=torch.bool)) for s in shapes) for _ in range(rows)
+        ).to(self.device)
+        self.register_buffer("position", torch.full((rows,), -1, dtype=torch.long))  # training order (-1: not yet)
         self.register_buffer("tasks_trained", torch.zeros((), dtype=torch.long))
         self._dense: dict[int, list[Tensor]] = {}
         self._k = 0  # the current task's owner value (host side)
@@ -236,5 +239,5 @@ class PackNet(Method):
     @torch.no_grad()
     def extra_results(self) -> dict[str, Any]:
         owners = torch.cat([o.flatten() for o in self.owners()])
-        return {"packnet": {"free_fraction": float((owners == 0).float().mean()),
-                            "owned_fraction": [float(torch.cat([m.bool().flatten() for m in self.owned[t.index]]).float().mean()) for t in self.stream.tasks]}}
+        owned = [float(torch.cat([m.bool().flatten() for m in self.owned[t.index]]).float().mean()) for t in self.stream.tasks]
+        return {"packnet": {"free_fraction": float((owners == 0).float().mean()), "owned_fraction": owned}}

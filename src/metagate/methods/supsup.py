@@ -48,8 +48,8 @@ class SupSup(Method):
     sign pattern; a task not trained yet is predicted with that mask (its zero-shot accuracy). Without transfer, a
     task not trained yet is predicted with the mask of its own initial scores.
 
-    Defaults as the permuted-MNIST run (``supsup_h.py``): RMSprop ``lr = 1e-4`` (``main.py:413-415``), no
-    schedule, 1000 iterations per task (``iter_lim``), batch 128 (``args.py:20-24``), FC 1024-1024
+    Defaults as the permuted-MNIST run (``supsup_h.py``): RMSprop ``lr = 1e-4`` (``main.py:234-235``, made afresh
+    per task), no schedule, 1000 iterations per task (``iter_lim``), batch 128 (``args.py:20-24``), FC 1024-1024
     (``models/small.py:34-49``).
 
     Differences, all deliberate:
@@ -211,7 +211,7 @@ class SupSup(Method):
         with torch.no_grad():
             for s, init in zip(self.scores, self.initial_scores(task.index)):
                 s.copy_(init)
-        self.optimizer = torch.optim.RMSprop(self.scores.parameters(), lr=self.cfg.lr)  # a new optimiser per task (main.py:405-415)
+        self.optimizer = torch.optim.RMSprop(self.scores.parameters(), lr=self.cfg.lr)  # a new optimiser per task (main.py:231-239, inside the task loop)
 
     def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
