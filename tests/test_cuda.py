@@ -33,6 +33,9 @@ HIDDEN = {"oracle": [64], "nearest_context": [64]}
 # host-side bookkeeping a training step never reads: XdG's mask seed (drawn into CPU generators), metagate's
 # record of trained tasks (read when the stored masks change, between tasks)
 HOST_STATE = {"mask_seed", "trained"}
+# the isolation family's records of which tasks trained, in what order (read between tasks and at evaluation), the
+# seed of SupSup's scores (drawn into CPU generators) and WSN's coded mask sizes (computed on the host between tasks)
+HOST_STATE |= {"tasks_trained", "position", "order", "score_seed", "coded_bits"}
 # options a method needs on a stream this small (pathnet splits a task's few steps into its search rounds)
 OPTIONS = {"pathnet": {"generations": 1, "evals_per_path": 1}}
 OPTIONS["mark"] = {"kernels": "3x3", "kb_channels": [4, 8], "f_channels": [4], "latent": 8, "meta_epochs": 1, "mini_tasks": 2, "inner_steps": 3}
@@ -105,7 +108,7 @@ def test_a_whole_run_on_cuda_finishes_with_every_tensor_on_the_device(name: str,
 
 
 RESUMED = [("metagate", {}), ("metagate", {"agent": "additive", "agent_hidden": [16], "prior_kind": "repel", "reg_batch": 4, "agent_every": 2}),
-           ("xdg", {}), ("hypermask", {})]
+           ("xdg", {}), ("hypermask", {}), ("hat", {}), ("packnet", {}), ("supsup", {"task_inference": "oneshot", "transfer": True}), ("wsn", {})]
 
 
 @pytest.mark.parametrize(("name", "method"), RESUMED, ids=[f"{n}-{len(m)}" for n, m in RESUMED])

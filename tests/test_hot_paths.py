@@ -70,7 +70,7 @@ HOT_SETTINGS = {"pathnet": {"generations": 5, "evals_per_path": 1}}
 
 
 @pytest.mark.parametrize(
-    "method", ["metagate", "xdg", "si", "finetune", "hypermask", "hnet", "active_dendrites", "piggyback", "pathnet", "er", "dgr"]
+    "method", ["metagate", "xdg", "si", "finetune", "hypermask", "hnet", "active_dendrites", "piggyback", "pathnet", "er", "dgr", "hat", "packnet", "supsup", "wsn"]
 )
 def test_a_training_step_reads_nothing_back_from_the_device(method: str, host_reads: list[str]) -> None:
     m, stream = make(method, **HOT_SETTINGS.get(method, {}))
