@@ -33,7 +33,8 @@ import numpy as np
 import yaml
 
 from metagate.report import markdown_table, uses_at_test
-from metagate.runs import RunDir
+from metagate.runs import RunDir, check_results
+from metagate.schema import NoAliasLoader
 
 SEED_FOLDER = re.compile(r"seed\d+")
 # config keys that never make two runs different rows (they do not change the numbers)
@@ -65,11 +66,10 @@ def _identity(config: dict[str, Any]) -> str:
 def _read(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         results = json.loads((folder / RunDir.RESULTS).read_text())
-        config = yaml.safe_load((folder / RunDir.CONFIG).read_text()) if (folder / RunDir.CONFIG).is_file() else {}
+        config = yaml.load((folder / RunDir.CONFIG).read_text(), Loader=NoAliasLoader) if (folder / RunDir.CONFIG).is_file() else {}
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise AggregationError(f"cannot read the run in {folder} ({e}); move that folder away or rerun it") from None
-    if not isinstance(results, dict) or "acc_matrix" not in results:
-        raise AggregationError(f"{folder / RunDir.RESULTS} is not a metagate results file; move that folder away or rerun it")
+    check_results(results, folder / RunDir.RESULTS)  # a ragged matrix or a missing figure: one line naming the file
     config = dict(config or {})
     config.pop("provenance", None)
     from metagate.train import with_current_defaults

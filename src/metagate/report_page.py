@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from metagate import aggregate, plots, report
 from metagate.aggregate import RunRecord
-from metagate.runs import RunDir, atomic_write_bytes, atomic_write_text
+from metagate.runs import RunDir, atomic_write_bytes, atomic_write_text, check_results
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -91,11 +91,7 @@ def read_results(path: Path) -> dict[str, Any]:
             f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): the file is damaged or cut short; "
             f"delete it and write it again with metagate run --resume --out {run}, or move that run folder away"
         ) from None
-    if not isinstance(data, dict) or not isinstance(data.get("acc_matrix"), list) or not data["acc_matrix"]:
-        raise ReportProblem(
-            f"{path} holds no accuracy matrix, so it is not a finished metagate run; move that run folder away and report again"
-        )
-    return data
+    return check_results(data, path)  # a ragged matrix or a missing figure: one line naming the file
 
 
 def reference_runs(folder: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -27,6 +28,7 @@ import torch
 import yaml
 
 from metagate import __version__
+from metagate.schema import NoAliasLoader
 
 CHECKPOINT_FORMAT = 2
 CHECKPOINT_MAGIC = b"METAGATE-CHECKPOINT\n"  # then 64 hex digits of the payload's SHA-256, a newline, the payload
@@ -39,6 +41,68 @@ class RunFolderError(RuntimeError):
 
 class RunFolderBusy(RunFolderError):
     """A run folder another process holds (its lock)."""
+
+
+class ResultsFileError(RunFolderError, ValueError):
+    """A ``results.json`` that is valid JSON but not a finished run's results (see :func:`check_results`)."""
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _results_problem(data: Any) -> str | None:
+    """What is wrong with ``data`` as a finished run's results, or ``None``."""
+    if not isinstance(data, dict):
+        return f"it holds a {type(data).__name__}, not a mapping"
+    matrix = data.get("acc_matrix")
+    if not isinstance(matrix, list) or not matrix:
+        return "acc_matrix is missing or empty"
+    n = len(matrix)
+
+    def accuracies(values: Any, key: str, length: int | None = n) -> str | None:
+        if not isinstance(values, list) or (length is not None and len(values) != length) or (length is None and len(values) > n):
+            return f"{key} is not a list of {length if length is not None else f'at most {n}'} values (one per task)"
+        if not all(v is None or (_number(v) and 0 <= v <= 1) for v in values):
+            return f"{key} holds a value that is not an accuracy in [0, 1] (or null)"
+        return None
+
+    for i, row in enumerate(matrix):
+        if (problem := accuracies(row, f"acc_matrix row {i}")) is not None:
+            return problem + f" (the matrix has {n} rows: one per task, each with every task's accuracy)"
+    if "task_names" in data and (not isinstance(data["task_names"], list) or len(data["task_names"]) != n):
+        return f"task_names does not name the acc_matrix's {n} tasks"
+    if (problem := accuracies(data.get("initial_acc"), "initial_acc")) is not None:
+        return problem
+    for key in ("zero_shot_acc", "few_shot_acc"):
+        if data.get(key) is not None and (problem := accuracies(data[key], key, None)) is not None:
+            return problem
+    for key in ("acc", "bwt", "fwt", "forgetting"):
+        if key not in data:
+            return f"{key} is missing"
+        if data[key] is not None and not _number(data[key]):
+            return f"{key} is {data[key]!r}, not a number"
+    for key in ("train_seconds", "peak_memory_mb"):
+        if data.get(key) is not None and not _number(data[key]):
+            return f"{key} is {data[key]!r}, not a number"
+    if "seed" in data and (isinstance(data["seed"], bool) or not isinstance(data["seed"], int)):
+        return f"seed is {data['seed']!r}, not an integer"
+    if "method" in data and not isinstance(data["method"], str):
+        return f"method is {data['method']!r}, not a name"
+    steps = data.get("steps_to_90")
+    if steps is not None and (not isinstance(steps, list) or len(steps) > n or not all(s is None or _number(s) for s in steps)):
+        return "steps_to_90 is not a list of step counts (one per task)"
+    return None
+
+
+def check_results(data: Any, path: Path) -> dict[str, Any]:
+    """``data`` (read from ``path``) if it has the shape of a finished run's ``results.json`` (a square
+    accuracy matrix of accuracies, its summary figures, ...); else :class:`ResultsFileError`, one line
+    naming the file: tables and reports never meet a ragged matrix or a missing figure."""
+    problem = _results_problem(data)
+    if problem is not None:
+        raise ResultsFileError(f"{path} is not a finished metagate run's results: {problem}; move that run folder away or rerun it")
+    return data
 
 
 class CheckpointError(RuntimeError):
@@ -244,8 +308,8 @@ class RunDir:
 
     def read_config(self) -> dict[str, Any]:
         try:
-            data = yaml.safe_load(self.file(self.CONFIG).read_text())
-        except (OSError, yaml.YAMLError) as e:
+            data = yaml.load(self.file(self.CONFIG).read_text(), Loader=NoAliasLoader)  # noqa: S506  (a SafeLoader)
+        except (OSError, ValueError, yaml.YAMLError) as e:
             raise RunFolderError(f"{self.file(self.CONFIG)} cannot be read ({type(e).__name__}); it is not a usable run folder") from None
         if not isinstance(data, dict):
             raise RunFolderError(f"{self.file(self.CONFIG)} is not a config mapping")
@@ -273,7 +337,7 @@ class RunDir:
         atomic_write_bytes(self.path / name, buffer.getvalue())
 
     def read_results(self) -> dict[str, Any]:
-        return json.loads(self.file(self.RESULTS).read_text())
+        return check_results(json.loads(self.file(self.RESULTS).read_text()), self.file(self.RESULTS))
 
     def has_results(self) -> bool:
         return self.file(self.RESULTS).is_file()

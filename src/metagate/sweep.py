@@ -111,7 +111,7 @@ def read_spec(config: str | None, cli: dict[str, Any]) -> SweepSpec:
         raw["seeds"] = cli["seeds"]
     for item in cli.get("grid") or []:
         key, values = _split_item(item, "--grid", "si:method.c=0.1,1,10")
-        raw.setdefault("grid", {})[key] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+        raw.setdefault("grid", {})[key] = [yaml.safe_load(v) for v in grid_values(item, values)]
     random = raw.setdefault("random", {}) if (cli.get("random") or cli.get("samples") is not None) else raw.get("random") or {}
     for item in cli.get("random") or []:
         key, dist = _split_item(item, "--random", "si:method.c=loguniform:0.01,10")
@@ -132,6 +132,14 @@ def read_spec(config: str | None, cli: dict[str, Any]) -> SweepSpec:
     for key, dist in spec.random.space.items():
         _check_distribution(key, dist)
     return spec
+
+
+def grid_values(item: str, values: str) -> list[str]:
+    """``1,10,100`` -> its values; an empty one (``1,,2``, a trailing comma) is refused, not dropped."""
+    parts = [v.strip() for v in values.split(",")]
+    if not all(parts):
+        raise ConfigError(f"--grid {item!r} has an empty value (two commas in a row, or one at an end); write each value out")
+    return parts
 
 
 def _split_item(item: str, option: str, example: str) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from metagate import metrics
 from metagate.config import config_from_dict
 from metagate.data import build_stream
+from metagate.data.provenance import same_data
 from metagate.data.stream import Stream, Task
 from metagate.methods import Batch, Method, create_method
 from metagate.runs import CheckpointError, RunDir, environment
@@ -171,7 +172,7 @@ class Trainer:
                 "resume with the run's own config.yaml (no overrides), or start a new run in another --out"
             )
         data = ckpt.get("provenance", {})
-        if data.get("sha256") and data.get("sha256") != self.stream.provenance.get("sha256"):
+        if data.get("sha256") and not same_data(data["sha256"], str(self.stream.provenance.get("sha256"))):
             raise CheckpointError(
                 f"the data differ from those the run in {self.run.path} started with "
                 f"({data.get('location')}, sha256 {data.get('sha256')}; now {self.stream.provenance.get('location')}, "

@@ -1,0 +1,174 @@
+"""The second reliability trial (issue 29): each bad input is a one-line error before any work, and no
+wrong figure is written without a word. One test per failure the trial found outside orchestration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from metagate.cli import app
+from metagate.config import ConfigError, config_from_dict, load_config
+
+runner = CliRunner()
+
+
+def one_line_error(result: Any) -> str:
+    """The CLI's error: exit code 2, one line, no traceback."""
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert text.startswith("error:") and "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("overrides", [["benchmark.num_tasks=6"], ["benchmark.num_tasks=10"], ["benchmark.classes_per_task=1"]])
+def test_one_class_tasks_under_label_masking_are_refused_naming_the_keys(overrides: list[str], tmp_path: Path) -> None:
+    # a one-class task scores 100% under label masking whatever the model learns (issue 29, item 2)
+    text = one_line_error(runner.invoke(app, ["run", "digits-split", *overrides, "--out", str(tmp_path / "r")]))
+    assert "one class" in text and "benchmark.num_tasks" in text and "benchmark.classes_per_task" in text
+    assert not (tmp_path / "r").exists()
+    # one class per task is fine where a single head answers among every class seen (class-incremental)
+    load_config("digits-split", [*overrides, "benchmark.scenario=class"])
+
+
+def test_more_tasks_than_classes_is_refused_with_a_plain_message() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config("digits-split", ["benchmark.num_tasks=1000000"])
+    assert "x 0 classes" not in str(e.value) and "num_tasks=1000000 is more tasks than digits's 10 classes" in str(e.value)
+    assert "{" not in str(e.value)  # the section's whole input is not printed after a section-wide problem
+
+
+@pytest.mark.parametrize("root", ["''", "' '"])
+def test_an_empty_data_root_is_refused_not_replaced_by_the_system_copy(root: str) -> None:
+    # config.yaml would record root: '' while the data came from elsewhere (item 8)
+    with pytest.raises(ConfigError, match="benchmark.root: is empty"):
+        load_config("digits-split", [f"benchmark.root={root}"])
+
+
+def alias_bomb(depth: int) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, depth + 1)]
+    return "seed: 0\nbenchmark: {name: split, dataset: digits}\nmethod:\n  name: si\n  c:\n" + "\n".join("    " + x for x in lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_without_expanding_or_printing_it(tmp_path: Path) -> None:
+    # depth 9 took 68 s and 2.1 GB before a MemoryError; depth 5 printed 4.3 MB (item 11)
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(9))
+    text = one_line_error(runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "r")]))
+    assert "alias" in text and str(path) in text and len(text) < 300 and "lol" not in text
+
+
+def test_an_alias_in_an_override_is_not_expanded() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config("digits-split", ["method.backbone.hidden=[&a [1, 1], *a, *a]"])
+    assert len(str(e.value)) < 400
+
+
+def test_a_run_folders_config_with_an_alias_is_refused(tmp_path: Path) -> None:
+    from metagate.runs import RunDir, RunFolderError
+
+    tmp_path.joinpath("config.yaml").write_text(alias_bomb(9))
+    with pytest.raises(RunFolderError, match="cannot be read"):
+        RunDir(tmp_path).read_config()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("trainer.epochs=true", "trainer.epochs"), ("method.c=true", "method.c"), ("trainer.lr=false", "trainer.lr"),
+     ("method.backbone.hidden=[true, 8]", "method.backbone.hidden"), ("benchmark.num_tasks=true", "benchmark.num_tasks"),
+     ("benchmark.val_fraction=true", "benchmark.val_fraction")],
+)
+def test_booleans_are_refused_where_numbers_are_expected(override: str, key: str) -> None:
+    # true was read as 1 (item 21), while seed=true was refused
+    with pytest.raises(ConfigError, match=f"{key}: must be a number"):
+        load_config("digits-split", ["method.name=si", override])
+
+
+def test_booleans_still_set_switches() -> None:
+    cfg = load_config("digits-split", ["trainer.progress=false", "benchmark.normalize=false"])
+    assert cfg.trainer.progress is False and cfg.benchmark.normalize is False  # type: ignore[attr-defined]
+
+
+def test_a_seed_out_of_range_names_the_key() -> None:
+    # was "Overflow when unpacking long long" from torch, no key named (item 22)
+    with pytest.raises(ConfigError, match=r"seed=99999999999999999999 is out of range"):
+        config_from_dict({"benchmark": {"name": "gated_teacher"}, "method": {"name": "finetune"}}, ["seed=99999999999999999999"])
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("seed: 0\nbenchmark: {name: split, dataset: digits}\nmethod: {name: si}\n# caf\xe9\n".encode("latin-1"))
+    text = one_line_error(runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "r")]))
+    assert str(path) in text and "UTF-8" in text
+
+
+def test_too_few_training_images_points_at_val_fraction(tmp_path: Path) -> None:
+    # was "raise train_per_task", which cannot help when val_fraction takes almost every image (item 22)
+    text = one_line_error(runner.invoke(app, ["run", "digits-split", "benchmark.val_fraction=0.99", "--out", str(tmp_path / "r")]))
+    assert "benchmark.val_fraction" in text
+
+
+def test_a_grid_with_an_empty_value_is_refused_not_dropped(tmp_path: Path) -> None:
+    text = one_line_error(runner.invoke(app, ["sweep", "digits-split", "--grid", "method.c=1,,2", "--inline", "--out", str(tmp_path / "s")]))
+    assert "empty value" in text and not (tmp_path / "s").exists()
+
+
+# --------------------------------------------------------------------------- data fingerprint
+
+
+def test_the_data_fingerprint_is_the_full_sha256_and_an_older_prefix_still_matches() -> None:
+    import hashlib
+
+    import torch
+
+    from metagate.data.provenance import fingerprint_tensors, same_data
+
+    digest = fingerprint_tensors([torch.zeros(3)])["sha256"]
+    assert len(digest) == 64 and digest == hashlib.sha256(b"torch.float32(3,)" + bytes(12)).hexdigest()
+    assert same_data(digest[:16], digest) and same_data(digest, digest)
+    assert not same_data(digest[:16], "0" * 64) and not same_data(digest[:8], digest)  # too short a prefix proves nothing
+
+
+# --------------------------------------------------------------------------- results files
+
+
+def finished_results() -> dict[str, Any]:
+    return {"method": "si", "seed": 0, "task_names": ["t0", "t1"], "acc_matrix": [[0.9, 0.1], [0.8, 0.9]], "initial_acc": [0.1, 0.1],
+            "acc": 0.85, "bwt": -0.1, "fwt": 0.0, "forgetting": 0.1, "zero_shot_acc": [0.1, 0.1], "train_seconds": 1.0}
+
+
+BROKEN = {
+    "ragged": lambda r: r.update(acc_matrix=[[0.9, 0.1], [0.8]]),
+    "strings": lambda r: r.update(acc_matrix=[["a", "b"], ["c", "d"]]),
+    "missing acc": lambda r: r.pop("acc"),
+    "extra row": lambda r: r.update(acc_matrix=[[0.9, 0.1], [0.8, 0.9], [0.7, 0.8]]),
+    "string acc": lambda r: r.update(acc="high"),
+    "not a list": lambda r: r.update(acc_matrix={"0": 1}),
+}
+
+
+@pytest.mark.parametrize("damage", list(BROKEN))
+@pytest.mark.parametrize("command", ["aggregate", "report"])
+def test_a_results_file_of_the_wrong_shape_is_a_one_line_error_naming_it(damage: str, command: str, tmp_path: Path) -> None:
+    # ValueError, KeyError and IndexError tracebacks before (item 12)
+    run = tmp_path / "si" / "seed0"
+    run.mkdir(parents=True)
+    results = finished_results()
+    BROKEN[damage](results)
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "config.yaml").write_text("seed: 0\nbenchmark: {name: gated_teacher}\nmethod: {name: si}\n")
+    text = one_line_error(runner.invoke(app, [command, str(tmp_path)]))
+    assert str(run / "results.json") in text and "not a finished metagate run's results" in text
+
+
+def test_a_well_formed_results_file_passes_the_check(tmp_path: Path) -> None:
+    from metagate.runs import check_results
+
+    assert check_results(finished_results(), tmp_path / "results.json")["acc"] == 0.85
