@@ -172,3 +172,78 @@ def test_a_well_formed_results_file_passes_the_check(tmp_path: Path) -> None:
     from metagate.runs import check_results
 
     assert check_results(finished_results(), tmp_path / "results.json")["acc"] == 0.85
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def test_a_model_too_large_for_memory_is_refused_before_work(tmp_path: Path) -> None:
+    # an allocation traceback before: only the data's size was estimated (item 13)
+    from metagate.runtime import check_machine
+
+    cfg = load_config("digits-split", ["method.name=si", "method.backbone.hidden=[100000, 100000]"])
+    with pytest.raises(ConfigError, match=r"10,006,600,000 parameters .* lower method.backbone.hidden"):
+        check_machine(cfg)
+    text = one_line_error(runner.invoke(app, ["run", "digits-split", "method.backbone.hidden=[100000,100000]", "--out", str(tmp_path / "r")]))
+    assert "GiB" in text and not (tmp_path / "r").exists()
+    check_machine(load_config("digits-split", ["method.name=si"]))  # a usual model passes
+
+
+def test_a_reference_too_large_for_memory_is_refused_too() -> None:
+    from metagate.runtime import check_machine
+
+    cfg = load_config("digits-split", ["reference.name=xdg", "reference.backbone.hidden=[100000, 100000]"])
+    with pytest.raises(ConfigError, match="xdg's backbone"):
+        check_machine(cfg)
+
+
+def test_ulimit_v_bounds_the_memory_estimate() -> None:
+    # under ulimit -v the estimate read MemAvailable only, then an allocation traceback (item 14)
+    import subprocess
+    import sys
+
+    code = (
+        "import resource; from metagate.runtime import available_memory_bytes, address_space_free\n"
+        "used = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:'))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+        "print(available_memory_bytes(), address_space_free())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**__import__("os").environ}).stdout.split()
+    free, left = int(out[0]), int(out[1])
+    assert free <= left <= 2**30 and left > 2**29
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_cgroup_memory_limit_bounds_the_memory_estimate(version: str, tmp_path: Path) -> None:
+    from metagate.runtime import cgroup_memory_free
+
+    membership = tmp_path / "cgroup"
+    if version == "v2":
+        membership.write_text("0::/job/42\n")
+        folder = tmp_path / "fs" / "job" / "42"
+        folder.mkdir(parents=True)
+        (folder / "memory.max").write_text(f"{3 * 2**30}\n")
+        (folder / "memory.current").write_text(f"{2**30}\n")
+    else:
+        membership.write_text("4:memory:/job/42\n1:cpu:/\n")
+        folder = tmp_path / "fs" / "memory" / "job" / "42"
+        folder.mkdir(parents=True)
+        (folder / "memory.limit_in_bytes").write_text(f"{3 * 2**30}\n")
+        (folder / "memory.usage_in_bytes").write_text(f"{2**30}\n")
+    assert cgroup_memory_free(tmp_path / "fs", membership) == 2 * 2**30
+    (folder / ("memory.max" if version == "v2" else "memory.limit_in_bytes")).write_text("max\n" if version == "v2" else f"{2**63 - 4096}\n")
+    assert cgroup_memory_free(tmp_path / "fs", membership) is None
+
+
+def test_thread_counts_are_capped_at_the_cores_available_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    # trainer.threads=100000 crashed torch (exit 139); 5000 crawled (item 15)
+    import torch
+
+    from metagate.runtime import available_cores, configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(100000) == available_cores()
+        assert "100000 threads asked for (trainer.threads)" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

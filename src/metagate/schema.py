@@ -88,6 +88,10 @@ class BenchmarkConfig(Section):
         """Bytes the built stream holds in memory (an estimate made before building it; 0 = unknown)."""
         return 0
 
+    def input_size(self) -> int:
+        """Numbers in one input (its flattened size), known before building the stream; 0 = unknown."""
+        return int(getattr(self, "input_dim", 0) or 0)
+
 
 class MethodConfig(Section):
     name: str

@@ -80,6 +80,9 @@ class ImageBenchmarkConfig(BenchmarkConfig):
             raise ValueError("is empty: name the folder that holds the data files, or null to search the usual places")
         return value
 
+    def input_size(self) -> int:
+        return data_set_size(self.dataset, self.emnist_split)[2]
+
     def memory_estimate(self) -> int:
         """The loaded data set (raw and standardised) plus every task's (and held-out task's) tensors."""
         n_train, n_test, numel = data_set_size(self.dataset, self.emnist_split)
