@@ -247,3 +247,25 @@ def test_thread_counts_are_capped_at_the_cores_available_with_a_message(capsys: 
         assert "100000 threads asked for (trainer.threads)" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- weights files
+
+
+@pytest.mark.parametrize("content", ["garbage", "pickle", "not a state_dict", "wrong shapes"])
+def test_a_bad_weights_file_is_a_one_line_error_without_torchs_advice(content: str, tmp_path: Path) -> None:
+    # an UnpicklingError traceback recommending weights_only=False before (item 16)
+    import torch
+
+    path = tmp_path / "backbone.pt"
+    if content == "garbage":
+        path.write_bytes(b"\x80\x04not a torch file at all" * 10)
+    elif content == "pickle":
+        torch.save({"w": __import__("pathlib").PurePosixPath("x")}, path)  # a class weights_only refuses to unpickle
+    elif content == "not a state_dict":
+        torch.save([torch.zeros(2)], path)
+    else:
+        torch.save({"hidden.0.weight": torch.zeros(3, 3)}, path)
+    args = ["run", "digits-split", "method.name=piggyback", "method.pretrain=file", f"method.weights={path}", "trainer.epochs=1"]
+    text = one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path / "r")]))
+    assert str(path) in text and "weights_only" not in text
