@@ -269,3 +269,45 @@ def test_a_bad_weights_file_is_a_one_line_error_without_torchs_advice(content: s
     args = ["run", "digits-split", "method.name=piggyback", "method.pretrain=file", f"method.weights={path}", "trainer.epochs=1"]
     text = one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path / "r")]))
     assert str(path) in text and "weights_only" not in text
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_an_unreachable_ray_address_is_a_prompt_one_line_error(scheme: str, tmp_path: Path) -> None:
+    # ray://127.0.0.1:1: a traceback after 33 s; 127.0.0.1:1 hung (item 17)
+    import time
+
+    pytest.importorskip("ray")
+    address = f"{scheme}127.0.0.1:{closed_port()}"
+    start = time.perf_counter()
+    text = one_line_error(runner.invoke(app, ["sweep", "digits-split", "--methods", "si", "--address", address, "--out", str(tmp_path / "s")]))
+    assert time.perf_counter() - start < 20 and address in text and "connection refused" in text
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_ray_address_that_never_answers_is_given_up_after_a_bounded_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from metagate import sweep
+
+    seen = {}
+
+    def silent(address: tuple[str, int], timeout: float) -> None:
+        seen["timeout"] = timeout
+        raise TimeoutError
+
+    monkeypatch.setattr(socket, "create_connection", silent)
+    with pytest.raises(ConfigError, match=r"cannot reach the Ray cluster at --address 10.0.0.1:6379 \(no answer within 5 s\)"):
+        sweep.check_reachable("10.0.0.1:6379")
+    assert seen["timeout"] == sweep.CONNECT_TIMEOUT_S
+    sweep.check_reachable("auto")  # other forms are Ray's to resolve

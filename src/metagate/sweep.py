@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
@@ -363,6 +364,29 @@ def import_ray() -> Any:
     return ray
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse a Ray address (``host:port`` or ``ray://host:port``) nothing answers on within ``timeout``
+    seconds, in one line: Ray itself waits 30 s and more, or for ever, before it gives up. ``auto`` and
+    other forms are left to Ray."""
+    import socket
+
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
+    if match is None:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        why = f"no answer within {timeout:g} s" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise ConfigError(
+            f"cannot reach the Ray cluster at --address {address} ({why}); "
+            "start it (ray start --head), check the address, or leave --address out to run on this machine"
+        ) from None
+
+
 class RayExecutor:
     """Run jobs as Ray tasks: on a local Ray with ``workers`` runs at a time, or on the cluster at
     ``address``; ``resources`` per run. :meth:`prepare` starts (or joins) Ray and refuses runs no node
@@ -382,7 +406,12 @@ class RayExecutor:
                     logging_level=logging.WARNING, object_store_memory=128 * 1024**2,
                 )
             else:
-                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+                check_reachable(self.address)
+                try:
+                    ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+                except Exception as e:  # noqa: BLE001  (Ray raises many kinds: ConnectionError, RuntimeError, gRPC errors)
+                    line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    raise ConfigError(f"cannot join the Ray cluster at --address {self.address} ({line}); check the address, or leave --address out") from None
             self.started = True
         try:
             _check_resources(ray, self.resources)
