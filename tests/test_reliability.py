@@ -311,3 +311,45 @@ def test_a_ray_address_that_never_answers_is_given_up_after_a_bounded_wait(monke
         sweep.check_reachable("10.0.0.1:6379")
     assert seen["timeout"] == sweep.CONNECT_TIMEOUT_S
     sweep.check_reachable("auto")  # other forms are Ray's to resolve
+
+
+# --------------------------------------------------------------------------- aggregate and reports
+
+
+def fake_run(folder: Path, seed: int = 0, acc: float = 0.85, **benchmark: Any) -> None:
+    import yaml
+
+    folder.mkdir(parents=True)
+    config = {"seed": seed, "benchmark": {"name": "split", "dataset": "digits", "num_tasks": 2, **benchmark},
+              "method": {"name": "si"}, "trainer": {"lr": 0.001}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "results.json").write_text(json.dumps({**finished_results(), "seed": seed, "acc": acc}))
+
+
+def test_aggregate_rows_always_name_the_data_set_when_it_differs(tmp_path: Path) -> None:
+    # digits and Fashion-MNIST runs were labelled [classes_per_task=None, num_tasks=5]: the data set never appeared (item 23)
+    from metagate.aggregate import find_runs, group
+
+    for i, (dataset, tasks) in enumerate([("digits", 5), ("fashion_mnist", 2), ("fashion_mnist", 3), ("digits", 4)]):
+        fake_run(tmp_path / f"run{i}", dataset=dataset, num_tasks=tasks)
+    labels = list(group(find_runs([tmp_path])))
+    assert "si [benchmark.dataset=digits, benchmark.num_tasks=5]" in labels and len(labels) == 4
+
+
+def test_folder_names_are_escaped_in_report_md_and_aggregate_md(tmp_path: Path) -> None:
+    # <img src=x onerror=...> rendered in Markdown viewers and a|b broke the table (item 24)
+    evil, bar = "<img src=x onerror=alert(1)>", "a|b"
+    runs = tmp_path / "runs"
+    fake_run(runs / evil / "seed0")
+    fake_run(runs / bar / "seed0", num_tasks=3)
+    result = runner.invoke(app, ["aggregate", str(runs), "--out", str(tmp_path / "aggregate.md")])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["report", str(runs)]).exit_code == 0
+    for md in (tmp_path / "aggregate.md", runs / "report.md"):
+        text = md.read_text()
+        assert "<img" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text and "a&#124;b" in text
+        rows = [line for line in text.splitlines() if line.startswith("| ")]
+        assert len({line.count("|") for line in rows if line.count("|") > 2}) == 1, rows  # every row as many cells as the header
+    page = (runs / "report.html").read_text()
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page and "&amp;lt;" not in page
+    assert "<td>a|b</td>" in page

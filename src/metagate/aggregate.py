@@ -39,6 +39,7 @@ from metagate.schema import NoAliasLoader
 SEED_FOLDER = re.compile(r"seed\d+")
 # config keys that never make two runs different rows (they do not change the numbers)
 NOT_IDENTITY = {"seed", "reference", "tracking"}
+IDENTIFYING = ("benchmark.name", "benchmark.dataset", "method.name")  # named in a row's label whenever they differ
 NOT_IDENTITY_TRAINER = {"device", "progress", "eval_batch_size", "checkpoint", "threads", "log_every"}
 
 
@@ -167,7 +168,8 @@ def _telling_keys(configs: list[dict[str, Any]]) -> list[str]:
         best = max(candidates, key=lambda k: (groups([*chosen, k]), k.endswith(".name"), -candidates.index(k)))
         chosen.append(best)
         candidates.remove(best)
-    return chosen
+    # what the runs are (benchmark, data set, method) is always named when it differs, whatever else tells them apart
+    return [k for k in IDENTIFYING if k in candidates] + chosen
 
 
 def _get(config: dict[str, Any], dotted: str) -> Any:

@@ -203,7 +203,7 @@ def sweep_blocks(root: Path, records: list[RunRecord], where: str = "") -> list[
     summary = aggregate.summarise(groups, records)
     blocks: list[Block] = [
         Heading(f"{len(records)} runs in {root.name or root}{where}", 1),
-        Markdown(f"{len(groups)} labels: {', '.join(groups)}. Mean ± std over seeds.", root),
+        Markdown(f"{len(groups)} labels: {report.md_escape(', '.join(groups))}. Mean ± std over seeds.", root),
         _plot("summary", plots.summary_bars_figure(summary), "Per label: mean over seeds, ± std (black) and the 95% CI (red)."),
         Markdown(aggregate.table(summary), root),
     ]
@@ -211,7 +211,7 @@ def sweep_blocks(root: Path, records: list[RunRecord], where: str = "") -> list[
         first = min(runs, key=_seed)
         where = os.path.relpath(first.folder, root)
         res = first.results
-        about = f"Representative run: {where}/ (seed {res.get('seed')}, {len(runs)} run(s) in all).\n\n{report.summary_line(res)}"
+        about = f"Representative run: {report.md_escape(where)}/ (seed {res.get('seed')}, {len(runs)} run(s) in all).\n\n{report.summary_line(res)}"
         figure = plots.run_overview_figure(res["acc_matrix"], res.get("mask_overlap"))
         blocks += [Heading(label), Markdown(about, root), _plot(f"run-{_slug(label)}", figure, f"{label}: {where}")]
         images = [a for a in res.get("artifacts") or [] if a.endswith(".png")]
@@ -239,8 +239,8 @@ def _figure_html(uri: str, alt: str, caption: str) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escaped text with `code` spans."""
-    parts = html.escape(text).split("`")
+    """Escaped text with `code` spans (the Markdown's own entities, :func:`~metagate.report.md_escape`, read first)."""
+    parts = [html.escape(html.unescape(p)) for p in text.split("`")]
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
@@ -307,14 +307,14 @@ def render_markdown(blocks: Sequence[Block], root: Path) -> tuple[str, dict[str,
     out, files = [], {}
     for b in blocks:
         if isinstance(b, Heading):
-            out.append(f"{'#' * b.level} {b.text}")
+            out.append(f"{'#' * b.level} {report.md_escape(b.text)}")
         elif isinstance(b, Markdown):
             rel = os.path.relpath(b.base, root)
             out.append(b.text if rel == "." else IMAGE_LINK.sub(lambda m: f"![{m[1]}]({rel}/{m[2]})", b.text))
         else:
             path = f"{FIGURE_DIR}/{b.name}.png"
             files[path] = b.png
-            out.append(f"![{b.caption}]({path})")
+            out.append(f"![{report.md_escape(b.caption).replace('[', '(').replace(']', ')')}]({path})")
     return "\n\n".join(out) + "\n", files
 
 
