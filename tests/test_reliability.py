@@ -353,3 +353,101 @@ def test_folder_names_are_escaped_in_report_md_and_aggregate_md(tmp_path: Path) 
     page = (runs / "report.html").read_text()
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page and "&amp;lt;" not in page
     assert "<td>a|b</td>" in page
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def test_a_full_disk_while_writing_the_lock_leaves_nothing_that_blocks_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a traceback, then an empty .lock after which a fresh run and --resume both refused the folder (item 10)
+    import errno
+    import os
+
+    from metagate.runs import RunDir, RunFolderError
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", full)
+        with pytest.raises(RunFolderError, match="the disk is full"):
+            RunDir.create(tmp_path / "new" / "run")
+        assert not (tmp_path / "new").exists()  # the folders it made are gone
+        (tmp_path / "mine").mkdir()
+        with pytest.raises(RunFolderError, match="the disk is full"):
+            RunDir.create(tmp_path / "mine")
+        assert list((tmp_path / "mine").iterdir()) == []  # a folder the user made is kept, empty
+        text = one_line_error(runner.invoke(app, ["run", "digits-split", "--out", str(tmp_path / "cli")]))
+        assert "disk is full" in text
+    RunDir.create(tmp_path / "mine").unlock()  # space again: the folder is usable
+
+
+def test_an_empty_lock_left_by_an_older_version_does_not_block_a_new_run(tmp_path: Path) -> None:
+    from metagate.runs import RunDir, RunFolderError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text("")
+    RunDir.create(tmp_path / "run").unlock()
+    held = RunDir.create(tmp_path / "other")  # a lock a live process holds still keeps the folder
+    with pytest.raises(RunFolderError, match="not empty"):
+        RunDir.create(tmp_path / "other")
+    held.unlock()
+
+
+def test_a_run_folder_deleted_and_recreated_mid_run_gets_no_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small: Any) -> None:
+    # the run finished into a folder without config.yaml, env.json or .lock, and aggregate accepted it (item 6)
+    import shutil
+
+    from metagate.methods import METHODS
+    from metagate.runs import RunDir, RunFolderError
+    from metagate.train import Trainer
+
+    folder = tmp_path / "run"
+    cls = METHODS.get("finetune")
+    original = cls.after_task
+
+    def replace_folder(self: Any, task: Any) -> Any:
+        if task.index == 1:
+            shutil.rmtree(folder)
+            folder.mkdir()
+        return original(self, task)
+
+    monkeypatch.setattr(cls, "after_task", replace_folder)
+    with pytest.raises(RunFolderError, match="deleted or replaced while this run wrote it"):
+        Trainer(config_from_dict(small()), RunDir.create(folder)).fit()
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["cut short", "deleted", "cut mid-record"])
+def test_resume_over_a_damaged_metrics_file_is_refused(damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small: Any) -> None:
+    # resume went on silently, leaving an unparseable line and the lost records lost (item 7)
+    from metagate.methods import METHODS
+    from metagate.runs import RunDir, RunFolderError
+    from metagate.train import Trainer
+
+    class Stop(Exception):
+        pass
+
+    cls = METHODS.get("finetune")
+    original = cls.before_task
+
+    def stop(self: Any, task: Any) -> Any:
+        if task.index == 2:
+            raise Stop
+        return original(self, task)
+
+    raw = small()
+    with monkeypatch.context() as m:
+        m.setattr(cls, "before_task", stop)
+        with pytest.raises(Stop):
+            Trainer(config_from_dict(raw), RunDir.create(tmp_path / "run")).fit()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    data = metrics.read_bytes()
+    if damage == "deleted":
+        metrics.unlink()
+    elif damage == "cut short":
+        metrics.write_bytes(data[: len(data) // 2])
+    else:  # as long as before, but a record broken where the checkpoint ends
+        metrics.write_bytes(data.replace(b"\n", b" ", data.count(b"\n")))
+    with pytest.raises(RunFolderError, match="cannot resume: .*metrics.jsonl"):
+        Trainer(config_from_dict(raw), RunDir.open_for_resume(tmp_path / "run")).fit(resume=True)

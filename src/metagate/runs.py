@@ -225,6 +225,7 @@ class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._lock_id: tuple[int, int] | None = None
 
     @classmethod
     def check_new(cls, path: Path) -> None:
@@ -232,7 +233,7 @@ class RunDir:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise RunFolderError(f"{path} is a file, not a folder; nothing was written. Choose another --out.")
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and any(p.name != cls.LOCK or not cls._stale_lock(p) for p in path.iterdir()):
             raise RunFolderError(
                 f"{path} already exists and is not empty; nothing was written. "
                 "Pass --resume to continue the run in it, or choose another --out."
@@ -241,16 +242,44 @@ class RunDir:
         if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
             raise RunFolderError(f"cannot write {path}: {parent} is not writable; choose a folder you can write to with --out")
 
+    @staticmethod
+    def _stale_lock(path: Path) -> bool:
+        """An empty ``.lock`` no process holds: left by a start that failed before writing its PID (a full
+        disk), so the folder is still new."""
+        try:
+            if path.stat().st_size:
+                return False
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # closing releases the probe's lock
+
     @classmethod
     def create(cls, path: Path) -> "RunDir":
-        """A new, empty run folder, locked by this process."""
+        """A new, empty run folder, locked by this process. A start that fails (a full disk while writing
+        the lock) leaves nothing behind: not the folder it made, not an empty lock."""
         cls.check_new(path)
+        made = [p for p in (Path(path), *Path(path).parents) if not p.exists()]
         try:
             Path(path).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise write_problem(Path(path), e) from None
         run = cls(path)
-        run.lock()
+        try:
+            run.lock()
+        except RunFolderError:
+            for folder in made:  # innermost first; only the folders this call made, and only when empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
         return run
 
     def lock(self) -> "RunDir":
@@ -272,10 +301,33 @@ class RunDir:
                 f"{self.path} is in use by another metagate process (PID {holder}); wait for it to finish, "
                 "or stop it, before running or resuming this folder"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            if os.pwrite(fd, f"{os.getpid()}\n".encode(), 0) == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:  # a full disk: no lock is held, and none is left empty to block the folder
+            if os.fstat(fd).st_size == 0:
+                lock_path.unlink(missing_ok=True)  # still holding it, so no other process has it
+            os.close(fd)
+            raise write_problem(lock_path, e) from None
         self._lock_fd = fd
+        self._lock_id = os.fstat(fd)[1:3]  # (inode, device): the folder this run locked
         return self
+
+    def check_still_ours(self) -> None:
+        """Refuse to write into a folder that was deleted or replaced while this run held it (its lock file
+        is gone or another): the run's records would land in a folder without its config and lock."""
+        if self._lock_fd is None:
+            return
+        try:
+            same = os.stat(self.path / self.LOCK)[1:3] == self._lock_id
+        except OSError:
+            same = False
+        if not same:
+            raise RunFolderError(
+                f"{self.path} was deleted or replaced while this run wrote it (its {self.LOCK} is gone): nothing more is "
+                "written there; start the run again in a new folder"
+            )
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -320,6 +372,7 @@ class RunDir:
         atomic_write_json(self.file(self.ENV), env)
 
     def write_results(self, results: dict[str, Any]) -> None:
+        self.check_still_ours()
         atomic_write_json(self.file(self.RESULTS), results)
 
     def write_image(self, name: str, image: torch.Tensor) -> None:
@@ -347,13 +400,24 @@ class RunDir:
         return p.stat().st_size if p.exists() else 0
 
     def truncate_metrics(self, size: int) -> None:
-        """Drop records written after a checkpoint (a resumed run writes them again)."""
+        """Drop records written after a checkpoint (a resumed run writes them again). A file shorter than
+        at the checkpoint (cut short, deleted) or not ending a record there is refused: its lost records
+        cannot be written again, and a resumed run would go on after a broken line."""
         p = self.file(self.METRICS)
-        if p.exists() and p.stat().st_size > size:
+        have = p.stat().st_size if p.exists() else 0
+        ends_a_record = size == 0 or (have >= size and _byte_at(p, size - 1) == b"\n")
+        if have < size or not ends_a_record:
+            found = f"holds {have:,} bytes" if p.exists() else "is missing"
+            raise RunFolderError(
+                f"cannot resume: {p} {found} where the last checkpoint recorded {size:,} bytes of whole records "
+                "(it was cut short, deleted or changed); its lost records cannot be written again: start the run afresh in a new folder"
+            )
+        if have > size:
             with open(p, "r+b") as f:
                 f.truncate(size)
 
     def log(self, record: dict[str, Any]) -> None:
+        self.check_still_ours()
         try:
             with open(self.file(self.METRICS), "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -368,6 +432,7 @@ class RunDir:
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """``state`` behind a header with the payload's SHA-256, in one atomic write."""
+        self.check_still_ours()
         buf = io.BytesIO()
         torch.save({"format": CHECKPOINT_FORMAT, **state}, buf)
         payload = buf.getvalue()
@@ -376,6 +441,12 @@ class RunDir:
 
     def load_checkpoint(self, map_location: torch.device | str = "cpu") -> dict[str, Any]:
         return load_checkpoint(self.checkpoint_path, map_location)
+
+
+def _byte_at(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(1)
 
 
 def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
