@@ -451,3 +451,22 @@ def test_resume_over_a_damaged_metrics_file_is_refused(damage: str, tmp_path: Pa
         metrics.write_bytes(data.replace(b"\n", b" ", data.count(b"\n")))
     with pytest.raises(RunFolderError, match="cannot resume: .*metrics.jsonl"):
         Trainer(config_from_dict(raw), RunDir.open_for_resume(tmp_path / "run")).fit(resume=True)
+
+
+def test_the_same_run_found_twice_counts_once_and_both_folders_are_named(tmp_path: Path) -> None:
+    # two sweeps of one config and seeds 0-1 gave 4 seeds and a CI of [93.0, 98.1] where n = 2 gives [77.9, 113.3] (item 1)
+    import shutil
+
+    from metagate.aggregate import aggregate_paths
+
+    for sweep_dir in ("A", "B"):
+        for seed, acc in [(0, 0.90), (1, 0.96)]:
+            fake_run(tmp_path / sweep_dir / "si_c-1" / f"seed{seed}", seed=seed, acc=acc)
+    shutil.copytree(tmp_path / "A" / "si_c-1" / "seed0", tmp_path / "copy")
+    summary, text = aggregate_paths([tmp_path / "A" / "si_c-1", tmp_path / "B" / "si_c-1", tmp_path / "copy"])
+    row = summary["si_c-1"]
+    assert row["seeds"] == [0, 1] and row["acc"]["n"] == 2
+    assert "| 2 | 93.0 ± 4.2 [54.9, 131.1] |" in text
+    named = row["duplicates"][str(tmp_path / "A" / "si_c-1" / "seed0")]
+    assert named == [str(tmp_path / "B" / "si_c-1" / "seed0"), str(tmp_path / "copy")]
+    assert "Counted once" in text and str(tmp_path / "copy") in text

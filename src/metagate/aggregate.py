@@ -56,6 +56,7 @@ class RunRecord:
     config: dict[str, Any]
     results: dict[str, Any]
     identity: str = field(default="", repr=False)  # the config without the seed, as canonical JSON
+    duplicates: list[Path] = field(default_factory=list)  # folders of the same run (config and seed), not counted
 
 
 def _identity(config: dict[str, Any]) -> str:
@@ -94,8 +95,21 @@ def find_runs(paths: Sequence[Path]) -> list[RunRecord]:
     for folder in folders:
         config, results = _read(folder)
         records.append(RunRecord(folder, "", config, results, _identity(config)))
+    records = _count_once(records)
     _label(records)
     return records
+
+
+def _count_once(records: list[RunRecord]) -> list[RunRecord]:
+    """One record per (config, seed): a run copied, or made again by a second sweep, is the same run, not
+    another seed (counted twice it would narrow the confidence interval). The first in path order is
+    kept; the others are named in its ``duplicates``."""
+    kept: dict[tuple[str, Any], RunRecord] = {}
+    for r in records:
+        first = kept.setdefault((r.identity, r.results.get("seed")), r)
+        if first is not r:
+            first.duplicates.append(r.folder)
+    return list(kept.values())
 
 
 def _ordered(root: Path, folders: list[Path]) -> list[Path]:
@@ -309,6 +323,7 @@ def summarise(
             row[key] = "/".join(values) if values else None
         row["seeds"] = sorted(int(r.results.get("seed", -1)) for r in runs)
         row["folders"] = [str(r.folder) for r in runs]
+        row["duplicates"] = {str(r.folder): [str(d) for d in r.duplicates] for r in runs if r.duplicates}
         out[label] = row
     return out
 
@@ -382,4 +397,8 @@ def aggregate_paths(paths: Sequence[Path], last: int | None = None, validation: 
     validation split's ACC and BWT in place of the test figures."""
     records = find_runs(paths)
     summary = summarise(group(records), records, last)
-    return summary, table(summary, last, validation)
+    text = table(summary, last, validation)
+    same = [f"{', '.join(d)} (as {k})" for row in summary.values() for k, d in row["duplicates"].items()]
+    if same:
+        text += f"\n\nCounted once (the same config and seed as an earlier folder): {'; '.join(same)}."
+    return summary, text
