@@ -470,3 +470,36 @@ def test_the_same_run_found_twice_counts_once_and_both_folders_are_named(tmp_pat
     named = row["duplicates"][str(tmp_path / "A" / "si_c-1" / "seed0")]
     assert named == [str(tmp_path / "B" / "si_c-1" / "seed0"), str(tmp_path / "copy")]
     assert "Counted once" in text and str(tmp_path / "copy") in text
+
+
+def test_a_deleted_checkpoint_is_not_called_a_run_that_never_finished_a_task(tmp_path: Path) -> None:
+    # "stopped before its first task ended" after 8 tasks (item 22)
+    out = tmp_path / "r"
+    fast = ["benchmark.name=gated_teacher", "benchmark.num_tasks=2", "benchmark.train_per_task=200", "benchmark.test_per_task=100",
+            "method.name=finetune", "trainer.epochs=1", "reference=null", "trainer.progress=false"]
+    assert runner.invoke(app, ["run", *fast, "--out", str(out)]).exit_code == 0
+    (out / "results.json").unlink()
+    (out / "checkpoints" / "last.pt").unlink()
+    result = runner.invoke(app, ["run", "--resume", "--out", str(out)])
+    text = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and text.startswith("error:") and "Traceback" not in result.output
+    assert "records finished tasks" in text and "before its first task ended" not in text
+
+
+def test_out_below_a_file_names_the_file(tmp_path: Path) -> None:
+    # "afile is not writable" (item 22)
+    (tmp_path / "afile").write_text("")
+    text = one_line_error(runner.invoke(app, ["run", "digits-split", "--out", str(tmp_path / "afile" / "sub")]))
+    assert "afile is a file, not a folder" in text
+
+
+def test_a_full_disk_while_writing_a_finished_runs_report_does_not_say_resume(tmp_path: Path) -> None:
+    # "resume with --resume" for a run that had finished (item 22)
+    import errno
+
+    from metagate.runs import write_problem
+
+    (tmp_path / "results.json").write_text("{}")
+    line = str(write_problem(tmp_path / "report" / "acc.png", OSError(errno.ENOSPC, "full")))
+    assert "disk is full" in line and "--resume" not in line and "finished run is kept" in line
+    assert "--resume" in str(write_problem(tmp_path / "other" / "checkpoints" / "last.pt", OSError(errno.ENOSPC, "full")))

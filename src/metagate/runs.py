@@ -121,7 +121,9 @@ _UMASK = _umask()
 def write_problem(path: Path, e: OSError) -> RunFolderError:
     """An ``OSError`` met writing ``path`` as one line that says what to do."""
     if e.errno == errno.ENOSPC:
-        what = "the disk is full: free some space, then resume the run with --resume"
+        # a finished run (its report, a figure) has nothing to resume: it is kept as it is
+        finished = any((p / "results.json").is_file() for p in (path.parent, path.parent.parent))
+        what = "the disk is full: free some space" + (" (the finished run is kept)" if finished else ", then resume the run with --resume")
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         what = "it is not writable: choose a folder you can write to with --out"
     elif e.errno in (errno.ENOTDIR, errno.EEXIST):
@@ -239,6 +241,8 @@ class RunDir:
                 "Pass --resume to continue the run in it, or choose another --out."
             )
         parent = next((p for p in (path, *path.parents) if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise RunFolderError(f"cannot make {path}: {parent} is a file, not a folder; choose another --out")
         if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
             raise RunFolderError(f"cannot write {path}: {parent} is not writable; choose a folder you can write to with --out")
 
@@ -452,6 +456,12 @@ def _byte_at(path: Path, offset: int) -> bytes:
 def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
     """Read a checkpoint; a missing, corrupt or foreign file raises :class:`CheckpointError`."""
     if not path.is_file():
+        metrics = path.parent.parent / RunDir.METRICS
+        if metrics.is_file() and b'"type": "eval"' in metrics.read_bytes():  # a task ended (and was evaluated): it had a checkpoint
+            raise CheckpointError(
+                f"no checkpoint at {path}, though {metrics.name} records finished tasks: the checkpoint was deleted or never written "
+                f"(trainer.checkpoint=false), so the run cannot go on; start it afresh in a new folder (or delete {path.parent.parent})"
+            )
         raise CheckpointError(
             f"no checkpoint at {path}: the run stopped before its first task ended; delete {path.parent.parent} "
             "and start it again without --resume"
