@@ -503,3 +503,39 @@ def test_a_full_disk_while_writing_a_finished_runs_report_does_not_say_resume(tm
     line = str(write_problem(tmp_path / "report" / "acc.png", OSError(errno.ENOSPC, "full")))
     assert "disk is full" in line and "--resume" not in line and "finished run is kept" in line
     assert "--resume" in str(write_problem(tmp_path / "other" / "checkpoints" / "last.pt", OSError(errno.ENOSPC, "full")))
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_numbers(tmp_path: Path) -> None:
+    """A real ``kill -9`` of a run process mid-task (no exception handler runs): ``--resume`` finishes it
+    with the numbers of an uninterrupted run, and its metrics hold each record once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fast = ["benchmark.name=gated_teacher", "benchmark.num_tasks=4", "benchmark.train_per_task=3000", "benchmark.test_per_task=300",
+            "method.name=si", "trainer.epochs=3", "reference=null", "trainer.progress=false", "trainer.threads=1"]
+    cli = [sys.executable, "-m", "metagate.cli", "run", *fast]
+    subprocess.run([*cli, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*cli, "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (cut / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(0.2)  # into the next task
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (cut / "results.json").exists()
+    subprocess.run([*cli[:4], "--resume", "--out", str(cut)], check=True, capture_output=True)
+    whole, resumed = (json.loads((tmp_path / f / "results.json").read_text()) for f in ("whole", "cut"))
+    assert resumed["acc_matrix"] == whole["acc_matrix"] and resumed["initial_acc"] == whole["initial_acc"]
+    records = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["task"] for r in records if r["type"] == "eval"]
+    assert evals == [0, 1, 2, 3]
