@@ -539,3 +539,12 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_numbers(tmp_path: Path) -
     records = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     evals = [r["task"] for r in records if r["type"] == "eval"]
     assert evals == [0, 1, 2, 3]
+
+
+def test_what_metagate_writes_as_yaml_it_reads_back_without_aliases(tmp_path: Path) -> None:
+    from metagate.runs import RunDir
+
+    shared = [64, 64]
+    RunDir(tmp_path).write_config({"seed": 0, "method": {"backbone": {"hidden": shared}}, "reference": {"backbone": {"hidden": shared}}})
+    assert "&" not in (tmp_path / "config.yaml").read_text()
+    assert RunDir(tmp_path).read_config()["reference"]["backbone"]["hidden"] == [64, 64]

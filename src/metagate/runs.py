@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from metagate import __version__
-from metagate.schema import NoAliasLoader
+from metagate.schema import NoAliasLoader, dump_yaml
 
 CHECKPOINT_FORMAT = 2
 CHECKPOINT_MAGIC = b"METAGATE-CHECKPOINT\n"  # then 64 hex digits of the payload's SHA-256, a newline, the payload
@@ -356,10 +356,10 @@ class RunDir:
     def write_config(self, config: dict[str, Any], provenance: dict[str, Any] | None = None) -> None:
         """The resolved config, with the data's provenance (location, fingerprint) as a last section
         that :meth:`read_config` leaves out (it is a record, not a setting)."""
-        text = yaml.safe_dump(config, sort_keys=False)
+        text = dump_yaml(config)
         if provenance:
             text += "# where the data came from (a record; ignored when this file is read as a config)\n"
-            text += yaml.safe_dump({PROVENANCE_KEY: provenance}, sort_keys=False)
+            text += dump_yaml({PROVENANCE_KEY: provenance})
         atomic_write_text(self.file(self.CONFIG), text)
 
     def read_config(self) -> dict[str, Any]:

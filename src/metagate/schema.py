@@ -67,6 +67,18 @@ class NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+class NoAliasDumper(yaml.SafeDumper):
+    """YAML's safe dumper writing every value out (no ``&id001`` / ``*id001`` for an object met twice), so
+    what metagate writes :class:`NoAliasLoader` reads back."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=NoAliasDumper, sort_keys=False)
+
+
 def load_yaml(text: str, where: str) -> Any:
     """``text`` as YAML (safe, without aliases); a problem is a one-line :class:`ConfigError` naming ``where``."""
     try:

@@ -55,7 +55,7 @@ from metagate import orchestrate
 from metagate.config import ConfigError, find_config, read_yaml
 from metagate.orchestrate import Echo, Executor, Job, run_inline
 from metagate.runs import RunFolderError, atomic_write_json, atomic_write_text
-from metagate.schema import Section
+from metagate.schema import Section, dump_yaml
 
 SPEC_FILE = "sweep.yaml"
 STATUS_FILE = "sweep.json"
@@ -237,7 +237,7 @@ class SweepOutcome:
 def _save_spec(out: Path, spec: dict[str, Any]) -> None:
     """``sweep.yaml``: this sweep's spec; a different spec started on the same folder is kept beside
     it (``sweep-2.yaml``, ...), never written over."""
-    text = yaml.safe_dump(spec, sort_keys=False)
+    text = dump_yaml(spec)  # every value written out: read back without aliases
     path, k = out / SPEC_FILE, 1
     while path.is_file() and path.read_text() != text:
         k += 1
