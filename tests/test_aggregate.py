@@ -19,7 +19,7 @@ def fake_run(folder: Path, method: str, seed: int, acc: float, lr: float = 0.001
               "trainer": {"lr": lr, "threads": 1 + seed, "device": "cpu"}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     results = {"method": method, "seed": seed, "scenario": "domain", "test_time_info": "task_id", "benchmark": "gated_teacher",
-               "acc_matrix": [[0.9, 0.1, 0.1], [0.8, 0.9, 0.1], [0.8, 0.8, 0.9]], "acc": acc, "bwt": -0.1, "fwt": 0.0,
+               "acc_matrix": [[0.9, 0.1, 0.1], [0.8, 0.9, 0.1], [0.8, 0.8, 0.9]], "initial_acc": [0.1, 0.1, 0.1], "acc": acc, "bwt": -0.1, "fwt": 0.0,
                "forgetting": 0.1, "zero_shot_acc": zs or [0.1, 0.5, 0.5], "steps_to_90": [10, 20, None],
                "train_seconds": 2.0, "peak_memory_mb": 300.0, **extra}
     (folder / "results.json").write_text(json.dumps(results))

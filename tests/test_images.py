@@ -151,7 +151,7 @@ def test_split_prototypes_are_projected_class_means(sklearn: None) -> None:
 
 
 def test_split_refuses_more_classes_than_the_data_set_has() -> None:
-    with pytest.raises(ConfigError, match="6 tasks x 2 classes need 12 classes, digits has 10"):
+    with pytest.raises(ConfigError, match="num_tasks=6 x classes_per_task=2 need 12 classes, digits has 10"):
         config_from_dict({"benchmark": {"name": "split", "dataset": "digits", "num_tasks": 6, "classes_per_task": 2}, "method": {"name": "finetune"}})
 
 

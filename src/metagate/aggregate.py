@@ -34,9 +34,11 @@ import yaml
 
 from metagate.identity import differing_keys, row_identity, with_current_defaults
 from metagate.report import markdown_table, uses_at_test
-from metagate.runs import RunDir
+from metagate.runs import RunDir, check_results
+from metagate.schema import NoAliasLoader
 
 SEED_FOLDER = re.compile(r"seed\d+")
+IDENTIFYING = ("benchmark.name", "benchmark.dataset", "method.name")  # named in a row's label whenever they differ
 
 
 class AggregationError(ValueError):
@@ -52,6 +54,7 @@ class RunRecord:
     config: dict[str, Any]
     results: dict[str, Any]
     identity: str = field(default="", repr=False)  # the config without the seed, as canonical JSON
+    duplicates: list[Path] = field(default_factory=list)  # folders of the same run (config and seed), not counted
 
     def row(self) -> dict[str, Any]:
         """The run as one flat row of a table: its label and folder, then every scalar figure of its results
@@ -63,11 +66,10 @@ class RunRecord:
 def _read(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         results = json.loads((folder / RunDir.RESULTS).read_text())
-        config = yaml.safe_load((folder / RunDir.CONFIG).read_text()) if (folder / RunDir.CONFIG).is_file() else {}
+        config = yaml.load((folder / RunDir.CONFIG).read_text(), Loader=NoAliasLoader) if (folder / RunDir.CONFIG).is_file() else {}
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise AggregationError(f"cannot read the run in {folder} ({e}); move that folder away or rerun it") from None
-    if not isinstance(results, dict) or "acc_matrix" not in results:
-        raise AggregationError(f"{folder / RunDir.RESULTS} is not a metagate results file; move that folder away or rerun it")
+    check_results(results, folder / RunDir.RESULTS)  # a ragged matrix or a missing figure: one line naming the file
     config = dict(config or {})
     config.pop("provenance", None)
     return with_current_defaults(config), results  # a field added since the run was made takes its default
@@ -89,6 +91,7 @@ def find_runs(paths: Sequence[Path]) -> list[RunRecord]:
     for folder in folders:
         config, results = _read(folder)
         records.append(RunRecord(folder, "", config, results, row_identity(config)))
+    records = _count_once(records)
     _label(records)
     return records
 
@@ -97,6 +100,18 @@ def read_run(folder: Path, label: str) -> RunRecord:
     """The finished run in ``folder`` as a record labelled ``label``."""
     config, results = _read(folder)
     return RunRecord(folder, label, config, results, row_identity(config))
+
+
+def _count_once(records: list[RunRecord]) -> list[RunRecord]:
+    """One record per (config, seed): a run copied, or made again by a second sweep, is the same run, not
+    another seed (counted twice it would narrow the confidence interval). The first in path order is
+    kept; the others are named in its ``duplicates``."""
+    kept: dict[tuple[str, Any], RunRecord] = {}
+    for r in records:
+        first = kept.setdefault((r.identity, r.results.get("seed")), r)
+        if first is not r:
+            first.duplicates.append(r.folder)
+    return list(kept.values())
 
 
 def _ordered(root: Path, folders: list[Path]) -> list[Path]:
@@ -167,7 +182,8 @@ def _telling_keys(configs: list[dict[str, Any]]) -> list[str]:
         best = max(candidates, key=lambda k: (groups([*chosen, k]), k.endswith(".name"), -candidates.index(k)))
         chosen.append(best)
         candidates.remove(best)
-    return chosen
+    # what the runs are (benchmark, data set, method) is always named when it differs, whatever else tells them apart
+    return [k for k in IDENTIFYING if k in candidates] + chosen
 
 
 def _get(config: dict[str, Any], dotted: str) -> Any:
@@ -308,6 +324,7 @@ def summarise(
             row[key] = "/".join(values) if values else None
         row["seeds"] = sorted(int(r.results.get("seed", -1)) for r in runs)
         row["folders"] = [str(r.folder) for r in runs]
+        row["duplicates"] = {str(r.folder): [str(d) for d in r.duplicates] for r in runs if r.duplicates}
         out[label] = row
     return out
 
@@ -382,4 +399,8 @@ def aggregate_paths(paths: Sequence[Path], last: int | None = None, validation: 
     validation split's ACC and BWT in place of the test figures."""
     records = find_runs(paths)
     summary = summarise(group(records), records, last)
-    return summary, table(summary, last, validation)
+    text = table(summary, last, validation)
+    same = [f"{', '.join(d)} (as {k})" for row in summary.values() for k, d in row["duplicates"].items()]
+    if same:
+        text += f"\n\nCounted once (the same config and seed as an earlier folder): {'; '.join(same)}."
+    return summary, text

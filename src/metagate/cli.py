@@ -77,7 +77,7 @@ def run(
         typer.echo(f"run folder: {out}")
         typer.echo(f"{cfg.method.name} on {cfg.benchmark.name}, seed {cfg.seed}, device {t.device}, {t.threads} thread(s)")
         data = t.stream.provenance
-        typer.echo(f"data: {data.get('location')} ({data.get('found_via')}; sha256 {data.get('sha256')}, {data.get('bytes', 0):,} bytes)")
+        typer.echo(f"data: {data.get('location')} ({data.get('found_via')}; sha256 {str(data.get('sha256'))[:16]}, {data.get('bytes', 0):,} bytes)")
 
     again = f"metagate run --resume --out {out}"
     try:

@@ -22,7 +22,7 @@ from metagate.data import BENCHMARKS
 from metagate.methods import METHODS
 from metagate.methods.base import BaseMethodConfig
 from metagate.registry import UnknownNameError
-from metagate.schema import ConfigError, ExperimentConfig, TrackingConfig, TrainerConfig
+from metagate.schema import ConfigError, ExperimentConfig, NoAliasLoader, TrackingConfig, TrainerConfig, load_yaml
 from metagate.tracking import check_tracking
 
 __all__ = [
@@ -62,9 +62,12 @@ def find_config(name_or_path: str | None) -> Path:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read: {e.strerror or e}") from None
+    data = load_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -80,7 +83,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. method.name=ewc)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=NoAliasLoader) if raw != "" else ""  # noqa: S506  (a SafeLoader)
         except yaml.YAMLError:
             value = raw
         parsed.append((key.split("."), value))
@@ -123,8 +126,11 @@ def _format_validation_error(section: str, err: ValidationError, model: type[Bas
         elif e["type"] == "extra_forbidden":
             valid = ", ".join(f.alias or n for n, f in model.model_fields.items())
             lines.append(f"unknown key {loc!r}; valid keys here: {valid}")
+        elif not e["loc"]:  # the section as a whole (a model validator): its message says what to change
+            lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+            got = repr(e.get("input"))
+            lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')} (got {got if len(got) <= 200 else got[:200] + '...'})")
     return "; ".join(lines)
 
 
@@ -196,6 +202,8 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed} is out of range: choose an integer from 0 to {2**32 - 1}")
     return ExperimentConfig(
         seed=seed,
         benchmark=sections["benchmark"],

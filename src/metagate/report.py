@@ -14,9 +14,19 @@ def pct(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None else f"{100 * x:.{digits}f}"
 
 
+MARKDOWN_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "&#124;", "\n": " "})
+
+
+def md_escape(text: str) -> str:
+    """``text`` (a folder name, a label) as plain text in Markdown: ``<img onerror=...>`` is not rendered
+    as HTML by a Markdown viewer, and ``a|b`` does not split a table cell (HTML entities for both)."""
+    return str(text).translate(MARKDOWN_ESCAPES)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    """A Markdown table; every cell is escaped (:func:`md_escape`), so cells hold plain text."""
+    lines = ["| " + " | ".join(map(md_escape, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(md_escape, r)) + " |" for r in rows]
     return "\n".join(lines)
 
 

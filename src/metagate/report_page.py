@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from metagate import aggregate, plots, report
 from metagate.aggregate import RunRecord
-from metagate.runs import RunDir, atomic_write_bytes, atomic_write_text
+from metagate.runs import RunDir, atomic_write_bytes, atomic_write_text, check_results
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -91,11 +91,7 @@ def read_results(path: Path) -> dict[str, Any]:
             f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): the file is damaged or cut short; "
             f"delete it and write it again with metagate run --resume --out {run}, or move that run folder away"
         ) from None
-    if not isinstance(data, dict) or not isinstance(data.get("acc_matrix"), list) or not data["acc_matrix"]:
-        raise ReportProblem(
-            f"{path} holds no accuracy matrix, so it is not a finished metagate run; move that run folder away and report again"
-        )
-    return data
+    return check_results(data, path)  # a ragged matrix or a missing figure: one line naming the file
 
 
 def reference_runs(folder: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -207,7 +203,7 @@ def sweep_blocks(root: Path, records: list[RunRecord], where: str = "") -> list[
     summary = aggregate.summarise(groups, records)
     blocks: list[Block] = [
         Heading(f"{len(records)} runs in {root.name or root}{where}", 1),
-        Markdown(f"{len(groups)} labels: {', '.join(groups)}. Mean ± std over seeds.", root),
+        Markdown(f"{len(groups)} labels: {report.md_escape(', '.join(groups))}. Mean ± std over seeds.", root),
         _plot("summary", plots.summary_bars_figure(summary), "Per label: mean over seeds, ± std (black) and the 95% CI (red)."),
         Markdown(aggregate.table(summary), root),
     ]
@@ -215,7 +211,7 @@ def sweep_blocks(root: Path, records: list[RunRecord], where: str = "") -> list[
         first = min(runs, key=_seed)
         where = os.path.relpath(first.folder, root)
         res = first.results
-        about = f"Representative run: {where}/ (seed {res.get('seed')}, {len(runs)} run(s) in all).\n\n{report.summary_line(res)}"
+        about = f"Representative run: {report.md_escape(where)}/ (seed {res.get('seed')}, {len(runs)} run(s) in all).\n\n{report.summary_line(res)}"
         figure = plots.run_overview_figure(res["acc_matrix"], res.get("mask_overlap"))
         blocks += [Heading(label), Markdown(about, root), _plot(f"run-{_slug(label)}", figure, f"{label}: {where}")]
         images = [a for a in res.get("artifacts") or [] if a.endswith(".png")]
@@ -243,8 +239,8 @@ def _figure_html(uri: str, alt: str, caption: str) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escaped text with `code` spans."""
-    parts = html.escape(text).split("`")
+    """Escaped text with `code` spans (the Markdown's own entities, :func:`~metagate.report.md_escape`, read first)."""
+    parts = [html.escape(html.unescape(p)) for p in text.split("`")]
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
@@ -311,14 +307,14 @@ def render_markdown(blocks: Sequence[Block], root: Path) -> tuple[str, dict[str,
     out, files = [], {}
     for b in blocks:
         if isinstance(b, Heading):
-            out.append(f"{'#' * b.level} {b.text}")
+            out.append(f"{'#' * b.level} {report.md_escape(b.text)}")
         elif isinstance(b, Markdown):
             rel = os.path.relpath(b.base, root)
             out.append(b.text if rel == "." else IMAGE_LINK.sub(lambda m: f"![{m[1]}]({rel}/{m[2]})", b.text))
         else:
             path = f"{FIGURE_DIR}/{b.name}.png"
             files[path] = b.png
-            out.append(f"![{b.caption}]({path})")
+            out.append(f"![{report.md_escape(b.caption).replace('[', '(').replace(']', ')')}]({path})")
     return "\n\n".join(out) + "\n", files
 
 

@@ -10,19 +10,84 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message says what to change."""
 
 
+def _numeric_not_bool(annotation: Any) -> bool:
+    """Whether a field's type holds numbers (``int``, ``float`` anywhere in it) but never a ``bool``."""
+    def find(a: Any, kinds: tuple[Any, ...]) -> bool:
+        return a in kinds or any(find(b, kinds) for b in typing.get_args(a))
+
+    return find(annotation, (int, float)) and not find(annotation, (bool, Any))
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_bool(v) for v in value)
+    return False
+
+
 class Section(BaseModel):
-    """Base of every config section: strict about unknown keys, checked on assignment too."""
+    """Base of every config section: strict about unknown keys, checked on assignment too. A boolean is
+    never read as a number (pydantic's lax mode takes ``true`` for 1): ``trainer.epochs=true`` is refused."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if _has_bool(value) and info.field_name is not None:
+            field = cls.model_fields.get(info.field_name)
+            if field is not None and _numeric_not_bool(field.annotation):
+                raise ValueError("must be a number (or a list of numbers), not true/false")
+        return value
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``): an alias bomb (a few lines that expand to
+    gigabytes) cannot reach validation or an error message; a config writes its values out."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"found the alias *{event.anchor}: aliases are not accepted in a metagate config, write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+class NoAliasDumper(yaml.SafeDumper):
+    """YAML's safe dumper writing every value out (no ``&id001`` / ``*id001`` for an object met twice), so
+    what metagate writes :class:`NoAliasLoader` reads back."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=NoAliasDumper, sort_keys=False)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``text`` as YAML (safe, without aliases); a problem is a one-line :class:`ConfigError` naming ``where``."""
+    try:
+        return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506  (a SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML: {problem}{at}") from None
 
 
 class BenchmarkConfig(Section):
@@ -34,6 +99,10 @@ class BenchmarkConfig(Section):
     def memory_estimate(self) -> int:
         """Bytes the built stream holds in memory (an estimate made before building it; 0 = unknown)."""
         return 0
+
+    def input_size(self) -> int:
+        """Numbers in one input (its flattened size), known before building the stream; 0 = unknown."""
+        return int(getattr(self, "input_dim", 0) or 0)
 
 
 class MethodConfig(Section):

@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
@@ -55,7 +56,7 @@ from metagate.config import ConfigError, find_config, read_yaml
 from metagate.orchestrate import Echo, Executor, run_inline
 from metagate.plan import Job, expand, parse_entries, plan_jobs, split_overrides
 from metagate.runs import RunFolderError, atomic_write_json, atomic_write_text
-from metagate.schema import Section
+from metagate.schema import Section, dump_yaml
 
 SPEC_FILE = "sweep.yaml"
 STATUS_FILE = "sweep.json"
@@ -112,7 +113,7 @@ def read_spec(config: str | None, cli: dict[str, Any]) -> SweepSpec:
         raw["seeds"] = cli["seeds"]
     for item in cli.get("grid") or []:
         key, values = _split_item(item, "--grid", "si:method.c=0.1,1,10")
-        raw.setdefault("grid", {})[key] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+        raw.setdefault("grid", {})[key] = [yaml.safe_load(v) for v in grid_values(item, values)]
     random = raw.setdefault("random", {}) if (cli.get("random") or cli.get("samples") is not None) else raw.get("random") or {}
     for item in cli.get("random") or []:
         key, dist = _split_item(item, "--random", "si:method.c=loguniform:0.01,10")
@@ -133,6 +134,14 @@ def read_spec(config: str | None, cli: dict[str, Any]) -> SweepSpec:
     for key, dist in spec.random.space.items():
         _check_distribution(key, dist)
     return spec
+
+
+def grid_values(item: str, values: str) -> list[str]:
+    """``1,10,100`` -> its values; an empty one (``1,,2``, a trailing comma) is refused, not dropped."""
+    parts = [v.strip() for v in values.split(",")]
+    if not all(parts):
+        raise ConfigError(f"--grid {item!r} has an empty value (two commas in a row, or one at an end); write each value out")
+    return parts
 
 
 def _split_item(item: str, option: str, example: str) -> tuple[str, str]:
@@ -229,7 +238,7 @@ class SweepOutcome:
 def _save_spec(out: Path, spec: dict[str, Any]) -> None:
     """``sweep.yaml``: this sweep's spec; a different spec started on the same folder is kept beside
     it (``sweep-2.yaml``, ...), never written over."""
-    text = yaml.safe_dump(spec, sort_keys=False)
+    text = dump_yaml(spec)  # every value written out: read back without aliases
     path, k = out / SPEC_FILE, 1
     while path.is_file() and path.read_text() != text:
         k += 1
@@ -286,8 +295,8 @@ def _run_sweep(
     variants = [v for vs in expand(method_of, points, own).values() for v in vs]
     plan = plan_jobs(config, general, variants, spec.seeds, out, default_root or (lambda b, s: Path("runs") / f"sweep-{b}"))
     orchestrate.check_folders(plan, resume)
+    _prepare(execute)  # Ray reached (or refused in one line) before the folder is made or locked
     with orchestrate.holding(plan.root):
-        _prepare(execute)
         _save_spec(plan.root, record)
         echo(f"{len(variants)} variants x {spec.seeds} seeds = {len(plan.jobs)} runs -> {plan.root}")
         compared = orchestrate.run_compare(plan, resume, echo, execute)
@@ -349,6 +358,29 @@ def import_ray() -> Any:
     return ray
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse a Ray address (``host:port`` or ``ray://host:port``) nothing answers on within ``timeout``
+    seconds, in one line: Ray itself waits 30 s and more, or for ever, before it gives up. ``auto`` and
+    other forms are left to Ray."""
+    import socket
+
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
+    if match is None:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        why = f"no answer within {timeout:g} s" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise ConfigError(
+            f"cannot reach the Ray cluster at --address {address} ({why}); "
+            "start it (ray start --head), check the address, or leave --address out to run on this machine"
+        ) from None
+
+
 class RayExecutor:
     """Run jobs as Ray tasks: on a local Ray with ``workers`` runs at a time, or on the cluster at
     ``address``; ``resources`` per run. :meth:`prepare` starts (or joins) Ray and refuses runs no node
@@ -368,7 +400,12 @@ class RayExecutor:
                     logging_level=logging.WARNING, object_store_memory=128 * 1024**2,
                 )
             else:
-                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+                check_reachable(self.address)
+                try:
+                    ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+                except Exception as e:  # noqa: BLE001  (Ray raises many kinds: ConnectionError, RuntimeError, gRPC errors)
+                    line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    raise ConfigError(f"cannot join the Ray cluster at --address {self.address} ({line}); check the address, or leave --address out") from None
             self.started = True
         try:
             _check_resources(ray, self.resources)

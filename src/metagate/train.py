@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from metagate import metrics
 from metagate.compile import compile_step
 from metagate.data import build_stream
+from metagate.data.provenance import same_data
 from metagate.data.stream import Stream, Task
 from metagate.methods import Batch, Method, create_method
 from metagate.runs import CheckpointError, RunDir, environment
@@ -106,7 +107,7 @@ class Trainer:
         assert self.run is not None
         ckpt = self.run.load_checkpoint(self.device)  # that it is this config's run, orchestration checked
         data = ckpt.get("provenance", {})
-        if data.get("sha256") and data.get("sha256") != self.stream.provenance.get("sha256"):
+        if data.get("sha256") and not same_data(data["sha256"], str(self.stream.provenance.get("sha256"))):
             raise CheckpointError(
                 f"the data differ from those the run in {self.run.path} started with "
                 f"({data.get('location')}, sha256 {data.get('sha256')}; now {self.stream.provenance.get('location')}, "

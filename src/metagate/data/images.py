@@ -38,7 +38,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from metagate.data.base import BENCHMARKS
@@ -72,6 +72,16 @@ class ImageBenchmarkConfig(BenchmarkConfig):
     train_per_task: int | None = Field(None, ge=1, description="cap on training samples per task, val_fraction of them held out for validation: a seeded random subset per task (null: all)")
     test_per_task: int | None = Field(None, ge=1, description="cap on test samples per task: a seeded random subset per task (null: all)")
     normalize: bool = Field(True, description="standardise inputs per channel with the training set's mean and std")
+
+    @field_validator("root")
+    @classmethod
+    def _root_names_a_folder(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty: name the folder that holds the data files, or null to search the usual places")
+        return value
+
+    def input_size(self) -> int:
+        return data_set_size(self.dataset, self.emnist_split)[2]
 
     def memory_estimate(self) -> int:
         """The loaded data set (raw and standardised) plus every task's (and held-out task's) tensors."""
@@ -290,10 +300,22 @@ class Split:
         def _enough_classes(self) -> "Split.Config":
             total = num_classes(self.dataset, self.emnist_split)
             k = self.classes_per_task or total // self.num_tasks
-            if k < 1 or k * self.num_tasks > total:
+            if k < 1:
                 raise ValueError(
-                    f"{self.num_tasks} tasks x {k} classes need {self.num_tasks * k} classes, "
-                    f"{self.dataset} has {total}"
+                    f"num_tasks={self.num_tasks} is more tasks than {self.dataset}'s {total} classes (each task needs "
+                    f"a class of its own); lower benchmark.num_tasks to at most {total // 2 if self.scenario == 'task' else total}"
+                )
+            if k * self.num_tasks > total:
+                raise ValueError(
+                    f"num_tasks={self.num_tasks} x classes_per_task={k} need {self.num_tasks * k} classes, "
+                    f"{self.dataset} has {total}; lower benchmark.num_tasks or benchmark.classes_per_task"
+                )
+            if k == 1 and self.scenario == "task":
+                # under label masking a one-class task is answered right whatever the model does (100%)
+                raise ValueError(
+                    f"num_tasks={self.num_tasks} gives tasks of one class each ({self.dataset} has {total}), which score 100% "
+                    f"under label masking (scenario=task) whatever the model learns; use benchmark.num_tasks <= {total // 2} "
+                    "or benchmark.classes_per_task >= 2, or benchmark.scenario=class"
                 )
             return self
 
@@ -333,7 +355,11 @@ class Split:
             for j, c in enumerate(group):
                 own = (parts[1] == t * k + j).nonzero().squeeze(1)
                 if len(own) == 0:
-                    raise ValueError(f"task {t} has no training image of class {c} ({data.class_names[c]}); raise train_per_task")
+                    raise ValueError(
+                        f"task {t} has no training image of class {c} ({data.class_names[c]}): with val_fraction={cfg.val_fraction} "
+                        f"and train_per_task={cfg.train_per_task}, {len(parts[1])} training images are left to the task; "
+                        "lower benchmark.val_fraction or raise benchmark.train_per_task"
+                    )
                 shots = own[torch.randperm(len(own), generator=generator(seed, "prototype-shots", c))[: cfg.prototype_shots]]
                 prototypes.append(parts[0][shots].mean(0).flatten() @ projection)
             tasks.append(

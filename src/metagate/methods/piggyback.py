@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -50,6 +51,24 @@ class TorchvisionFeatures(nn.Module):
         return self.net(x).flatten(1)
 
 
+def read_weights(path: str) -> dict[str, Tensor]:
+    """A ``state_dict`` from ``path`` (tensors only: ``weights_only``); a file that is not one is a one-line
+    ``ValueError`` (torch's own text, which may advise ``weights_only=False``, is never passed on: that
+    would run whatever code the file holds)."""
+    try:
+        with warnings.catch_warnings():  # torch's warnings about a foreign file's pickle protocol: the error below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged or foreign file)
+        raise ValueError(
+            f"method.weights={path} is not a weights file torch can read safely ({type(e).__name__}); "
+            "give a state_dict saved with torch.save(model.state_dict(), PATH)"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"method.weights={path} holds a {type(state).__name__}, not a state_dict (names -> tensors)")
+    return state
+
+
 def torchvision_backbone(arch: str, weights: str | None, input_shape: tuple[int, ...], input_size: int | None) -> TorchvisionFeatures:
     """torchvision's ``arch`` with the pretrained weights found on disk (``weights``, else torch hub's cache),
     its classifier removed; a clear one-line error when torchvision or the weights are absent."""
@@ -78,7 +97,10 @@ def torchvision_backbone(arch: str, weights: str | None, input_shape: tuple[int,
     if builder is None:
         raise ValueError(f"torchvision.models has no {arch!r}")
     net = builder()
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        net.load_state_dict(read_weights(path))
+    except RuntimeError:  # torch's text lists every mismatched tensor over many lines
+        raise ValueError(f"method.weights={path} does not fit torchvision's {arch} (names or shapes differ)") from None
     return TorchvisionFeatures(net, input_size)
 
 
@@ -216,9 +238,11 @@ class Piggyback(Method):
     def _load_backbone(self, path: str) -> None:
         if not os.path.isfile(path):
             raise ValueError(f"method.weights={path}: no such file (pretrain=file wants the backbone's state_dict)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        state = {k: v for k, v in read_weights(path).items() if not k.startswith("head.")}
+        try:
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+        except RuntimeError:  # shapes that differ: torch's text lists each over many lines
+            raise ValueError(f"method.weights={path} does not fit the {self.cfg.backbone.kind} backbone (tensor shapes differ)") from None
         if missing or unexpected:
             raise ValueError(
                 f"method.weights={path} does not fit the {self.cfg.backbone.kind} backbone (missing {missing[:3]}, unexpected {unexpected[:3]})"
