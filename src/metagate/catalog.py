@@ -45,9 +45,9 @@ def first_sentence(doc: str | None, limit: int = 160) -> str:
 def registered(registry: str) -> dict[str, str]:
     """``registry`` (``METHODS`` or ``BENCHMARKS``): name -> the first docstring sentence of the module
     that registers it when the module registers one entry (a method's file names its paper there),
-    else of the entry's class."""
+    else of the entry's class. Modules of subpackages count too (a method that is a package)."""
     found: dict[str, str] = {}
-    for path in sorted((PACKAGE_DIR / _REGISTRIES[registry]).glob("*.py")):
+    for path in sorted((PACKAGE_DIR / _REGISTRIES[registry]).rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         here: dict[str, str] = {}
         for node in ast.walk(tree):
