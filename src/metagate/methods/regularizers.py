@@ -81,24 +81,19 @@ class QuadraticPenalty(nn.Module):
             a_old.copy_(a_sum)
         self._activate()
 
-    def forward(self, model: nn.Module, multipliers: dict[str, Tensor] | None = None) -> Tensor:
-        """The penalty's value; ``multipliers`` (by parameter name, a tensor broadcasting against the parameter) scale
-        each listed parameter's terms ``F (theta - a)^2`` elementwise (``offset`` is not scaled)."""
+    def forward(self, model: nn.Module) -> Tensor:
+        """The penalty's value."""
         total = self.offset.clone()
         params = dict(model.named_parameters())
         for n in self.names:
-            term = self.importance(n) * (params[n] - self.anchor(n)) ** 2
-            if multipliers is not None and n in multipliers:
-                term = multipliers[n] * term
-            total = total + term.sum()
+            total = total + (self.importance(n) * (params[n] - self.anchor(n)) ** 2).sum()
         return total
 
     @torch.no_grad()
-    def add_grad_(self, model: nn.Module, scale: float, multipliers: dict[str, Tensor] | None = None) -> Tensor:
+    def add_grad_(self, model: nn.Module, scale: float) -> Tensor:
         """Add ``scale`` times this penalty's gradient, ``2 F (theta - a)``, to every parameter's
-        ``.grad`` in place and return ``scale`` times its value: the same as ``(scale * self(model, multipliers)).backward()``
-        up to rounding, without building an autograd graph (a handful of fused per-tensor ops). ``multipliers`` as in
-        :meth:`forward` (``None``: none, the same ops as without the argument)."""
+        ``.grad`` in place and return ``scale`` times its value: the same as ``(scale * self(model)).backward()``
+        up to rounding, without building an autograd graph (a handful of fused per-tensor ops)."""
         named = dict(model.named_parameters())
         params = [named[n] for n in self.names]
         for p in params:
@@ -110,10 +105,6 @@ class QuadraticPenalty(nn.Module):
         torch._foreach_copy_(diff, params)
         torch._foreach_sub_(diff, [self.anchor(n) for n in self.names])  # theta - a
         torch._foreach_mul_(diff, [self.importance(n) for n in self.names])  # F (theta - a)
-        if multipliers is not None:
-            for d, n in zip(diff, self.names):
-                if n in multipliers:
-                    d.mul_(multipliers[n])  # s F (theta - a): the value below is then s F (theta - a)^2 too
         torch._foreach_add_([p.grad for p in params], diff, alpha=2.0 * scale)
         value = torch.stack([(d * (p - self.anchor(n))).sum() for d, p, n in zip(diff, params, self.names)]).sum()
         return scale * (value + self.offset)
