@@ -53,7 +53,7 @@ def test_the_additive_agent_selects_a_band_of_one_number_and_the_bias_free_mlp_c
     contexts = torch.linspace(0.0, 1.0, 6)[1:].unsqueeze(1)  # 0.2, 0.4, ..., 1.0
     band = ((contexts - 0.6).abs() < 0.1).float().expand(-1, 8)  # on at 0.6 only
     additive, mlp, scale = AdditiveAgent(1, 8, 32), MetaAgent(1, 8, [32, 32]), ContextRange(1, torch.device("cpu"))
-    scale.fit(contexts)  # the additive agent reads each number rescaled to [0, 1] over its range
+    scale.fit(contexts, torch.ones(len(contexts), dtype=torch.bool))  # the additive agent reads each number rescaled to [0, 1]
     fit(additive, scale(contexts), band)
     fit(mlp, contexts, band)
     with torch.no_grad():
@@ -282,6 +282,44 @@ def test_the_repel_prior_keeps_units_of_related_tasks_and_pushes_away_from_unrel
     m.before_task(stream.tasks[2])
     z = m.zero_shot[2]
     assert int((z[:width] & distant).sum()) <= int((z[:width] & same).sum())
+
+
+def test_the_context_range_spans_the_given_rows_and_leaves_a_single_value_unscaled() -> None:
+    scale = ContextRange(2, torch.device("cpu"))
+    c = torch.tensor([[0.2, 0.5], [0.6, 0.5], [5.0, 0.0]])
+    scale.fit(c, torch.tensor([False, False, False]))  # nothing known: the contexts as they are
+    assert torch.equal(scale(c), c)
+    scale.fit(c, torch.tensor([True, True, False]))  # the third row is not known: it falls outside [0, 1]
+    torch.testing.assert_close(scale(c), torch.tensor([[0.0, 0.0], [1.0, 0.0], [12.0, -0.5]]))  # one value of the second: shifted
+
+
+def test_no_context_of_a_task_not_trained_yet_shapes_the_masks() -> None:
+    """Issue 25's protocol: the additive agent's rescaling and the repel prior read only the contexts of trained tasks.
+    A stream whose last task's context lies far outside the others': after training task 0, the agent, task 0's
+    zero-shot, stored and generated masks, every other task's mask and prior row are the same as with its usual one."""
+    runs = []
+    for far in (False, True):
+        cfg = config_from_dict({"benchmark": BENCH, "method": {"name": "metagate", "backbone": {"hidden": [32]}, "agent": "additive",
+                                                            "agent_hidden": [16], "prior_kind": "repel", "consolidation_steps": 5}})
+        stream = build_stream(cfg.benchmark, 0)
+        last = stream.num_tasks - 1
+        if far:
+            stream.tasks[last].context.add_(100.0)  # known from the start, as a stream's contexts are
+        torch.manual_seed(task_seed(0, -1))
+        m = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
+        task = stream.tasks[0]
+        m.before_task(task)
+        m.train_step(Batch(task.x_train[:32], task.y_train[:32]), task)
+        m.after_task(task)
+        others = [t for t in stream.tasks if t.index != last]
+        with torch.no_grad():
+            masks = torch.stack([m.unit_mask(t) for t in others] + [m.generated_mask(task).bool(), m.zero_shot[0]])
+        rows = torch.cat([m.prior.fixed[:last], m.prior.fixed[last + 1 :]])
+        runs.append((masks, rows, [p.detach().clone() for p in m.agent.parameters()]))
+    (masks, rows, params), (far_masks, far_rows, far_params) = runs
+    assert torch.equal(masks, far_masks)
+    assert torch.equal(rows, far_rows)
+    assert all(torch.equal(a, b) for a, b in zip(params, far_params))
 
 
 def test_a_removed_switch_is_refused_and_a_saved_config_with_it_off_reads_as_today() -> None:

@@ -39,7 +39,8 @@ def task_contexts(stream: Stream, mode: ContextMode) -> Tensor:
 
 class ContextRange(nn.Module):
     """Each context number's range, ``lo`` and ``span`` (buffers, so a checkpoint keeps them), and the rescaling
-    ``(c - lo) / span`` that maps the range onto [0, 1]."""
+    ``(c - lo) / span`` that maps the range onto [0, 1]. Before any :meth:`fit`: ``lo`` 0, ``span`` 1 (the contexts
+    as they are)."""
 
     def __init__(self, dims: int, device: torch.device) -> None:
         super().__init__()
@@ -47,11 +48,15 @@ class ContextRange(nn.Module):
         self.register_buffer("span", torch.ones(dims, device=device))
 
     @torch.no_grad()
-    def fit(self, contexts: Tensor) -> None:
-        """The range over the rows of ``contexts`` (a number that never varies: a span of 1e-6)."""
-        lo = contexts.min(0).values
-        self.lo.copy_(lo)
-        self.span.copy_((contexts.max(0).values - lo).clamp_min(1e-6))
+    def fit(self, contexts: Tensor, rows: Tensor) -> None:
+        """The range over the rows of ``contexts`` that ``rows`` (bool) selects, on the device (no host read). A
+        number with fewer than two values among them keeps a span of 1 (``lo`` its value; 0 with no row): a rescaled
+        number then moves as the context does, never by a factor a single value would make up."""
+        keep = rows.unsqueeze(1)
+        lo = torch.where(keep, contexts, float("inf")).min(0).values
+        span = torch.where(keep, contexts, float("-inf")).max(0).values - lo  # no row: -inf
+        self.lo.copy_(torch.where(torch.isfinite(lo), lo, 0.0))
+        self.span.copy_(torch.where(span > 1e-6, span, 1.0))
 
     def forward(self, contexts: Tensor) -> Tensor:
         return (contexts - self.lo) / self.span

@@ -80,8 +80,9 @@ class MetaGate(Method):
       of trainable units when masks overlap by design.
     * The MLP agent has no biases (a positively homogeneous function of the context): with biases every context
       starts from nearly the same mask, and fitting the first task's mask teaches the agent a constant.
-    * The additive agent reads each context number rescaled to [0, 1] over its range among the training tasks'
-      contexts (:class:`~.contexts.ContextRange`), as the repel prior's "same value" test does.
+    * Only trained tasks' contexts shape how a context is read (issue 25's protocol): the additive agent reads each
+      number rescaled to [0, 1] over its range among them, refit after each task, as the repel prior's "same value"
+      test does (:class:`~.contexts.ContextRange`); a task's zero-shot mask is thus the one it starts training with.
     * Task boundaries only read the device back (caches of the stored masks); a training step never does.
 
     Switches (each off by default; ``docs/metagate.md`` holds their history and validation figures):
@@ -164,8 +165,7 @@ class MetaGate(Method):
         self.prior = make_prior(cfg.prior_kind, len(given), self.widths, self.device)
         self.slot = {t.index: i for i, t in enumerate([*stream.tasks, *stream.heldout])}
         self.register_buffer("slot_ids", torch.arange(len(given), device=self.device), persistent=False)
-        self.context_range = ContextRange(given.shape[1], self.device)
-        self.context_range.fit(given[: stream.num_tasks])
+        self.context_range = ContextRange(given.shape[1], self.device)  # refit after each task on the trained tasks'
         self.agent = make_agent(cfg.agent, given.shape[1], num_units, cfg.agent_hidden).to(self.device)
         self.agent_optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.agent_lr)
         self.scores = nn.Parameter(torch.zeros(num_units, device=self.device))
@@ -207,10 +207,9 @@ class MetaGate(Method):
         return topk_mask(z, self.widths, self.cfg.density)
 
     def _update_prior(self) -> None:
-        """At a task boundary (on the device, no host read): the prior's rows (training tasks, then held-out ones) of
-        the tasks not trained yet and not in training follow the stored masks."""
-        open_ = torch.ones(self.contexts.shape[0], dtype=torch.bool, device=self.device)
-        open_[: self.stream.num_tasks] = ~self.stored.trained.to(self.device)
+        """At a task boundary (on the device, no host read): the prior's rows of the tasks not trained yet and not in
+        training follow the stored masks."""
+        open_ = ~self.stored.trained_rows(self.contexts.shape[0])
         if self.current is not None:
             open_[self.slot[self.current]] = False
         self.prior.update(self.stored.targets, open_, self.context_range(self.contexts))
@@ -359,6 +358,7 @@ class MetaGate(Method):
             final = self.mask_for(task).bool()
         self.current = None
         self.stored.store(task.index, final)
+        self.context_range.fit(self.contexts, self.stored.trained_rows(self.contexts.shape[0]))  # the contexts known now: the trained tasks'
         self._update_prior()  # the next task (and the zero-shot evaluation of all untrained ones) sees this mask
         for _ in range(self.cfg.consolidation_steps):
             self.agent_optimizer.zero_grad(set_to_none=True)

@@ -36,6 +36,12 @@ class StoredMasks(nn.Module):
         self.trained[index] = True
         self.refresh()
 
+    def trained_rows(self, rows: int) -> Tensor:
+        """Which of ``rows`` context rows (training tasks first, by index) are trained tasks', on the device."""
+        out = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        out[: len(self.bits)] = self.trained.to(self.device)
+        return out
+
     def refresh(self) -> None:
         """Rebuild the caches from ``trained`` and the bits (one device read)."""
         trained = [i for i, done in enumerate(self.trained.tolist()) if done]
