@@ -60,8 +60,7 @@ VARIANTS = [(name, {}) for name in sorted(METHODS.names()) if name not in NO_STE
     ("metagate", {"context_mode": "shuffled"}),
     # issue 13's switches: the default run's set (additive agent, repel prior, stored-mask batches, windowed agent steps)
     ("metagate", {"agent": "additive", "agent_hidden": [16], "prior_kind": "repel", "reg_batch": 4, "consolidation_batch": 4, "agent_every": 2}),
-    ("metagate", {"agent": "additive", "agent_hidden": [16], "prior_kind": "usage", "free_quota": 0.25}),
-    ("metagate", {"agent": "additive", "agent_hidden": [16], "prior_kind": "repel", "si_relatedness": 3.0}),
+    ("metagate", {"agent": "additive", "agent_hidden": [16], "prior_kind": "usage"}),
     ("hypermask", {"sparsity": 30.0}),
     ("hypermask", {"embedding": "context", "reg_subset": 1}),
     ("hnet", {"chunk_size": 500, "chunk_emb_dim": 8}),

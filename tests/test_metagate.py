@@ -9,7 +9,7 @@ import torch
 from metagate.config import config_from_dict
 from metagate.data import build_stream
 from metagate.methods import create_method
-from metagate.methods.metagate import topk_mask
+from metagate.nn.gates import topk_mask
 from metagate.train import Trainer, task_seed
 
 BENCH = {"name": "gated_teacher", "num_tasks": 3, "train_per_task": 400, "test_per_task": 200}
@@ -40,15 +40,15 @@ def test_an_untrained_task_gets_the_agent_mask_of_its_context() -> None:
     method, stream = make()
     for task in stream.tasks:
         z = method.agent(task.context)
-        expected = topk_mask((z - z.mean()) / z.std() + method.prior_scores[task.index], method.widths, 0.2).bool()
+        expected = topk_mask((z - z.mean()) / z.std() + method.prior.random[task.index], method.widths, 0.2).bool()
         assert torch.equal(method.unit_mask(task), expected)
 
 
 def test_the_random_prior_is_fixed_by_the_seed_and_kept_by_the_shuffled_control() -> None:
     a, _ = make()
     b, _ = make(context_mode="shuffled")
-    assert torch.equal(a.prior_scores, b.prior_scores)  # the control changes the context only
-    assert not torch.equal(a.prior_scores[0], a.prior_scores[1])
+    assert torch.equal(a.prior.random, b.prior.random)  # the control changes the context only
+    assert not torch.equal(a.prior.random[0], a.prior.random[1])
 
 
 def test_context_controls() -> None:
@@ -113,7 +113,7 @@ def test_shuffled_contexts_lose_the_zero_shot_gain_on_the_gated_teacher() -> Non
 
 @pytest.mark.parametrize("seed", range(6))
 def test_shuffled_contexts_are_a_derangement_no_task_keeps_its_own(seed: int) -> None:
-    from metagate.methods.metagate import derangement
+    from metagate.methods.metagate.contexts import derangement
 
     torch.manual_seed(seed)
     for n in (2, 3, 5, 10):

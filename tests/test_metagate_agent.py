@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import train_tasks
 from metagate.config import ConfigError, config_from_dict
 from metagate.data import build_stream
 from metagate.methods import create_method
 from metagate.methods.base import Batch
 from metagate.methods.metagate import AdditiveAgent, MetaAgent
+from metagate.methods.metagate.contexts import ContextRange
+from metagate.nn.gates import standardise, topk_mask
+from metagate.identity import same_run
 from metagate.train import task_seed
 
 BENCH = {"name": "composed_teacher", "num_tasks": 6, "factors": 2, "values": 4, "units_per_group": 4, "novel_tasks": 0, "min_value_tasks": 1,
@@ -37,7 +39,7 @@ def fit(agent: torch.nn.Module, contexts: torch.Tensor, masks: torch.Tensor, ste
 
 def test_the_additive_agent_is_a_sum_over_context_numbers() -> None:
     torch.manual_seed(0)
-    agent = AdditiveAgent(torch.rand(10, 3), 20, 16)
+    agent = AdditiveAgent(3, 20, 16)
     with torch.no_grad():
         a, b = torch.tensor([[0.2, 0.7, 0.1]]), torch.tensor([[0.9, 0.7, 0.1]])
         a2, b2 = torch.tensor([[0.2, 0.3, 0.8]]), torch.tensor([[0.9, 0.3, 0.8]])
@@ -51,11 +53,12 @@ def test_the_additive_agent_selects_a_band_of_one_number_and_the_bias_free_mlp_c
     torch.manual_seed(0)
     contexts = torch.linspace(0.0, 1.0, 6)[1:].unsqueeze(1)  # 0.2, 0.4, ..., 1.0
     band = ((contexts - 0.6).abs() < 0.1).float().expand(-1, 8)  # on at 0.6 only
-    additive, mlp = AdditiveAgent(contexts, 8, 32), MetaAgent(1, 8, [32, 32])
-    fit(additive, contexts, band)
+    additive, mlp, scale = AdditiveAgent(1, 8, 32), MetaAgent(1, 8, [32, 32]), ContextRange(1, torch.device("cpu"))
+    scale.fit(contexts, torch.ones(len(contexts), dtype=torch.bool))  # the additive agent reads each number rescaled to [0, 1]
+    fit(additive, scale(contexts), band)
     fit(mlp, contexts, band)
     with torch.no_grad():
-        assert torch.equal((additive(contexts) > 0).float(), band)
+        assert torch.equal((additive(scale(contexts)) > 0).float(), band)
         assert not torch.equal((mlp(contexts) > 0).float(), band)
 
 
@@ -79,7 +82,7 @@ def test_the_additive_agent_composes_unseen_combinations_far_better_than_the_nea
     for unseen in ([(0, 2), (2, 1)], [(1, 0), (2, 2)], [(0, 1), (1, 2)], [(2, 2)], [(0, 0)]):
         torch.manual_seed(0)
         seen = [p for p in combos if p not in unseen]
-        agent = AdditiveAgent(ctx(seen), 2 * values * group, 32)
+        agent = AdditiveAgent(2, 2 * values * group, 32)  # the contexts span [0, 1]: read as they are
         fit(agent, ctx(seen), torch.stack([mask(*p) for p in seen]), steps=1000)
         truth = torch.stack([mask(*p) for p in unseen])
         with torch.no_grad():
@@ -92,7 +95,7 @@ def test_the_additive_agent_composes_unseen_combinations_far_better_than_the_nea
 
 def test_the_additive_agent_refuses_long_contexts_with_a_one_line_error() -> None:
     with pytest.raises(ValueError, match="method.agent=mlp"):
-        AdditiveAgent(torch.rand(4, 100), 10, 8)
+        AdditiveAgent(100, 10, 8)
     with pytest.raises(ConfigError):
         config_from_dict({"benchmark": BENCH, "method": {"name": "metagate", "agent": "sum"}})
 
@@ -143,13 +146,11 @@ def test_agent_every_updates_the_agent_once_per_window_with_the_accumulated_grad
     monkeypatch.setattr(m.optimizer, "step", lambda: None)  # the target network stays put: the reference is simple
     batches = [Batch(task.x_train[32 * i : 32 * (i + 1)], task.y_train[32 * i : 32 * (i + 1)]) for i in range(3)]
     # the reference gradient, before any step: (1/3) sum_i d loss_i / d agent + beta * d reg / d agent
-    slots = torch.cat([m.slots(task), m._targets[0]])
+    slots = torch.cat([m.slots(task), m.stored.targets[0]])
     z = m.logits(slots)
-    from metagate.methods.metagate import topk_mask
-
     mask = topk_mask(z[0], m.widths, m.cfg.density)
     losses = [F.cross_entropy(m.mask_logits(m.model(b.x, unit_masks=list(mask.split(m.widths))), task, None), b.y) for b in batches]
-    total = sum(losses) / 3 + m.cfg.beta * F.binary_cross_entropy_with_logits(z[1:], m._targets[1])
+    total = sum(losses) / 3 + m.cfg.beta * F.binary_cross_entropy_with_logits(z[1:], m.stored.targets[1])
     expected = torch.autograd.grad(total, list(m.agent.parameters()))
     steps: list[list[torch.Tensor]] = []
     original = m.agent_optimizer.step
@@ -170,7 +171,7 @@ def test_agent_every_updates_the_agent_once_per_window_with_the_accumulated_grad
 
 def stored_usage(m) -> torch.Tensor:  # noqa: ANN001
     """How many stored masks use each unit."""
-    return m._targets[1].sum(0)
+    return m.stored.targets[1].sum(0)
 
 
 def test_the_usage_prior_sends_a_new_task_to_the_units_stored_masks_use_least() -> None:
@@ -188,50 +189,50 @@ def test_the_usage_prior_sends_a_new_task_to_the_units_stored_masks_use_least() 
         mask, usage = m.zero_shot[new.index], stored_usage(m)
         overlapping = sum(bool((mask & m.stored[t.index].bool()).any()) for t in stream.tasks[:5])
         figures[kind] = (float(usage[mask].mean()), overlapping, float(usage.float().mean()))
-        assert ("usage_scores" in m.state_dict()) == (kind == "usage")
+        assert ("prior.fixed" in m.state_dict()) == (kind == "usage")
     (used_random, over_random, _), (used_usage, over_usage, mean_usage) = figures["random"], figures["usage"]
     assert used_usage < used_random and used_usage < mean_usage, figures
     assert over_usage <= over_random, figures
 
 
 def test_a_task_keeps_the_usage_prior_it_started_with_and_untrained_tasks_follow_the_usage() -> None:
-    """Each task's row of usage_scores is fixed when it starts (what the regulariser and the consolidation see for
+    """Each task's row of the usage prior (prior.fixed) is fixed when it starts (what the regulariser and the consolidation see for
     it later); an untrained task's (a later or held-out one) is std(-usage) + 0.1 r at the last task boundary, so a
     task's zero-shot evaluation after the previous task uses the very mask it then starts training with."""
     m, stream = make(prior_kind="usage", consolidation_steps=5)
-    torch.testing.assert_close(m.usage_scores, 0.1 * m.prior_scores)  # nothing stored: the tie-break alone
+    torch.testing.assert_close(m.prior.fixed, 0.1 * m.prior.random)  # nothing stored: the tie-break alone
     fixed: dict[int, torch.Tensor] = {}
     for task in stream.tasks[:4]:
         evaluated = m.unit_mask(task).clone()  # what the zero-shot evaluation after the previous task used
         m.before_task(task)
         assert torch.equal(m.zero_shot[task.index], evaluated)
-        fixed[task.index] = m.usage_scores[task.index].clone()
+        fixed[task.index] = m.prior.fixed[task.index].clone()
         m.train_step(Batch(task.x_train[:32], task.y_train[:32]), task)
-        assert torch.equal(m.usage_scores[task.index], fixed[task.index])  # no change inside the task
+        assert torch.equal(m.prior.fixed[task.index], fixed[task.index])  # no change inside the task
         m.after_task(task)
         for i, row in fixed.items():
-            assert torch.equal(m.usage_scores[i], row)  # stored tasks keep theirs
-        want = m._standardise(-stored_usage(m)) + 0.1 * m.prior_scores
-        for slot in [*range(task.index + 1, stream.num_tasks), *range(stream.num_tasks, m.usage_scores.shape[0])]:
-            torch.testing.assert_close(m.usage_scores[slot], want[slot])
+            assert torch.equal(m.prior.fixed[i], row)  # stored tasks keep theirs
+        want = standardise(-stored_usage(m), m.widths) + 0.1 * m.prior.random
+        for slot in [*range(task.index + 1, stream.num_tasks), *range(stream.num_tasks, m.prior.fixed.shape[0])]:
+            torch.testing.assert_close(m.prior.fixed[slot], want[slot])
     assert not torch.equal(fixed[0], fixed[3])  # the usage changed what later tasks start with
-    z = m.agent(m.contexts[:1])
-    torch.testing.assert_close(m.logits(m.slot_ids[:1]), m._standardise(z) + m.cfg.prior * fixed[0].unsqueeze(0))
+    z = m.agent(m.agent_input(m.slot_ids[:1]))
+    torch.testing.assert_close(m.logits(m.slot_ids[:1]), standardise(z, m.widths) + m.cfg.prior * fixed[0].unsqueeze(0))
 
 
 def test_the_default_random_prior_is_unchanged_by_the_switch() -> None:
     """prior_kind=random (the default): the logits are the standardised agent's plus prior x the task's random score
     at every point of a run, and no buffer is added (checkpoints of earlier runs load as before)."""
     m, stream = make(consolidation_steps=5)
-    assert m.cfg.prior_kind == "random" and not hasattr(m, "usage_scores")
+    assert m.cfg.prior_kind == "random" and not hasattr(m.prior, "fixed")
     for task in stream.tasks[:3]:
         m.before_task(task)
         m.train_step(Batch(task.x_train[:32], task.y_train[:32]), task)
         m.after_task(task)
         with torch.no_grad():
-            z = m.agent(m.contexts)
+            z = m.agent(m.agent_input(m.slot_ids))
             want = torch.cat([(c - c.mean(-1, keepdim=True)) / c.std(-1, keepdim=True).clamp_min(1e-6) for c in z.split(m.widths, -1)], -1)
-            assert torch.equal(m.logits(m.slot_ids), want + m.cfg.prior * m.prior_scores)
+            assert torch.equal(m.logits(m.slot_ids), want + m.cfg.prior * m.prior.random)
 
 
 @pytest.mark.parametrize("prior_kind", ["usage", "repel"])
@@ -251,12 +252,10 @@ def test_the_repel_prior_keeps_units_of_related_tasks_and_pushes_away_from_unrel
     tasks differ. Task 0 stored with task 2's very context, task 1 with one that differs in every number, on disjoint
     units: task 2's score favours task 0's units over task 1's (usage scores them alike); a task sharing one of the
     two numbers with task 1 counts its mask with weight 1/2; trained rows stay fixed, untrained rows follow."""
-    from metagate.nn.gates import BitMask
-
     scores = {}
     for kind in ("usage", "repel"):
         m, stream = make(prior_kind=kind, prior=1.0, consolidation_steps=5)
-        assert "usage_scores" in m.state_dict()
+        assert "prior.fixed" in m.state_dict()
         c = m.contexts.clone()
         c[0] = c[2]  # the same context as task 2
         c[1] = c[2] + 1.0  # every number differs from task 2's
@@ -266,20 +265,18 @@ def test_the_repel_prior_keeps_units_of_related_tasks_and_pushes_away_from_unrel
         same, distant = torch.zeros(width, dtype=torch.bool), torch.zeros(width, dtype=torch.bool)
         same[:4], distant[4:8] = True, True
         for i, mask in ((0, same), (1, distant)):
-            m.stored[i] = BitMask(mask)
-            m.trained[i] = True
-        m._refresh_masks()
-        before = m.usage_scores[:2].clone()
-        m._update_usage_prior()
-        assert torch.equal(m.usage_scores[:2], before)  # trained rows stay as they were
-        row = m.usage_scores[2] - 0.1 * m.prior_scores[2]  # the usage part alone
+            m.stored.store(i, mask)
+        before = m.prior.fixed[:2].clone()
+        m._update_prior()
+        assert torch.equal(m.prior.fixed[:2], before)  # trained rows stay as they were
+        row = m.prior.fixed[2] - 0.1 * m.prior.random[2]  # the usage part alone
         scores[kind] = (row[same], row[distant])
         if kind == "repel":
-            w = m.repel_weights(m._targets[0])
+            w = m.prior.weights(m.context_range(m.contexts), m.stored.targets[0])
             torch.testing.assert_close(w[2], torch.tensor([0.0, 1.0]))
             torch.testing.assert_close(w[3], torch.tensor([1.0, 0.5]))
-            want = m._standardise(-(w @ m._targets[1]))
-            torch.testing.assert_close(m.usage_scores[2:], (want + 0.1 * m.prior_scores)[2:])
+            want = standardise(-(w @ m.stored.targets[1]), m.widths)
+            torch.testing.assert_close(m.prior.fixed[2:], (want + 0.1 * m.prior.random)[2:])
     (same_u, distant_u), (same_r, distant_r) = scores["usage"], scores["repel"]
     torch.testing.assert_close(same_u, distant_u)  # usage: both used once
     assert same_r.min() > distant_r.max(), scores  # repel: the related task's units are not pushed away
@@ -288,106 +285,51 @@ def test_the_repel_prior_keeps_units_of_related_tasks_and_pushes_away_from_unrel
     assert int((z[:width] & distant).sum()) <= int((z[:width] & same).sum())
 
 
-def plain_topk(logits: torch.Tensor, widths: list[int], density: float) -> torch.Tensor:
-    """topk_mask as it was before free_quota (the reference for the default)."""
-    parts = []
-    for chunk in logits.split(widths, dim=-1):
-        k = max(1, round(density * chunk.shape[-1]))
-        kth = chunk.topk(k, dim=-1).values[..., -1:]
-        soft = torch.sigmoid(chunk)
-        parts.append((chunk >= kth).to(chunk.dtype) + (soft - soft.detach()))
-    return torch.cat(parts, dim=-1)
+def test_the_context_range_spans_the_given_rows_and_leaves_a_single_value_unscaled() -> None:
+    scale = ContextRange(2, torch.device("cpu"))
+    c = torch.tensor([[0.2, 0.5], [0.6, 0.5], [5.0, 0.0]])
+    scale.fit(c, torch.tensor([False, False, False]))  # nothing known: the contexts as they are
+    assert torch.equal(scale(c), c)
+    scale.fit(c, torch.tensor([True, True, False]))  # the third row is not known: it falls outside [0, 1]
+    torch.testing.assert_close(scale(c), torch.tensor([[0.0, 0.0], [1.0, 0.0], [12.0, -0.5]]))  # one value of the second: shifted
 
 
-def test_the_default_free_quota_is_unchanged() -> None:
-    """free_quota=0 (the default): no buffer (earlier checkpoints load as before), topk_mask is the plain top-k with the
-    same forward and gradient, and a run stores the same masks and weights as one that does not name the switch."""
-    from metagate.methods.metagate import topk_mask
-
-    torch.manual_seed(0)
-    z = torch.randn(3, 40, requires_grad=True)
-    a, b = topk_mask(z, [16, 24], 0.25), plain_topk(z, [16, 24], 0.25)
-    assert torch.equal(a, b)
-    w = torch.randn(3, 40)
-    ga, = torch.autograd.grad((a * w).sum(), z)
-    gb, = torch.autograd.grad((b * w).sum(), z)
-    assert torch.equal(ga, gb)
+def test_no_context_of_a_task_not_trained_yet_shapes_the_masks() -> None:
+    """Issue 25's protocol: the additive agent's rescaling and the repel prior read only the contexts of trained tasks.
+    A stream whose last task's context lies far outside the others': after training task 0, the agent, task 0's
+    zero-shot, stored and generated masks, every other task's mask and prior row are the same as with its usual one."""
     runs = []
-    for method in ({}, {"free_quota": 0.0}):
-        m, stream = make(prior_kind="usage", prior=0.5, agent="additive", agent_hidden=[16], consolidation_steps=5, **method)
-        assert not hasattr(m, "quota_masks")
-        train_tasks(m, stream.tasks[:3], 2, 32)
-        runs.append(m.state_dict())
-    assert runs[0].keys() == runs[1].keys() and "quota_masks" not in runs[0]
-    for key in runs[0]:
-        if isinstance(runs[0][key], torch.Tensor):
-            assert torch.equal(runs[0][key], runs[1][key]), key
-
-
-@pytest.mark.parametrize("prior_kind", ["usage", "random"])
-def test_a_new_task_holds_the_quota_of_least_used_units(prior_kind: str) -> None:
-    """free_quota=q: per layer, the new task's mask holds exactly round(q k) units, the least used by the stored masks
-    (ties by the task's random score), in the zero-shot mask, in every training step's mask and in the stored mask;
-    its other k - round(q k) units are the agent's top logits among the rest."""
-    from metagate.methods.metagate import quota_size
-
-    q = 0.5
-    m, stream = make(free_quota=q, prior_kind=prior_kind, prior=0.5, density=0.25, agent="additive", agent_hidden=[16], consolidation_steps=20)
-    for task in stream.tasks:
-        usage = stored_usage(m) if m._targets is not None else torch.zeros(sum(m.widths))
+    for far in (False, True):
+        cfg = config_from_dict({"benchmark": BENCH, "method": {"name": "metagate", "backbone": {"hidden": [32]}, "agent": "additive",
+                                                            "agent_hidden": [16], "prior_kind": "repel", "consolidation_steps": 5}})
+        stream = build_stream(cfg.benchmark, 0)
+        last = stream.num_tasks - 1
+        if far:
+            stream.tasks[last].context.add_(100.0)  # known from the start, as a stream's contexts are
+        torch.manual_seed(task_seed(0, -1))
+        m = create_method(cfg.method, stream, cfg.trainer, torch.device("cpu"))
+        task = stream.tasks[0]
         m.before_task(task)
-        row = m.quota_masks[m.slot[task.index]]
-        r = m.prior_scores[m.slot[task.index]]
-        for layer, (forced, u, score) in enumerate(zip(row.split(m.widths), usage.split(m.widths), r.split(m.widths))):
-            k, n = quota_size(m.cfg.density, len(u), q)
-            assert n == round(q * k) and int(forced.sum()) == n
-            want = sorted(range(len(u)), key=lambda i: (float(u[i]), -float(score[i])))[:n]  # least used, then largest r
-            assert sorted(forced.nonzero().flatten().tolist()) == sorted(want), layer
-        assert bool((m.zero_shot[task.index] >= row).all())  # zero-shot mask
-        with torch.no_grad():
-            z = m.logits(m.slots(task))[0]
-        for chunk, forced, mask in zip(z.split(m.widths), row.split(m.widths), m.zero_shot[task.index].split(m.widths)):
-            k, n = quota_size(m.cfg.density, len(chunk), q)
-            assert int(mask.sum()) == k
-            free = chunk.masked_fill(forced, float("-inf"))
-            assert sorted((mask & ~forced).nonzero().flatten().tolist()) == sorted(free.topk(k - n).indices.tolist())
         m.train_step(Batch(task.x_train[:32], task.y_train[:32]), task)
-        assert bool((m.unit_mask(task) >= row).all())  # training's mask
         m.after_task(task)
-        assert bool((m.stored[task.index].bool() >= row).all())  # stored like any mask
-        assert torch.equal(m.quota_masks[m.slot[task.index]], row)  # fixed for the task
-    # each task's quota takes never-used units while any are left: at most 32 - 6 x 4 of the layer's units stay unused
-    assert int((stored_usage(m) == 0).sum()) <= 32 - len(stream.tasks) * 4
+        others = [t for t in stream.tasks if t.index != last]
+        with torch.no_grad():
+            masks = torch.stack([m.unit_mask(t) for t in others] + [m.generated_mask(task).bool(), m.zero_shot[0]])
+        rows = torch.cat([m.prior.fixed[:last], m.prior.fixed[last + 1 :]])
+        runs.append((masks, rows, [p.detach().clone() for p in m.agent.parameters()]))
+    (masks, rows, params), (far_masks, far_rows, far_params) = runs
+    assert torch.equal(masks, far_masks)
+    assert torch.equal(rows, far_rows)
+    assert all(torch.equal(a, b) for a, b in zip(params, far_params))
 
 
-def test_forced_units_pass_no_gradient_and_untrained_rows_follow_the_usage() -> None:
-    from metagate.methods.metagate import topk_mask
-
-    torch.manual_seed(0)
-    z = torch.randn(2, 20, requires_grad=True)
-    forced = torch.zeros(2, 20, dtype=torch.bool)
-    forced[:, [0, 1, 12, 13]] = True  # layers of 10 units: k = 4, quota 0.5 -> 2 forced per layer
-    mask = topk_mask(z, [10, 10], 0.4, forced, 0.5)
-    assert bool((mask[forced] == 1).all()) and mask.sum(-1).tolist() == [8.0, 8.0]
-    g, = torch.autograd.grad((mask * torch.randn(2, 20)).sum(), z)
-    assert bool((g[forced] == 0).all()) and bool((g[~forced] != 0).all())
-    m, stream = make(free_quota=0.5, density=0.25, consolidation_steps=5)
-    train_tasks(m, stream.tasks[:2], 2, 32)
-    snapshot = m.quota_masks.clone()
-    m._update_quota()  # nothing changed since the boundary: the same rows
-    assert torch.equal(m.quota_masks, snapshot)
-    u = stored_usage(m)
-    for slot in range(2, m.quota_masks.shape[0]):  # untrained and held-out tasks: the least used units now
-        for forced, chunk in zip(m.quota_masks[slot].split(m.widths), u.split(m.widths)):
-            assert chunk[forced].max() <= chunk[~forced].min()
-
-
-def test_a_resumed_run_with_the_free_quota_equals_an_uninterrupted_one(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    from conftest import whole_and_resumed
-
-    raw = {"seed": 0, "benchmark": BENCH, "method": {"name": "metagate", "backbone": {"hidden": [32]}, "prior_kind": "usage",
-           "prior": 0.5, "free_quota": 0.5, "agent": "additive", "agent_hidden": [16], "reg_batch": 2, "consolidation_batch": 2,
-           "consolidation_steps": 10}, "trainer": {"epochs": 1, "progress": False}}
-    whole, resumed = whole_and_resumed(raw, tmp_path, monkeypatch, stop_at=3)
-    for key in ("acc_matrix", "val_acc_matrix", "heldout_acc_matrix", "zero_shot_acc", "mask_overlap", "agent_mask_reproduction"):
-        assert whole[key] == resumed[key], key
+def test_a_removed_switch_is_refused_and_a_saved_config_with_it_off_reads_as_today() -> None:
+    """free_quota and si_relatedness were removed (validation rejected them, docs/metagate.md): a value that turns one
+    on is refused with a one-line error naming the key; a run written before the removal holds them at 0 (every
+    default was saved) and reads as the same run as today's config."""
+    for key, value in (("free_quota", 0.25), ("si_relatedness", 3.0)):
+        with pytest.raises(ConfigError, match=f"method.{key} was removed"):
+            config_from_dict({"benchmark": BENCH, "method": {"name": "metagate", key: value}})
+    today = config_from_dict({"benchmark": BENCH, "method": {"name": "metagate"}}).to_dict()
+    saved = {**today, "method": {**today["method"], "free_quota": 0.0, "si_relatedness": 0.0}}
+    assert same_run(saved, today)

@@ -89,10 +89,10 @@ def _plugin(ep: importlib.metadata.EntryPoint) -> str:
 def registered(registry: str) -> dict[str, str]:
     """``registry`` (``METHODS`` or ``BENCHMARKS``): name -> the first docstring sentence of the module
     that registers it when the module registers one entry (a method's file names its paper there),
-    else of the entry's class; then the installed plugins of its entry point group (a name this package
-    registers is not replaced)."""
+    else of the entry's class (modules of subpackages count too: a method that is a package); then the
+    installed plugins of its entry point group (a name this package registers is not replaced)."""
     found: dict[str, str] = {}
-    for path in sorted((PACKAGE_DIR / _REGISTRIES[registry]).glob("*.py")):
+    for path in sorted((PACKAGE_DIR / _REGISTRIES[registry]).rglob("*.py")):
         found.update(_registrations(ast.parse(path.read_text(), str(path)), registry))
     for ep in importlib.metadata.entry_points(group=_PLUGIN_GROUPS[registry]):
         if ep.name not in found:

@@ -82,28 +82,21 @@ class QuadraticPenalty(nn.Module):
             a_old.copy_(a_sum)
         self._activate()
 
-    def forward(self, model: nn.Module, multipliers: dict[str, Tensor] | None = None) -> Tensor:
-        """The penalty's value; ``multipliers`` (by parameter name, a tensor broadcasting against the parameter) scale
-        each listed parameter's terms ``F (theta - a)^2`` elementwise (``offset`` is not scaled)."""
+    def forward(self, model: nn.Module) -> Tensor:
+        """The penalty's value."""
         total = self.offset.clone()
         params = dict(model.named_parameters())
         for n in self.names:
-            term = self.importance(n) * (params[n] - self.anchor(n)) ** 2
-            if multipliers is not None and n in multipliers:
-                term = multipliers[n] * term
-            total = total + term.sum()
+            total = total + (self.importance(n) * (params[n] - self.anchor(n)) ** 2).sum()
         return total
 
     @torch.no_grad()
-    def add_grad_(
-        self, model: nn.Module, scale: float, multipliers: dict[str, Tensor] | None = None, keep_grads: bool = False
-    ) -> Tensor:
+    def add_grad_(self, model: nn.Module, scale: float, keep_grads: bool = False) -> Tensor:
         """Add ``scale`` times this penalty's gradient, ``2 F (theta - a)``, to every parameter's
-        ``.grad`` and return ``scale`` times its value: the same as ``(scale * self(model, multipliers)).backward()``
-        up to rounding, without building an autograd graph. ``multipliers`` as in :meth:`forward` (``None``: none).
+        ``.grad`` and return ``scale`` times its value: the same as ``(scale * self(model)).backward()``
+        up to rounding, without building an autograd graph.
 
-        Per tensor, four passes into two scratch buffers reused every step: ``d = theta - a``, ``fd = F d`` (times
-        the multiplier), the value's share ``fd . d`` (a dot product: no temporary) and ``grad + 2 scale fd``.
+        Per tensor, four passes into two scratch buffers reused every step: ``d = theta - a``, ``fd = F d``, the value's share ``fd . d`` (a dot product: no temporary) and ``grad + 2 scale fd``.
         ``keep_grads``: the gradient tensors are left as they are; the sum goes into a scratch tensor that becomes
         the parameter's ``.grad`` (SI keeps the task loss's gradient this way without copying it)."""
         named = dict(model.named_parameters())
@@ -118,8 +111,6 @@ class QuadraticPenalty(nn.Module):
             d, fd = self._diff[i], self._prod[i]
             torch.sub(p, self.anchor(n), out=d)  # theta - a
             torch.mul(d, self.importance(n), out=fd)  # F (theta - a)
-            if multipliers is not None and n in multipliers:
-                fd.mul_(multipliers[n])  # s F (theta - a): the value below is then s F (theta - a)^2 too
             values.append(torch.dot(fd.view(-1), d.view(-1)))  # sum F (theta - a)^2
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             if keep_grads:

@@ -11,8 +11,7 @@ unregularised task loss (SI's path integral needs exactly that; SI keeps those g
 ``after_step`` and ``add_penalty_grad`` puts the penalised sum in fresh ``.grad`` tensors, so nothing between
 the two may change a gradient in place). ``after_task(task, final=True)`` after
 the stream's last training task: nothing trains after it, so a stabiliser may skip work whose only use
-is a later task's penalty (EWC skips its Fisher there). ``set_multipliers`` (optional, default none) scales the
-penalty per parameter element, e.g. per unit (metagate's ``si_relatedness``).
+is a later task's penalty (EWC skips its Fisher there).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ class Stabilizer(nn.Module):
         super().__init__()
         self.model = [model]  # a list, so the model is not registered twice in state_dict
         self.quadratic = QuadraticPenalty(model)
-        self.multipliers: dict[str, Tensor] | None = None  # per-parameter strength multipliers (set_multipliers)
 
     @property
     def net(self) -> nn.Module:
@@ -54,22 +52,11 @@ class Stabilizer(nn.Module):
     def strength(self) -> float:
         raise NotImplementedError
 
-    def set_multipliers(self, multipliers: dict[str, Tensor] | None) -> None:
-        """Scale the penalty (its value and gradient) per parameter element: by parameter name (as in the model's
-        ``named_parameters``), a tensor that broadcasts against the parameter; parameters left out keep strength 1.
-        ``None`` (the default): no multiplier, the plain penalty exactly. The tensors are read at every step, not
-        copied, so their owner may update them in place (and holds them, e.g. as buffers, for checkpoints)."""
-        if multipliers is not None:
-            unknown = sorted(set(multipliers) - set(self.quadratic.names))
-            if unknown:
-                raise ValueError(f"penalty multipliers for parameters the stabiliser does not protect: {unknown}")
-        self.multipliers = multipliers
-
     def penalty(self) -> Tensor | None:
         """The scaled penalty, or ``None`` before any task has been consolidated (no device sync)."""
         if not self.quadratic.active:
             return None
-        return self.strength() * self.quadratic(self.net, self.multipliers)
+        return self.strength() * self.quadratic(self.net)
 
     def add_penalty_grad(self) -> Tensor | None:
         """Add the scaled penalty's gradient to the parameters' ``.grad`` directly (what
@@ -77,7 +64,7 @@ class Stabilizer(nn.Module):
         before any task has been consolidated."""
         if not self.quadratic.active:
             return None
-        return self.quadratic.add_grad_(self.net, self.strength(), self.multipliers)
+        return self.quadratic.add_grad_(self.net, self.strength())
 
 
 class EWCStabilizer(Stabilizer):
@@ -180,7 +167,7 @@ class SIStabilizer(Stabilizer):
     def add_penalty_grad(self) -> Tensor | None:
         if not self.quadratic.active:
             return None
-        return self.quadratic.add_grad_(self.net, self.strength(), self.multipliers, keep_grads=True)
+        return self.quadratic.add_grad_(self.net, self.strength(), keep_grads=True)
 
     @torch.no_grad()
     def after_step(self) -> None:
