@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--only", choices=["default", "per-task", "components"], default=None)
     p.add_argument("--component-tasks", type=int, default=12, help="tasks of the default stream in part 3")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: the process's CPU time (robust to a shared machine's load)")
-    p.add_argument("--md", type=Path, default=None, help="also write what it printed as a Markdown block (for scripts/update_readme.py --summary)")
+    p.add_argument("--md", type=Path, default=None, help="also write what it printed as a Markdown block (a block to quote in the docs)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the default config (e.g. method.consolidation_steps=20)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -3,8 +3,8 @@ the README's picture of a report, never drawn by hand.
 
     .venv/bin/python scripts/report_screenshot.py RUN_OR_SWEEP_DIR [--out docs/figures/report.png] [--size 1200x1500]
 
-The README's picture: ``metagate compare digits-permuted --methods finetune,ewc,xdg --seeds 2 --out /tmp/rep-cmp``,
-then this script on ``/tmp/rep-cmp``.
+The README's picture: ``metagate compare digits-permuted --methods finetune,ewc,xdg --seeds 2 --out runs/rep-cmp``,
+then this script on ``runs/rep-cmp``.
 """
 
 from __future__ import annotations
