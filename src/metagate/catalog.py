@@ -92,7 +92,7 @@ def registered(registry: str) -> dict[str, str]:
     else of the entry's class; then the installed plugins of its entry point group (a name this package
     registers is not replaced)."""
     found: dict[str, str] = {}
-    for path in sorted((PACKAGE_DIR / _REGISTRIES[registry]).glob("*.py")):
+    for path in sorted((PACKAGE_DIR / _REGISTRIES[registry]).rglob("*.py")):  # a method grown into a package too
         found.update(_registrations(ast.parse(path.read_text(), str(path)), registry))
     for ep in importlib.metadata.entry_points(group=_PLUGIN_GROUPS[registry]):
         if ep.name not in found:
