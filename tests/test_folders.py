@@ -124,3 +124,17 @@ def test_ctrl_c_before_the_first_checkpoint_gives_no_resume_command_that_would_f
     monkeypatch.undo()
     # what it says to do works
     assert runner.invoke(app, ["run", *FAST, "reference=null", "--out", str(tmp_path / "again")]).exit_code == 0
+
+
+def test_a_command_refused_once_it_held_its_new_folder_leaves_no_folder_behind(tmp_path: Path) -> None:
+    from metagate.orchestrate import holding
+
+    out = tmp_path / "new" / "out"
+    with pytest.raises(RuntimeError):
+        with holding(out):
+            assert (out / ".lock").is_file()
+            raise RuntimeError("refused after the folder was made (say, by the Ray cluster)")
+    assert not out.exists()
+    with holding(tmp_path / "kept"):
+        (tmp_path / "kept" / "comparison.json").write_text("{}")
+    assert (tmp_path / "kept" / "comparison.json").is_file()  # a folder with something in it stays

@@ -199,7 +199,7 @@ def reference_dir(i: int) -> str:
 
 
 COMPARISON_JSON, COMPARISON_MD = "comparison.json", "comparison.md"
-_held: dict[Path, list[Any]] = {}  # folders this process holds: resolved path -> [RunDir, depth]
+_held: dict[Path, list[Any]] = {}  # folders this process holds: resolved path -> [its RunDir, made by it, depth]
 
 
 def check_out(root: Path) -> None:
@@ -211,7 +211,8 @@ def check_out(root: Path) -> None:
         raise RunFolderError(f"{above} is a file, so no folder can be made under it; nothing was written. Choose another --out.")
 
 
-def _has_content(root: Path) -> bool:
+def holds_files(root: Path) -> bool:
+    """Whether ``root`` is a folder with anything in it besides its lock."""
     return root.is_dir() and any(p.name != RunDir.LOCK for p in root.iterdir())
 
 
@@ -222,7 +223,7 @@ def check_folders(plan: Plan, resume: bool) -> None:
     failed run is retried whatever its config: its attempt is moved aside)."""
     root = plan.root
     check_out(root)
-    if not _has_content(root):
+    if not holds_files(root):
         return
     if not resume:
         raise RunFolderError(f"{root} already exists and is not empty; nothing was written. Pass --resume or another --out.")
@@ -257,22 +258,34 @@ def check_folders(plan: Plan, resume: bool) -> None:
 def holding(folder: Path) -> Iterator[None]:
     """Hold the folder of a compare, tune or sweep while it runs (its ``.lock``, as a run folder's): a second
     command on it is refused at once, naming the holder. The folder is made here (a one-line error where it
-    cannot be). Re-entrant within this process: a tuned sweep holds its folder while its stages run."""
+    cannot be), and removed again if nothing was written into it (a command refused once it held it, such as a
+    Ray cluster without the resources asked for). Re-entrant within this process: a tuned sweep holds its
+    folder while its stages run."""
     key = folder.resolve()
     if key in _held:
-        _held[key][1] += 1
+        _held[key][2] += 1
     else:
+        made = not folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise write_problem(folder, e) from None
-        _held[key] = [RunDir(folder).lock(), 1]
+        try:
+            _held[key] = [RunDir(folder).lock(), made, 1]
+        except RunFolderError:
+            if made:
+                folder.rmdir()
+            raise
     try:
         yield
     finally:
-        _held[key][1] -= 1
-        if _held[key][1] == 0:
-            _held.pop(key)[0].unlock()
+        _held[key][2] -= 1
+        if _held[key][2] == 0:
+            run, made, _ = _held.pop(key)
+            run.unlock()
+            if made and not holds_files(folder):
+                (folder / RunDir.LOCK).unlink(missing_ok=True)
+                folder.rmdir()
 
 
 # --------------------------------------------------------------------------- running a plan

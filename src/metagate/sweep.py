@@ -281,7 +281,7 @@ def _run_sweep(
     if spec.tune is not None:
         if out is None:
             raise ConfigError("a sweep with tune needs --out, the folder for tuning/, final/ and tuning.json")
-        if orchestrate._has_content(out) and not resume:
+        if orchestrate.holds_files(out) and not resume:
             raise RunFolderError(f"{out} already exists and is not empty; nothing was written. Pass --resume or another --out.")
         root = out
         tuned = orchestrate.tune_variants(

@@ -184,11 +184,11 @@ class ActiveDendrites(Method):
     def report(self, task: Task | None = None) -> MethodReport:
         out = super().report(task)
         if task is None:
-            out.test_time_info = self._test_time_info()
-            out.figures = {**out.figures, **self._figures()}
+            out.test_time_info = self._uses_at_test()
+            out.figures.update(self._dendrite_figures())
         return out
 
-    def _test_time_info(self) -> TestTimeInfo:
+    def _uses_at_test(self) -> TestTimeInfo:
         if self.label_masking or self.num_heads > 1:
             return "task_id"
         if self.cfg.context == "stream":
@@ -239,7 +239,7 @@ class ActiveDendrites(Method):
             out.append(None if found is None else float((slots[found[1]] == self.slot[task.index]).float().mean()))
         return out
 
-    def _figures(self) -> dict[str, Any]:
+    def _dendrite_figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "dendrites": {
                 "context": self.cfg.context,

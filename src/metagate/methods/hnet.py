@@ -240,19 +240,16 @@ class HNet(HypernetCL):
 
     # ---------------------------------------------------------------- results
 
+    @torch.no_grad()
     def report(self, task: Task | None = None) -> MethodReport:
+        """Adds the hypernetwork's size against the target network's and what entropy inference picks."""
         out = super().report(task)
         if task is None:
-            out.figures = {**out.figures, **self._figures()}
+            hnet_params, target_params = sum(p.numel() for _, p in self.theta()), self.hnet.num_outputs
+            out.figures.update(
+                hnet_params=hnet_params,
+                target_params=target_params,
+                compression_ratio=hnet_params / target_params,  # the code's compression_ratio_class (theta only)
+                **self.task_inference_results(),
+            )
         return out
-
-    @torch.no_grad()
-    def _figures(self) -> dict[str, Any]:
-        hnet_params = sum(p.numel() for _, p in self.theta())
-        target_params = self.hnet.num_outputs
-        return {
-            "hnet_params": hnet_params,
-            "target_params": target_params,
-            "compression_ratio": hnet_params / target_params,  # the code's compression_ratio_class (theta only)
-            **self.task_inference_results(),
-        }

@@ -3,7 +3,7 @@ weights per task, from a learned task embedding (or from the task's context)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -233,15 +233,11 @@ class HyperMask(HypernetCL):
         """Which target weights the task uses (mask value above 0), over every masked tensor, flattened."""
         return torch.cat([m.flatten() > 0 for m in self.task_masks(task)[:-1]])
 
+    @torch.no_grad()
     def report(self, task: Task | None = None) -> MethodReport:
+        """Adds each task's mean mask value (the masks are semi-binary) and what entropy inference picks."""
         out = super().report(task)
         if task is None:
-            out.figures = {**out.figures, **self._figures()}
+            means = [float(torch.cat([m.flatten() for m in self.task_masks(t)[:-1]]).mean()) for t in self.stream.tasks]
+            out.figures.update(mask_value_mean=means, **self.task_inference_results())
         return out
-
-    @torch.no_grad()
-    def _figures(self) -> dict[str, Any]:
-        return {
-            "mask_value_mean": [float(torch.cat([m.flatten() for m in self.task_masks(t)[:-1]]).mean()) for t in self.stream.tasks],
-            **self.task_inference_results(),
-        }

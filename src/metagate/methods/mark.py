@@ -573,13 +573,14 @@ class Mark(Method):
         return (m > 0).float().mean(0) >= 0.5
 
     def report(self, task: Task | None = None) -> MethodReport:
+        """Adds the figures of MARK's per-sample masks and meta-learning (:meth:`_mask_figures`)."""
         out = super().report(task)
         if task is None:
-            out.figures = {**out.figures, **self._figures()}
+            out.figures.update(self._mask_figures())
         return out
 
     @torch.no_grad()
-    def _figures(self) -> dict[str, Any]:
+    def _mask_figures(self) -> dict[str, Any]:
         """MARK's masks are continuous and per sample: per task the mean fraction of KB channels with a
         scale above 0 (``mark_mask_sample_density``), the mean scale, how far a sample's mask is from its task's
         mean mask (``mark_mask_within_task_cosine``: mean cosine of each sample's mask with its task's mean), and

@@ -224,10 +224,10 @@ class MeRGAN(Method):
         if task is not None:
             return MethodReport(images=self._images(task))
         out = super().report(task)
-        out.figures = {**out.figures, **self._figures()}
+        out.figures.update(self._generated_figures())
         return out
 
-    def _figures(self) -> dict[str, Any]:
+    def _generated_figures(self) -> dict[str, Any]:
         rows = [[None if v != v else v for v in row] for row in self.gen_acc.cpu().tolist()]
         means = [None if all(v is None for v in r) else sum(v for v in r if v is not None) / sum(v is not None for v in r) for r in rows]
         return {"generated_class_acc": rows, "generated_acc": means, "evaluator_test_acc": float(self.evaluator_acc)}

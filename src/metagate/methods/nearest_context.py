@@ -116,12 +116,13 @@ class NearestContext(Oracle):
         return self._dense[task.index]
 
     def report(self, task: Task | None = None) -> MethodReport:
+        """Adds the zero-shot masks and how they relate to contexts and oracle masks (:meth:`_zero_shot_figures`)."""
         out = super().report(task)
         if task is None:
-            out.figures = {**out.figures, **self._figures()}
+            out.figures.update(self._zero_shot_figures())
         return out
 
-    def _figures(self) -> dict[str, Any]:
+    def _zero_shot_figures(self) -> dict[str, Any]:
         """Per training task, its zero-shot mask (looked up just before it trained) as unit indices,
         those masks' overlap and context correlation (as metagate's zero-shot figures), and the fraction of its oracle mask's units that mask holds (``None`` without oracle masks)."""
         out: dict[str, Any] = {"zero_shot_masks": [torch.nonzero(m).flatten().tolist() for m in self.zero_shot_masks]}

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport, TestTimeInfo
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.pathnet import PathNetwork, bank_params, matching_factor
 
@@ -171,17 +171,6 @@ class PathNet(Method):
         """The modules the task's path uses, over all ``L x M`` modules, flattened."""
         return self.layer_mask(self.task_path(task)).flatten()
 
-    def report(self, task: Task | None = None) -> MethodReport:
-        out = super().report(task)
-        if task is None:
-            out.test_time_info = self._test_time_info()
-            out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
-            out.figures = {**out.figures, **self._figures()}
-        return out
-
-    def _test_time_info(self) -> TestTimeInfo:
-        return "task_id"
-
     def _params(self, task: Task) -> list[Tensor]:
         """What one task's training can change: the module banks and the task's head."""
         head = self.model.heads[task.index]
@@ -310,6 +299,16 @@ class PathNet(Method):
 
     # ---------------------------------------------------------------- figures
 
+    def report(self, task: Task | None = None) -> MethodReport:
+        """Each task is predicted through its own path and head (its identity at test); bytes per task and the paths'
+        figures: :meth:`_task_bytes`, :meth:`_path_figures`."""
+        out = super().report(task)
+        if task is None:
+            out.test_time_info = "task_id"
+            out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
+            out.figures.update(self._path_figures())
+        return out
+
     def _task_bytes(self, task: Task) -> int:
         """What the task adds to storage: its path (one byte per module index) and its head (float32)."""
         return self.best_path[task.index].numel() * (1 if self.cfg.modules <= 256 else 2) + sum(
@@ -317,7 +316,7 @@ class PathNet(Method):
         )
 
     @torch.no_grad()
-    def _figures(self) -> dict[str, Any]:
+    def _path_figures(self) -> dict[str, Any]:
         """The best path of every trained task, the modules it uses per layer, how many of them earlier tasks
         had frozen already (reuse), how many it froze anew, and the share of all modules frozen at the end."""
         seen = torch.zeros_like(self.frozen)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport, TestTimeInfo
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.gates import BitMask, binarize_ste
 
@@ -284,17 +284,6 @@ class Piggyback(Method):
         """Which backbone weights the task uses, over every masked tensor, flattened."""
         return torch.cat([m.flatten() for m in self.task_masks(task)]).bool()
 
-    def report(self, task: Task | None = None) -> MethodReport:
-        out = super().report(task)
-        if task is None:
-            out.test_time_info = self._test_time_info()
-            out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
-            out.figures = {**out.figures, **self._figures()}
-        return out
-
-    def _test_time_info(self) -> TestTimeInfo:
-        return "task_id"
-
     # ---------------------------------------------------------------- hooks
 
     def train(self, mode: bool = True) -> "Piggyback":
@@ -386,11 +375,15 @@ class Piggyback(Method):
             return head + sum(p.numel() * p.element_size() for p in self.model.parameters())
         return head + sum(m.nbytes for m in self.stored[task.index])
 
-    def _figures(self) -> dict[str, Any]:
-        return {
-            "piggyback": {
+    def report(self, task: Task | None = None) -> MethodReport:
+        """Each task is predicted with its own mask and head (its identity at test); bytes per task: :meth:`_task_bytes`."""
+        out = super().report(task)
+        if task is None:
+            out.test_time_info = "task_id"
+            out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
+            out.figures["piggyback"] = {
                 "pretrain": self.cfg.pretrain,
                 "masked_weights": sum(m.numel() for m in self.scores),
                 "backbone_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
             }
-        }
+        return out

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagate.data.stream import Task
-from metagate.methods.base import BaseMethodConfig, Method, MethodReport, TestTimeInfo
+from metagate.methods.base import BaseMethodConfig, Method, MethodReport
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.hypernetwork import HyperNetwork
 
@@ -215,20 +215,14 @@ class HypernetCL(Method):
         return self(x, task)
 
     def report(self, task: Task | None = None) -> MethodReport:
+        """At test time: nothing with entropy inference, else the task's context or identity (its embedding); each
+        task adds its learned embedding (float32; nothing with ``embedding=context``): the hypernetwork is shared."""
         out = super().report(task)
         if task is None:
-            out.test_time_info = self._test_time_info()
-            out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
+            c = self.cfg
+            out.test_time_info = "none" if c.task_inference == "entropy" else "context" if c.embedding == "context" else "task_id"
+            out.task_bytes = [c.embedding_dim * 4 if c.embedding == "learned" else 0 for _ in self.stream.tasks]
         return out
-
-    def _task_bytes(self, task: Task) -> int:
-        """The task's learned embedding (float32; none with ``embedding=context``): the hypernetwork is shared."""
-        return self.cfg.embedding_dim * 4 if self.cfg.embedding == "learned" else 0
-
-    def _test_time_info(self) -> TestTimeInfo:
-        if self.cfg.task_inference == "entropy":
-            return "none"
-        return "context" if self.cfg.embedding == "context" else "task_id"
 
     @torch.no_grad()
     def task_inference_results(self) -> dict[str, Any]:
