@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from metagate import metrics
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport
 from metagate.methods.metagate.agents import AgentKind, make_agent
 from metagate.methods.metagate.contexts import ContextMode, ContextRange, task_contexts
 from metagate.methods.metagate.few_shot import draw_examples, final_iou, fit_mask
@@ -375,12 +375,16 @@ class MetaGate(Method):
         super().set_extra_state(state)
         self.agent_optimizer.load_state_dict(copy.deepcopy(state["agent_optimizer"]))  # a copy, as the base's
 
-    def task_bytes(self, task: Task) -> int:
-        """The task's stored mask as bits (the agent and the network are shared)."""
-        return self.stored[task.index].nbytes
+    def report(self, task: Task | None = None) -> MethodReport:
+        """At the end: bytes per task (the task's stored mask as bits; the agent and the network are shared),
+        and how well the agent regenerates each stored mask from its context (IoU)."""
+        out = super().report(task)
+        if task is None:
+            out.task_bytes = [self.stored[t.index].nbytes for t in self.stream.tasks]
+            out.figures.update(self._mask_figures())
+        return out
 
-    def extra_results(self) -> dict[str, Any]:
-        """How well the agent regenerates each stored mask from its context (IoU), at the end."""
+    def _mask_figures(self) -> dict[str, Any]:
         with torch.no_grad():
             pairs = [(self.generated_mask(t).bool(), self.stored[t.index].bool()) for t in self.stream.tasks if t.index in self.stored.dense]
         ious = [float((a & b).sum() / (a | b).sum().clamp_min(1)) for a, b in pairs]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from metagate.methods.metagate.stored import Stored
+from metagate.seeds import METHOD_DRAW_OFFSET
 from metagate.nn.gates import standardise
 
 PriorKind = Literal["random", "usage", "repel"]
@@ -26,7 +27,7 @@ class RandomPrior(nn.Module):
 
     def __init__(self, slots: int, units: int, device: torch.device) -> None:
         super().__init__()
-        gen = torch.Generator().manual_seed(torch.initial_seed() + 104729)
+        gen = torch.Generator().manual_seed(torch.initial_seed() + METHOD_DRAW_OFFSET)
         self.register_buffer("random", torch.randn(slots, units, generator=gen).to(device))
 
     def scores(self, slots: Tensor) -> Tensor:
