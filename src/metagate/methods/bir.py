@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from metagate.data.stream import Task
 from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method
-from metagate.methods.components.generative import DataRange, GeneratedSampleScorer, image_grid
+from metagate.methods.components.generative import DataRange, GeneratedSampleScorer, adam, image_grid
 from metagate.methods.stabilizers import SIStabilizer
 from metagate.nn.backbones import BackboneConfig
 
@@ -159,7 +159,7 @@ class BIR(Method):
         self.scorer = GeneratedSampleScorer(c.evaluator, c.evaluator_epochs)
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
-        return torch.optim.Adam([p for p in params if p.requires_grad], lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))  # type: ignore[attr-defined]
+        return adam(params, self.cfg.lr, (self.cfg.beta1, self.cfg.beta2))  # type: ignore[attr-defined]
 
     @property
     def net(self) -> BIRNet:

@@ -219,7 +219,14 @@ def is_image(shape: tuple[int, ...]) -> bool:
 
 
 def adam(params: object, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=lr, betas=betas)  # type: ignore[arg-type]
+    """Adam, with the fused kernel where torch has it (the same update; the per-tensor path costs a replay step
+    about a fifth of its time on one CPU thread)."""
+    params = [p for p in params if p.requires_grad]  # type: ignore[attr-defined]
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
+    except RuntimeError:  # torch < 2.4 has no fused Adam on CPU
+        return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
 class WGANGP(nn.Module):
