@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import train_on
+from test_hot_paths import host_reads, steps_on_a_third_task  # noqa: F401  (host_reads: the fixture)
 from metagate.config import config_from_dict
 from metagate.data import build_stream
 from metagate.methods import create_method
@@ -91,3 +92,9 @@ def test_bir_forgets_less_than_finetune_class_incremental() -> None:
 def test_bir_with_si_protects_every_parameter() -> None:
     m, _ = build({"si_c": 0.1})
     assert m.stabilizer is not None and len(m.stabilizer.params) == len([p for p in m.net.parameters() if p.requires_grad])
+
+
+
+def test_a_bir_training_step_reads_nothing_back_from_the_device(host_reads: list[str]) -> None:
+    m, stream = build({"si_c": 0.1})
+    assert steps_on_a_third_task(m, stream, 3, host_reads) == []
