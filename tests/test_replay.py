@@ -300,8 +300,18 @@ def test_dgr_soft_targets_put_no_mass_outside_earlier_classes() -> None:
     outside = torch.ones(stream.num_outputs, dtype=torch.bool)
     outside[old] = False
     assert probs[:, outside].sum() == 0 and torch.allclose(probs[:, old].sum(1), torch.ones(64))
+    m.model.zero_grad()
+    out: list[torch.Tensor] = []
+    handle = m.model.register_forward_hook(lambda mod, i, o: out.append(o) or o.retain_grad())
     loss = m.replay_loss(*m.replay(64), stream.tasks[2])
+    handle.remove()
+    loss.backward()
     assert torch.isfinite(loss)
+    grad = out[-1].grad
+    current = list(stream.tasks[2].classes)
+    assert (grad[:, current] > 0).all()  # the target is zero there: replay pushes the current classes' outputs down
+    future = [c for c in range(stream.num_outputs) if c not in old and c not in current]
+    assert (grad[:, future] == 0).all()  # classes not seen yet play no part (van de Ven's active classes)
 
 
 def test_dgr_records_generated_sample_figures_without_changing_the_run() -> None:

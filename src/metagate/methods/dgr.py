@@ -147,10 +147,14 @@ class DGR(Method):
             logits = logits.unsqueeze(0).masked_fill(~rows.unsqueeze(1), float("-inf"))  # [k, n, outputs]
         if self.cfg.replay_targets == "hard":
             return F.cross_entropy(logits.flatten(0, -2), y.flatten())
-        # distillation (van de Ven's loss_fn_kd): T^2 * cross-entropy of the softened outputs, over allowed outputs
+        # distillation (van de Ven's loss_fn_kd): T^2 * cross-entropy of the softened outputs; the student's over the
+        # classes seen so far (class-incremental: old and current, the target zero on the current ones, so replay
+        # also pushes the current classes down), its task's (task-incremental), all (domain)
         T = self.cfg.temperature
         target = torch.softmax(y / T, dim=-1)
-        logp = torch.log_softmax(logits.masked_fill(torch.isinf(y), float("-inf")) / T, dim=-1)
+        if self.stream.scenario == "class":
+            logits = logits.masked_fill(~(self._old_classes | self.class_row(task)), float("-inf"))
+        logp = torch.log_softmax(logits / T, dim=-1)
         return -(torch.where(target > 0, target * logp, torch.zeros_like(logp))).sum(-1).mean() * T * T
 
     def train_step(self, batch: Batch, task: Task) -> dict[str, Tensor]:
