@@ -226,7 +226,10 @@ def test_mergan_records_generated_accuracy_and_saves_sample_grids(tmp_path: Any)
     [
         ({"name": "er", "buffer_size": 50, "balanced": True}, TEACHER),
         ({"name": "dgr", "generator": {"kind": "vae", "vae_hidden": [16], "z_dim": 4}}, TEACHER),
-        ({"name": "dgr", "generator": {"kind": "wgan_gp", "dim": 4, "z_dim": 8, "critic_iters": 2}}, {**DIGITS, "num_tasks": 3}),
+        ({"name": "dgr", "generator": {"kind": "wgan_gp", "dim": 4, "z_dim": 8, "critic_iters": 2, "iterations_per_task": 9}}, {**DIGITS, "num_tasks": 3}),
+        ({"name": "dgr", "replay_targets": "soft", "eval_samples": 16, "evaluator": {"hidden": [8]}, "evaluator_epochs": 1,
+          "generator": {"kind": "vae", "vae_hidden": [16], "z_dim": 4, "iterations_per_task": 3}}, {**DIGITS, "num_tasks": 3}),
+        ({"name": "bir", "z_dim": 4, "si_c": 0.1, "eval_samples": 8, "evaluator": {"hidden": [8]}, "evaluator_epochs": 1}, {**DIGITS, "num_tasks": 3}),
         ({"name": "mergan", "variant": "joint_retraining", "gan": SMALL_GAN, "evaluator_epochs": 1, "eval_samples": 10,
           "evaluator": {"kind": "mlp", "hidden": [8]}}, {**DIGITS, "num_tasks": 3}),
     ],
@@ -238,3 +241,90 @@ def test_replay_methods_resume_exactly(method: dict, bench: dict, tmp_path: Any,
     assert resumed["acc_matrix"] == whole["acc_matrix"]
     assert resumed.get("generated_class_acc") == whole.get("generated_class_acc")
     assert resumed.get("artifacts") == whole.get("artifacts")
+
+
+# ---------------------------------------------------------------- generator defaults and budget (issue 27)
+
+
+def test_each_generator_kind_brings_its_papers_defaults_and_explicit_values_win() -> None:
+    from metagate.config import load_config
+
+    vae = load_config("dgr-split-fmnist", ["method.generator.kind=vae"]).method.generator  # type: ignore[attr-defined]
+    assert (vae.z_dim, vae.vae_hidden, vae.lr, vae.beta1, vae.beta2) == (100, [400, 400], 1e-3, 0.9, 0.999)  # van de Ven's
+    gan = load_config("dgr-split-fmnist", []).method.generator  # type: ignore[attr-defined]
+    assert (gan.kind, gan.lr, gan.beta1, gan.beta2, gan.critic_iters, gan.gp_lambda) == ("wgan_gp", 1e-4, 0.0, 0.9, 5, 10.0)  # WGAN-GP's
+    mine = load_config("dgr-split-fmnist", ["method.generator.kind=vae", "method.generator.lr=0.01"]).method.generator  # type: ignore[attr-defined]
+    assert mine.lr == 0.01 and mine.beta2 == 0.999  # the user's value wins, the rest follow the kind
+    recorded = load_config("dgr-split-fmnist", ["method.generator.kind=vae"]).to_dict()["method"]["generator"]
+    assert recorded["lr"] == 1e-3 and recorded["z_dim"] == 100  # the resolved config records what was used
+
+
+def _count_steps(opt: torch.optim.Optimizer) -> list[int]:
+    calls: list[int] = []
+    original = opt.step
+    opt.step = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["vae", "wgan_gp"])
+def test_the_generator_trains_for_its_own_iterations_per_task(kind: str) -> None:
+    gen = {"kind": kind, "vae_hidden": [16], "z_dim": 4, "dim": 4, "critic_iters": 2, "iterations_per_task": 7}
+    m, stream = build({"name": "dgr", "generator": gen, "eval_samples": 0}, {**DIGITS, "num_tasks": 2}, iterations_per_task=5)
+    for task in stream.tasks:
+        m.before_task(task)
+        assert (m.solver_steps, m.gen_iterations) == (5, 7)
+        opts = [m.gen.opt] if kind == "vae" else [m.gen.g_opt, m.gen.c_opt]
+        counts = [_count_steps(o) for o in opts]
+        solver = _count_steps(m.optimizer)
+        for s in range(5):
+            m.train_step(Batch(task.x_train[32 * s : 32 * (s + 1)], task.y_train[32 * s : 32 * (s + 1)]), task)
+        m.after_task(task)
+        assert len(solver) == 5
+        if kind == "vae":
+            assert len(counts[0]) == 7
+        else:  # a WGAN-GP iteration: critic_iters critic updates, and a generator update from the second on
+            assert (len(counts[0]), len(counts[1])) == (6, 14)
+    m2, _ = build({"name": "dgr", "generator": {"kind": "vae", "vae_hidden": [16], "z_dim": 4}}, {**DIGITS, "num_tasks": 2}, iterations_per_task=5)
+    m2.before_task(stream.tasks[0])
+    assert m2.gen_iterations == 5  # null: as many as the solver's steps (van de Ven's g_iters = iters)
+
+
+def test_dgr_soft_targets_put_no_mass_outside_earlier_classes() -> None:
+    m, stream = build({"name": "dgr", "replay_targets": "soft", "generator": {"kind": "vae", "vae_hidden": [16], "z_dim": 4}},
+                      {"name": "split", "dataset": "digits", "num_tasks": 3, "scenario": "class"})
+    train(m, stream.tasks[0], 5)
+    train(m, stream.tasks[1], 5)
+    m.before_task(stream.tasks[2])
+    _, scores = m.replay(64)
+    old = [c for t in stream.tasks[:2] for c in t.classes]
+    probs = torch.softmax(scores, 1)
+    outside = torch.ones(stream.num_outputs, dtype=torch.bool)
+    outside[old] = False
+    assert probs[:, outside].sum() == 0 and torch.allclose(probs[:, old].sum(1), torch.ones(64))
+    m.model.zero_grad()
+    out: list[torch.Tensor] = []
+    handle = m.model.register_forward_hook(lambda mod, i, o: out.append(o) or o.retain_grad())
+    loss = m.replay_loss(*m.replay(64), stream.tasks[2])
+    handle.remove()
+    loss.backward()
+    assert torch.isfinite(loss)
+    grad = out[-1].grad
+    current = list(stream.tasks[2].classes)
+    assert (grad[:, current] > 0).all()  # the target is zero there: replay pushes the current classes' outputs down
+    future = [c for c in range(stream.num_outputs) if c not in old and c not in current]
+    assert (grad[:, future] == 0).all()  # classes not seen yet play no part (van de Ven's active classes)
+
+
+def test_dgr_records_generated_sample_figures_without_changing_the_run() -> None:
+    def run(samples: int) -> dict[str, Any]:
+        raw = {"benchmark": {**DIGITS, "num_tasks": 2}, "method": {"name": "dgr", "generator": {"kind": "vae", "vae_hidden": [32], "z_dim": 8},
+                                                                   "eval_samples": samples, "evaluator": {"hidden": [16]}, "evaluator_epochs": 1,
+                                                                   "backbone": {"hidden": [32]}},
+               "trainer": {"epochs": 2, "batch_size": 32, "progress": False}}
+        return Trainer(config_from_dict(raw)).fit()
+
+    on, off = run(64), run(0)
+    assert on["acc_matrix"] == off["acc_matrix"]  # the measurement draws nothing from the run's random stream
+    share = on["generated_class_share"]
+    assert [sum(v is not None for v in row) for row in share] == [2, 4]
+    assert abs(sum(share[1]) - 1) < 1e-5 and on["generated_acc"][1] is not None and "generated_class_share" not in off
