@@ -39,5 +39,6 @@ def build_stream(cfg: BenchmarkConfig, seed: int) -> Stream:
 from metagate.data import synthetic  # noqa: E402,F401
 from metagate.data import images  # noqa: E402,F401
 from metagate.data import composed  # noqa: E402,F401
+from metagate.data import pairs  # noqa: E402,F401
 
 __all__ = ["BENCHMARKS", "Benchmark", "Scenario", "Stream", "Task", "build_stream"]
