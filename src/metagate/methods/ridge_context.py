@@ -61,9 +61,6 @@ class RidgeContext(NearestContext):
         lambdas: list[float] = Field(
             default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0], description="candidates for lam=None"
         )
-        train_mask: Literal["oracle", "lookup", "random"] = Field(  # type: ignore[assignment]
-            "oracle", description="a task trains with (and stores) its oracle mask, the predicted one, or XdG's random one"
-        )
 
     name = "ridge_context"
     cfg: Config

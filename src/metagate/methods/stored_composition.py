@@ -50,9 +50,6 @@ class StoredComposition(NearestContext):
         combine: Literal["intersection", "votes"] = Field(
             "intersection", description="per factor, the units every matching stored mask keeps, or a vote over them (top-n)"
         )
-        train_mask: Literal["oracle", "lookup", "random"] = Field(  # type: ignore[assignment]
-            "oracle", description="a task trains with (and stores) its oracle mask, the composed one, or XdG's random one"
-        )
 
     name = "stored_composition"
     cfg: Config
