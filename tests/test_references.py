@@ -161,3 +161,11 @@ def test_pair_interactions_refuse_an_outside_value_and_too_distant_novel_tasks()
         composed(interactions="pairs")
     with pytest.raises(ValueError, match="novel_min_differing"):
         composed(interactions="pairs", heldout_outside=0)
+
+
+def test_the_embedded_family_has_the_numeric_familys_tasks_and_masks_with_other_contexts() -> None:
+    a = build_stream(composed(), 4)
+    b = build_stream(composed(encoding="embedded", distractors=2), 4)
+    for x, y in zip(a.tasks + a.heldout, b.tasks + b.heldout):
+        assert torch.equal(x.x_train, y.x_train) and torch.equal(x.y_test, y.y_test) and torch.equal(x.oracle_mask[0], y.oracle_mask[0])
+        assert x.context.shape != y.context.shape
