@@ -136,7 +136,7 @@ STREAMS = {
         "Composed teacher (domain-incremental, 50 tasks, 3 numeric context factors, the last 10 novel; MLP 209 = the teacher's)",
         "composed-teacher",
         [*MLP, "method.backbone.hidden=[209]", "trainer.curve_every=10"],
-        [0.1, 1.0, 10.0],
+        [0.03, 0.1, 0.3, 1.0],  # as metagate's own grid (METAGATE_C_GRID): every method's grid equally wide (issue 25)
         0.01,
         {
             "xdg": ("xdg", COMPOSED_XDG),
@@ -233,7 +233,38 @@ def metagate_cmd() -> str:
     return str(Path(sys.executable).parent / "metagate")
 
 
+def edge_extension(values: list[float], chosen: float) -> list[float] | None:
+    """The grid one geometric step wider on the side where ``chosen`` sits at its edge (``None``: it is inside, or
+    the grid has fewer than two positive values): a choice at a grid's edge is not a choice (issue 25)."""
+    grid = sorted(values)
+    if len(grid) < 2 or grid[0] <= 0:
+        return None
+    if chosen == grid[0]:
+        return [grid[0] ** 2 / grid[1], *grid]
+    if chosen == grid[-1]:
+        return [*grid, grid[-1] ** 2 / grid[-2]]
+    return None
+
+
 def choose(stream: Stream, out: Path, method: str, grid: str, fixed: list[str], extra: list[str], tuning_seeds: int) -> str:
+    """One value chosen on validation; a numeric grid whose choice falls on an edge is extended by one step on that
+    side and the choice made again (at most 3 times), so every method's grid ends with its choice inside."""
+    key, _, text = grid.partition("=")
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        return _choose_once(stream, out, method, grid, fixed, extra, tuning_seeds)
+    for _ in range(4):
+        chosen = _choose_once(stream, out, method, f"{key}={','.join(f'{v:g}' for v in values)}", fixed, extra, tuning_seeds)
+        wider = edge_extension(values, float(chosen.split("=")[1]))
+        if wider is None:
+            return chosen
+        print(f"  {method}: {chosen} is at the edge of {values}: extended to {wider}", flush=True)
+        values = wider
+    return chosen
+
+
+def _choose_once(stream: Stream, out: Path, method: str, grid: str, fixed: list[str], extra: list[str], tuning_seeds: int) -> str:
     """One value chosen on validation (``metagate tune --choose-only``); returns the chosen override."""
     cmd = [
         metagate_cmd(), "tune", stream.config, *stream.common, "reference=null", "trainer.progress=false",

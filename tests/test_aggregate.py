@@ -159,3 +159,22 @@ def test_few_shot_columns_appear_only_with_a_few_shot_measurement(tmp_path: Path
     assert row["q_few_shot"]["mean"] == pytest.approx((0.75 - 0.3) / 0.6) and row["q"]["mean"] == pytest.approx(0.5)
     assert summary["metagate"]["few_shot"]["mean"] is None and summary["metagate"]["q_few_shot"]["mean"] is None
     assert summary["xdg"]["q_few_shot"]["mean"] is None
+
+
+def test_q_takes_the_xdg_run_matched_on_strength_and_flags_a_row_without_one(tmp_path: Path) -> None:
+    def run(folder: Path, method: str, c: float, zs: list[float], **extra: Any) -> None:
+        fake_run(folder, method, 0, 0.7, zs=zs, **extra)
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        cfg["method"].update({"c": c, "backbone": {"hidden": [8]}})
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    run(tmp_path / "xdg-strong" / "seed0", "xdg", 1.0, [0.1, 0.1, 0.1], mask_density=[0.2] * 3)
+    run(tmp_path / "xdg-weak" / "seed0", "xdg", 0.1, [0.1, 0.3, 0.3], mask_density=[0.2] * 3)
+    run(tmp_path / "ref" / "seed0", "factor_rule", 0.1, [0.1, 0.6, 0.6], mask_density=[0.2] * 3)
+    run(tmp_path / "odd" / "seed0", "factor_rule", 10.0, [0.1, 0.6, 0.6], mask_density=[0.2] * 3)
+    summary, text = aggregate_paths([tmp_path], last=1)
+    row = summary["ref"]
+    assert row["zs_gain"]["mean"] == pytest.approx(0.3)  # against xdg-weak (c 0.1), not the first XdG run
+    assert row["q"]["mean"] == pytest.approx(0.3 / 0.6) and row["q_all"]["mean"] == pytest.approx(0.3 / 0.6)
+    assert row["q_baseline_unmatched"] is None and summary["odd"]["q_baseline_unmatched"] == "c 10.0 vs XdG's 0.1"
+    assert "zero-shot gain over XdG + SI (pt)" in text and "Q (all tasks)" in text and "Flagged: odd's Q" in text

@@ -30,6 +30,11 @@ BENCH_OF = {"mergan": {"name": "split", "dataset": "digits", "num_tasks": 3, "sc
 BENCH_OF["mark"] = {"name": "split", "dataset": "digits", "num_tasks": 3, "scenario": "task"}
 # the methods that use the teacher's masks need the student at the teacher's width
 HIDDEN = {"oracle": [64], "nearest_context": [64]}
+# the references of issue 25 read discrete context factors (and the composed teacher's masks): a small composed stream
+COMPOSED = {"name": "composed_teacher", "num_tasks": 8, "factors": 3, "values": 2, "units_per_group": 4, "novel_tasks": 2, "novel_min_differing": 1,
+            "min_value_tasks": 1, "heldout_inside": 0, "heldout_outside": 1, "train_per_task": 300, "test_per_task": 100}
+for _name in ("factor_rule", "stored_composition", "ridge_context"):
+    BENCH_OF[_name], HIDDEN[_name] = COMPOSED, [28]
 # host-side bookkeeping a training step never reads: XdG's mask seed (drawn into CPU generators), metagate's
 # record of trained tasks (read when the stored masks change, between tasks)
 HOST_STATE = {"mask_seed", "trained"}

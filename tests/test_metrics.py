@@ -108,3 +108,29 @@ def test_mask_summary_on_hand_made_masks() -> None:
     assert out["mask_overlap"][0][1] == pytest.approx(1 / 3) and out["mask_overlap"][0][2] == 0.0
     assert out["mask_overlap_mean"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)
     assert out["context_mask_correlation"] == pytest.approx(0.866, abs=1e-3)  # farther contexts, less overlap
+
+
+def test_zero_shot_gain_and_q_read_the_same_window_and_q_alone_hides_a_low_just_trained_accuracy() -> None:
+    from metagate.metrics import just_trained, zero_shot_gain, zero_shot_quality
+
+    xdg = [[0.9, 0.5, 0.5], [0.9, 0.9, 0.5], [0.9, 0.9, 0.9]]
+    good = [[0.9, 0.7, 0.7], [0.9, 0.9, 0.7], [0.9, 0.9, 0.9]]  # +20 pt zero-shot at 90% just trained
+    weak = [[0.6, 0.55, 0.55], [0.6, 0.6, 0.55], [0.6, 0.6, 0.6]]  # +5 pt at 60%: Q 0.5 as well
+    init = [0.5, 0.5, 0.5]
+    assert zero_shot_gain(good, init, xdg, init) == pytest.approx(0.2)
+    assert zero_shot_quality(good, init, xdg, init) == pytest.approx(0.5)
+    assert zero_shot_quality(weak, init, xdg, init) == pytest.approx(0.5)
+    assert zero_shot_gain(weak, init, xdg, init) == pytest.approx(0.05)
+    assert just_trained(weak) == pytest.approx(0.6)
+    assert zero_shot_gain(good, init, xdg, init, last=1) == pytest.approx(0.2)
+    assert zero_shot_gain(good, init, [[0.5]], [0.5]) is None  # another stream length
+
+
+def test_a_baseline_of_another_density_strength_or_backbone_is_named_as_unmatched() -> None:
+    from metagate.metrics import baseline_mismatch
+
+    cfg = {"c": 0.1, "xi": 0.01, "backbone": {"hidden": [209]}}
+    assert baseline_mismatch(cfg, 0.16, dict(cfg), 0.158) == []
+    assert baseline_mismatch(cfg, 0.16, {**cfg, "c": 1.0}, 0.16) == ["c 0.1 vs XdG's 1.0"]
+    assert baseline_mismatch(cfg, 0.5, cfg, 0.16)[0].startswith("density")
+    assert baseline_mismatch(cfg, 0.16, {**cfg, "backbone": {"hidden": [256]}}, 0.16) == ["backbone differs"]

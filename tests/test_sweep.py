@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from metagate.cli import app
 from metagate.config import ConfigError, find_config, load_config, read_yaml
-from metagate.sweep import SweepSpec, grid_points, read_spec
+from metagate.sweep import SweepSpec, grid_points, read_spec, run_sweep
 
 runner = CliRunner()
 FAST = [
@@ -192,3 +192,20 @@ def test_a_run_no_ray_node_can_hold_is_refused_before_anything_is_written(tmp_pa
     res = runner.invoke(app, ["sweep", *FAST, "--methods", "si", "--gpus-per-run", "1", "--workers", "1", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "asks for 1 GPU(s) but the Ray cluster has 0" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_spec_carries_its_own_per_label_overrides_and_a_table_note(tmp_path: Path) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed": 0, "benchmark": {"name": "gated_teacher", "num_tasks": 2, "train_per_task": 100, "test_per_task": 50},
+        "method": {"name": "finetune", "backbone": {"hidden": [8]}}, "trainer": {"epochs": 1, "progress": False},
+        "sweep": {"methods": ["plain=finetune", "strong=ewc"], "overrides": ["strong:method.lambda=7", "method.backbone.hidden=[8]"],
+                  "table": {"title": "t", "window": 1}},
+    }))
+    spec = read_spec(str(config), {})
+    assert spec.table == {"title": "t", "window": 1}
+    outcome = run_sweep(str(config), [], spec, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["plain", "strong"]
+    strong = yaml.safe_load((tmp_path / "out" / "strong" / "seed0" / "config.yaml").read_text())
+    assert strong["method"]["lambda"] == 7 and strong["method"]["backbone"]["hidden"] == [8]
+    assert not outcome.failures

@@ -278,15 +278,63 @@ def _xdg_baselines(records: Sequence[RunRecord]) -> dict[tuple[str, int], dict[s
     return out
 
 
-def run_figures(record: RunRecord, baselines: dict[tuple[str, int], dict[str, Any]], last: int | None = None) -> dict[str, float | None]:
+def _xdg_candidates(records: Sequence[RunRecord]) -> dict[tuple[str, int], list[RunRecord]]:
+    """(benchmark section as JSON, seed) -> every XdG run on that stream (Q's baseline is chosen among them)."""
+    out: dict[tuple[str, int], list[RunRecord]] = {}
+    for r in records:
+        if r.results.get("method") == "xdg":
+            out.setdefault((json.dumps(r.config.get("benchmark"), sort_keys=True), int(r.results.get("seed", -1))), []).append(r)
+    return out
+
+
+def _density(results: dict[str, Any]) -> float | None:
+    return _mean(results.get("mask_density") or [])
+
+
+def matched_xdg(record: RunRecord, candidates: dict[tuple[str, int], list[RunRecord]]) -> tuple[dict[str, Any] | None, str | None]:
+    """Q's XdG + SI baseline for a gating run: the first XdG run of the same stream and seed that matches it on
+    density, stabiliser strength and backbone (:func:`metagate.metrics.baseline_mismatch`); where none matches,
+    the first one and why it does not (the table flags the row). Methods without masks take the first XdG run
+    (no Q; the gain only)."""
+    from metagate.metrics import baseline_mismatch
+
+    runs = candidates.get((json.dumps(record.config.get("benchmark"), sort_keys=True), int(record.results.get("seed", -1))), [])
+    if not runs:
+        return None, None
+    if record.results.get("mask_density") is None:
+        return runs[0].results, None
+    why: list[str] = []
+    for x in runs:
+        why = baseline_mismatch(record.config.get("method") or {}, _density(record.results), x.config.get("method") or {}, _density(x.results))
+        if not why:
+            return x.results, None
+    return runs[0].results, "; ".join(why)
+
+
+def zero_shot_gain(results: dict[str, Any], xdg: dict[str, Any], last: int | None = None) -> float | None:
+    """Mean zero-shot accuracy of the window's tasks minus XdG + SI's on the same tasks (a fraction)."""
+    a, b = zero_shot_mean(results, last), zero_shot_mean(xdg, last)
+    if len(results.get("zero_shot_acc") or []) != len(xdg.get("zero_shot_acc") or []) or a is None or b is None:
+        return None
+    return a - b
+
+
+def run_figures(record: RunRecord, baselines: dict[tuple[str, int], dict[str, Any]], last: int | None = None,
+                candidates: dict[tuple[str, int], list[RunRecord]] | None = None) -> dict[str, float | None]:
     """The per-run figures aggregated over seeds (fractions, seconds, MiB, steps); per-task ones over
-    the tasks after the first, or the last ``last``."""
+    the tasks after the first, or the last ``last`` (``q_all``: Q over every task after the first). With
+    ``candidates``, Q's XdG run is the one matched on density, stabiliser and backbone (:func:`matched_xdg`)."""
     out = {k: f(record.results, last) for k, f in PER_RUN.items()}
-    xdg = baselines.get((json.dumps(record.config.get("benchmark"), sort_keys=True), int(record.results.get("seed", -1))))
+    if candidates is not None:
+        xdg, _ = matched_xdg(record, candidates)
+    else:
+        xdg = baselines.get((json.dumps(record.config.get("benchmark"), sort_keys=True), int(record.results.get("seed", -1))))
     gating = record.results.get("mask_density") is not None  # Q rates masks: gating methods only
     rated = xdg is not None and gating and record.results.get("method") != "xdg"
     out["q"] = zero_shot_quality(record.results, xdg, last) if rated else None
+    out["q_all"] = zero_shot_quality(record.results, xdg, None) if rated else None
     out["q_few_shot"] = zero_shot_quality(record.results, xdg, last, "few_shot_acc") if rated else None
+    out["zs_gain"] = zero_shot_gain(record.results, xdg, last) if xdg is not None and record.results.get("method") != "xdg" else None
     return out
 
 
@@ -315,10 +363,13 @@ def summarise(
     ``folders``. Q's XdG runs are looked for among ``records`` (default: every grouped run)."""
     everything = list(records) if records is not None else [r for runs in groups.values() for r in runs]
     baselines = _xdg_baselines(everything)
+    candidates = _xdg_candidates(everything)
     out: dict[str, dict[str, Any]] = {}
     for label, runs in groups.items():
-        figures = [run_figures(r, baselines, last) for r in runs]
-        row: dict[str, Any] = {k: stat([f[k] for f in figures]) for k in [*PER_RUN, "q", "q_few_shot"]}
+        figures = [run_figures(r, baselines, last, candidates) for r in runs]
+        row: dict[str, Any] = {k: stat([f[k] for f in figures]) for k in [*PER_RUN, "q", "q_all", "q_few_shot", "zs_gain"]}
+        unmatched = sorted({why for r in runs if (why := matched_xdg(r, candidates)[1])})
+        row["q_baseline_unmatched"] = "; ".join(unmatched) or None
         for key in ("test_time_info", "scenario", "benchmark", "method"):
             values = sorted({str(r.results.get(key)) for r in runs if r.results.get(key) is not None})
             row[key] = "/".join(values) if values else None
@@ -335,9 +386,11 @@ COLUMNS: list[tuple[str, str, float, int]] = [  # (figure, header, scale, digits
     ("fwt", "FWT (pt)", 100.0, 1),
     ("forgetting", "forgetting (pt)", 100.0, 1),
     ("zero_shot", "zero-shot (%)", 100.0, 1),
+    ("zs_gain", "zero-shot gain over XdG + SI (pt)", 100.0, 1),
     ("few_shot", "few-shot (%)", 100.0, 1),
     ("just_trained", "just trained (%)", 100.0, 1),
     ("q", "Q", 1.0, 2),
+    ("q_all", "Q (all tasks)", 1.0, 2),
     ("q_few_shot", "Q few-shot", 1.0, 2),
     ("steps_to_90", "steps to 90%", 1.0, 0),
     ("train_seconds", "time (s)", 1.0, 1),
@@ -381,6 +434,7 @@ def table(summary: dict[str, dict[str, Any]], last: int | None = None, validatio
     text += f"; steps to 90% over {over}." if validation else f"; zero-shot,{few} just trained, Q and steps to 90% over {over}."
     if not validation and any(row["q"]["mean"] is not None for row in summary.values()):
         text += " Q against the XdG run of the same stream and seed."
+    text += baseline_notes(summary, last, validation)
     infos = {row.get("test_time_info") for row in summary.values() if row.get("test_time_info")}
     if len(infos) > 1:
         text += (
@@ -390,6 +444,19 @@ def table(summary: dict[str, dict[str, Any]], last: int | None = None, validatio
     benches = {row.get("benchmark") for row in summary.values()}
     if len(benches) > 1:
         text += f"\n\nThe rows come from different benchmarks ({', '.join(sorted(str(b) for b in benches))})."
+    return text
+
+
+def baseline_notes(summary: dict[str, dict[str, Any]], last: int | None = None, validation: bool = False) -> str:
+    """What the table says about Q's baseline: matched on density, stabiliser strength and backbone, Q (all tasks)
+    over every task after the first, and the rows whose XdG run did not match (their Q and gain refused)."""
+    if validation or not any(row.get("q", {}).get("mean") is not None or row.get("q_baseline_unmatched") for row in summary.values()):
+        return ""
+    text = " Q's XdG + SI run matches each row on mask density, stabiliser strength and backbone; the zero-shot gain is in points"
+    text += ", Q (all tasks) over every task after the first." if last else "."
+    for label, row in summary.items():
+        if row.get("q_baseline_unmatched"):
+            text += f"\n\nFlagged: {label}'s Q and gain are against an XdG run that does not match it ({row['q_baseline_unmatched']})."
     return text
 
 

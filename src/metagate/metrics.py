@@ -120,3 +120,78 @@ def summary(acc_matrix: Matrix, initial_acc: Sequence[float]) -> dict[str, float
         "fwt": forward_transfer(acc_matrix, initial_acc),
         "forgetting": forgetting(acc_matrix),
     }
+
+
+# --------------------------------------------------------------------------- figures that cannot be gamed (issue 25)
+#
+# Q alone misleads: its denominator is the method's own just-trained accuracy, and it depends on the window. So
+# every table shows beside it the absolute zero-shot gain over XdG + SI (points) and the just-trained accuracy,
+# and Q both over the stated window and over every task after the first; and Q's XdG run must match the method
+# on density, stabiliser strength and backbone.
+
+
+def window_tasks(num_tasks: int, last: int | None = None) -> list[int]:
+    """The tasks per-task figures average over: every task after the first, or the last ``last`` of them."""
+    tasks = list(range(1, num_tasks))
+    return tasks if last is None else tasks[-last:]
+
+
+def _window_mean(values: Sequence[float], tasks: Sequence[int]) -> float | None:
+    vals = [float(values[j]) for j in tasks if j < len(values) and values[j] is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def just_trained(acc_matrix: Matrix, last: int | None = None) -> float | None:
+    """Mean accuracy of the window's tasks right after training each, ``R[j][j]``."""
+    r = _square(acc_matrix)
+    return _window_mean([r[j, j] for j in range(r.shape[0])], window_tasks(r.shape[0], last))
+
+
+def zero_shot_gain(
+    acc_matrix: Matrix, initial_acc: Sequence[float], xdg_acc_matrix: Matrix, xdg_initial_acc: Sequence[float], last: int | None = None
+) -> float | None:
+    """The absolute zero-shot gain over XdG + SI: mean zero-shot accuracy of the window's tasks minus XdG's on the
+    same tasks (a fraction; x 100 for points). Unlike Q it does not shrink or grow with the method's own
+    just-trained accuracy. ``None`` when the two runs have different numbers of tasks."""
+    r, x = _square(acc_matrix), _square(xdg_acc_matrix)
+    if r.shape != x.shape:
+        return None
+    tasks = window_tasks(r.shape[0], last)
+    a, b = _window_mean(zero_shot(r, initial_acc), tasks), _window_mean(zero_shot(x, xdg_initial_acc), tasks)
+    return None if a is None or b is None else a - b
+
+
+def zero_shot_quality(
+    acc_matrix: Matrix, initial_acc: Sequence[float], xdg_acc_matrix: Matrix, xdg_initial_acc: Sequence[float], last: int | None = None
+) -> float | None:
+    """Q = (zs - zs_xdg) / (just trained - zs_xdg), means over the window's tasks: 0 = no better than XdG's random
+    masks, 1 = as good before training as after. Always read with :func:`zero_shot_gain` and :func:`just_trained`."""
+    gain = zero_shot_gain(acc_matrix, initial_acc, xdg_acc_matrix, xdg_initial_acc, last)
+    r, x = _square(acc_matrix), _square(xdg_acc_matrix)
+    tasks = window_tasks(r.shape[0], last)
+    jt, zx = just_trained(r, last), _window_mean(zero_shot(x, xdg_initial_acc), tasks) if r.shape == x.shape else None
+    if gain is None or jt is None or zx is None or abs(jt - zx) < 1e-9:
+        return None
+    return gain / (jt - zx)
+
+
+# method config keys that set the stabiliser's strength (compared where both configs have them)
+STABILISER_KEYS = ("stabilizer", "c", "xi", "ewc_lambda")
+
+
+def baseline_mismatch(
+    method_config: dict[str, Any], method_density: float | None, xdg_config: dict[str, Any], xdg_density: float | None, tolerance: float = 0.25
+) -> list[str]:
+    """Why an XdG + SI run is not the like-for-like baseline of a gating method's Q (empty: it is): its mean
+    mask density differs by more than ``tolerance`` (relative), a stabiliser setting differs (``stabilizer``,
+    ``c``, ``xi``, ``ewc_lambda``, where both configs have the key), or the backbone differs. ``method_config``
+    and ``xdg_config`` are the runs' ``method`` sections."""
+    out: list[str] = []
+    if method_density is not None and xdg_density is not None and abs(method_density - xdg_density) > tolerance * max(xdg_density, 1e-9):
+        out.append(f"density {method_density:.3f} vs XdG's {xdg_density:.3f}")
+    for key in STABILISER_KEYS:
+        if key in method_config and key in xdg_config and method_config[key] != xdg_config[key]:
+            out.append(f"{key} {method_config[key]} vs XdG's {xdg_config[key]}")
+    if method_config.get("backbone") != xdg_config.get("backbone"):
+        out.append("backbone differs")
+    return out

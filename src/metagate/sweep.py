@@ -90,6 +90,12 @@ class SweepSpec(Section):
     random: RandomSearch = Field(default_factory=RandomSearch)
     resources: Resources = Field(default_factory=Resources)
     tune: Union[Tuning, None] = None
+    overrides: list[str] = Field(
+        default_factory=list, description="[label:]key=value overrides of the spec itself (a label's own settings), before the command line's"
+    )
+    table: dict[str, Any] = Field(
+        default_factory=dict, description="how a results table shows this sweep (title, window: last N tasks); read by docs generators, not by the sweep"
+    )
 
     def method_list(self) -> str:
         if not self.methods:
@@ -275,6 +281,7 @@ def _run_sweep(
     if out is not None:
         orchestrate.check_out(out)
     resume = resume or (auto_resume and out is not None and (out / SPEC_FILE).is_file())
+    overrides = [*spec.overrides, *overrides]  # the spec's own label:key=value settings first, the command line's after
     method_of = parse_entries(spec.method_list())
     points = grid_points(spec, method_of)
     record = {"config": config, "overrides": overrides, **spec.model_dump(mode="json")}

@@ -2,7 +2,7 @@
 
 from metagate.data.base import BENCHMARKS, Benchmark, build_stream
 from metagate.data.stream import Scenario, Stream, Task
-from metagate.data import composed, images, synthetic  # noqa: F401  (fill the registry)
+from metagate.data import composed, images, pairs, synthetic  # noqa: F401  (fill the registry)
 
 __all__ = ["BENCHMARKS", "Benchmark", "Scenario", "Stream", "Task", "build_stream", "list_benchmarks"]
 

@@ -39,6 +39,22 @@ context rewards looking up a neighbour. This family fixes both:
   ``values``, which no training task uses (outside the training range: with ``numbers`` its
   context ``values / (values - 1)`` exceeds 1); it has its own group of units, never trained.
 
+Two options hide the structure from a method (issue 25):
+
+* ``encoding=embedded``: each (factor, value) is a fixed random vector in ``R^embed_dim`` (``N(0, 1)``
+  entries, drawn from the seed), the context is their sum followed by ``distractors`` dimensions
+  drawn afresh for every task (``N(0, 1)``, carrying nothing). No per-number decoding exists, so the
+  tasks do not publish ``context_factors`` and the hand rules refuse the stream.
+* ``interactions=pairs``: one group of units per (factor i, factor j, value of i, value of j), i < j;
+  a task's mask is the union of the groups of its ``F (F - 1) / 2`` value pairs, so no union over
+  single factor values composes it. The novel tasks are new combinations each of whose value pairs
+  was trained in at least ``min_value_tasks`` earlier tasks (``novel_min_differing`` counts factors,
+  so with ``F = 3`` it must be 1: two tasks sharing a value pair agree in 2 of 3 factors). No
+  held-out outside value (``heldout_outside=0``).
+
+Tasks whose context is a tuple of factors (``numbers``, ``onehot``) record the decoded tuple in
+``info["context_factors"]`` (read by the hand rules ``factor_rule`` and ``stored_composition``).
+
 Domain-incremental (one shared head; tasks conflict, so only the mask tells them apart). Default
 sizes are the issue's probe (F = 3, V = 6, 11 units per group, 50 tasks of 5000 samples, the last 10
 novel, each differing from every earlier task in at least 2 factors).
@@ -46,13 +62,14 @@ novel, each differing from every earlier task in at least 2 factors).
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from metagate.data import BENCHMARKS
+from metagate.data.base import BENCHMARKS
 from metagate.data.stream import Stream, Task
 from metagate.data.synthetic import SampledTasksConfig, _noisy_labels
 
@@ -91,10 +108,16 @@ class ComposedTeacher:
         values: int = Field(6, ge=2, description="values per factor (V)")
         units_per_group: int = Field(11, ge=1, description="hidden units per (factor, value) group")
         shared_units: int = Field(0, ge=0, description="always-on units in every task's mask")
-        encoding: Literal["numbers", "onehot"] = Field(
+        encoding: Literal["numbers", "onehot", "embedded"] = Field(
             "numbers",
             description="context: one number per factor, v / (V - 1), decoded by rounding (default: the mask is a step "
-            "function of it), or a one-hot code per factor (the mask is then a linear expansion of the code)",
+            "function of it), a one-hot code per factor (the mask is then a linear expansion of the code), or the sum of a "
+            "fixed random vector per (factor, value) plus per-task distractor dimensions (no per-number decoding)",
+        )
+        embed_dim: int = Field(16, ge=1, description="encoding=embedded: dimensions of the (factor, value) vectors")
+        distractors: int = Field(0, ge=0, description="encoding=embedded: context dimensions drawn afresh per task, carrying nothing")
+        interactions: Literal["single", "pairs"] = Field(
+            "single", description="a group per (factor, value), or per (factor i, factor j, value i, value j): no sum over single factors composes the mask"
         )
         novel_tasks: int = Field(10, ge=0, description="the stream's last tasks, each far from every earlier task")
         novel_min_differing: int = Field(2, ge=1, description="factors in which a novel task differs from each earlier task")
@@ -112,16 +135,27 @@ class ComposedTeacher:
 
         @property
         def num_groups(self) -> int:
+            if self.interactions == "pairs":
+                return self.factors * (self.factors - 1) // 2 * self.values**2
             return self.factors * self.values + (1 if self.heldout_outside else 0)
 
         @property
         def context_dim(self) -> int:
             if self.encoding == "numbers":
                 return self.factors
+            if self.encoding == "embedded":
+                return self.embed_dim + self.distractors
             return self.factors * self.values + (1 if self.heldout_outside else 0)
 
         @model_validator(mode="after")
         def _enough_combinations(self) -> "ComposedTeacher.Config":
+            if self.interactions == "pairs" and self.heldout_outside:
+                raise ValueError("interactions=pairs has no outside value: set heldout_outside=0")
+            if self.interactions == "pairs" and self.novel_min_differing > self.factors - 2:
+                raise ValueError(
+                    f"with interactions=pairs a novel task shares value pairs with earlier tasks, so it agrees with some in 2 of "
+                    f"{self.factors} factors: set novel_min_differing <= {self.factors - 2}"
+                )
             needed = self.num_tasks + self.heldout_inside
             if needed > self.values**self.factors:
                 raise ValueError(
@@ -158,8 +192,29 @@ class ComposedTeacher:
         return factor * cfg.values + value
 
     @staticmethod
-    def encode(cfg: "ComposedTeacher.Config", combo: list[int]) -> Tensor:
-        """The published context of a combination of factor values."""
+    def pair_group_index(cfg: "ComposedTeacher.Config", i: int, j: int, vi: int, vj: int) -> int:
+        """Position of group (factor i, factor j, value i, value j), i < j, among the non-shared groups (interactions=pairs)."""
+        pair = [(a, b) for a in range(cfg.factors) for b in range(a + 1, cfg.factors)].index((i, j))
+        return pair * cfg.values**2 + vi * cfg.values + vj
+
+    @staticmethod
+    def embeddings(cfg: "ComposedTeacher.Config", seed: int) -> Tensor:
+        """``[factors, values + 1, embed_dim]``: the fixed vector of each (factor, value) (encoding=embedded; the
+        last value is factor 0's outside one), from a generator of its own so the other encodings' streams are
+        unchanged."""
+        gen = torch.Generator().manual_seed(seed * 7919 + 17)
+        return torch.randn(cfg.factors, cfg.values + 1, cfg.embed_dim, generator=gen)
+
+    @staticmethod
+    def encode(cfg: "ComposedTeacher.Config", combo: list[int], table: Tensor | None = None, distractor: Tensor | None = None) -> Tensor:
+        """The published context of a combination of factor values (``embedded``: needs the seed's
+        ``table`` and the task's ``distractor`` values)."""
+        if cfg.encoding == "embedded":
+            if table is None:
+                raise ValueError("encoding=embedded needs the stream's embedding table (ComposedTeacher.embeddings)")
+            summed = sum(table[f, v] for f, v in enumerate(combo))
+            extra = distractor if distractor is not None else torch.zeros(cfg.distractors)
+            return torch.cat([summed, extra]).float()  # type: ignore[list-item]
         if cfg.encoding == "numbers":
             return torch.tensor([v / (cfg.values - 1) for v in combo], dtype=torch.float32)
         ctx = torch.zeros(cfg.context_dim)
@@ -178,17 +233,30 @@ class ComposedTeacher:
         return values
 
     @staticmethod
-    def mask_from_context(cfg: "ComposedTeacher.Config", context: Tensor) -> Tensor:
-        """The documented map: shared units plus, per factor, the group of the value decoded from the context."""
+    def mask_from_combination(cfg: "ComposedTeacher.Config", combo: list[int]) -> Tensor:
+        """Shared units plus, per factor, the group of its value (``interactions=pairs``: per pair of factors,
+        the group of their two values)."""
         groups = ComposedTeacher.groups(cfg)
         offset = 1 if cfg.shared_units else 0
         mask = torch.zeros(cfg.hidden_units, dtype=torch.bool)
         if cfg.shared_units:
             mask[: cfg.shared_units] = True
-        for f, v in enumerate(ComposedTeacher.decode(cfg, context)):
-            g = groups[offset + ComposedTeacher.group_index(cfg, f, v)]
+        if cfg.interactions == "pairs":
+            chosen = [ComposedTeacher.pair_group_index(cfg, i, j, combo[i], combo[j]) for i, j in itertools.combinations(range(cfg.factors), 2)]
+        else:
+            chosen = [ComposedTeacher.group_index(cfg, f, v) for f, v in enumerate(combo)]
+        for k in chosen:
+            g = groups[offset + k]
             mask[g.start : g.stop] = True
         return mask
+
+    @staticmethod
+    def mask_from_context(cfg: "ComposedTeacher.Config", context: Tensor) -> Tensor:
+        """The documented map: the mask of the combination decoded from the context (not for ``embedded``,
+        which has no per-number decoding)."""
+        if cfg.encoding == "embedded":
+            raise ValueError("encoding=embedded has no per-number decoding: use mask_from_combination on the task's combination")
+        return ComposedTeacher.mask_from_combination(cfg, ComposedTeacher.decode(cfg, context))
 
     # ------------------------------------------------------------------ the stream
 
@@ -199,6 +267,8 @@ class ComposedTeacher:
         apart; then the earlier ones, each that far from every novel one, until every factor value
         appears in ``min_value_tasks`` of them (redrawn otherwise)."""
         k = cfg.novel_min_differing
+        if cfg.interactions == "pairs":
+            return ComposedTeacher.pair_combinations(cfg, gen)
 
         def fill(chosen: list[list[int]], count: int, far_from: list[list[int]], exclude: list[list[int]], k: int = k) -> None:
             """Append random distinct combinations at least ``k`` factors from every one in ``far_from``."""
@@ -242,14 +312,55 @@ class ComposedTeacher:
         return train, inside, outside
 
     @staticmethod
+    def pair_combinations(cfg: "ComposedTeacher.Config", gen: torch.Generator) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+        """interactions=pairs: the earlier tasks are random distinct combinations; the novel ones are drawn among
+        the others whose every value pair appears in ``min_value_tasks`` earlier tasks (each novel one
+        ``novel_min_differing`` factors from the other novel ones); held-out inside: any untrained combination."""
+        pairs = list(itertools.combinations(range(cfg.factors), 2))
+        early_count = cfg.num_tasks - cfg.novel_tasks
+        every = list(itertools.product(range(cfg.values), repeat=cfg.factors))
+        for _ in range(200):
+            order = torch.randperm(len(every), generator=gen).tolist()
+            early = [list(every[i]) for i in order[:early_count]]
+            seen: dict[tuple[int, int, int, int], int] = {}
+            for c in early:
+                for i, j in pairs:
+                    seen[(i, j, c[i], c[j])] = seen.get((i, j, c[i], c[j]), 0) + 1
+            novel: list[list[int]] = []
+            for idx in order[early_count:]:
+                c = list(every[idx])
+                if all(seen.get((i, j, c[i], c[j]), 0) >= max(1, cfg.min_value_tasks) for i, j in pairs) and all(
+                    sum(x != y for x, y in zip(c, o)) >= cfg.novel_min_differing for o in novel
+                ):
+                    novel.append(c)
+                if len(novel) == cfg.novel_tasks:
+                    break
+            if len(novel) == cfg.novel_tasks:
+                break
+        else:
+            raise ValueError(
+                f"no stream found with {cfg.novel_tasks} novel tasks whose value pairs each appear in {cfg.min_value_tasks} of "
+                f"{early_count} earlier tasks: lower novel_tasks or min_value_tasks, or raise num_tasks"
+            )
+        train = early + novel
+        rest = [list(every[i]) for i in order if list(every[i]) not in train]
+        return train, rest[: cfg.heldout_inside], []
+
+    @staticmethod
     def build(cfg: "ComposedTeacher.Config", seed: int) -> Stream:  # type: ignore[override]
         gen = torch.Generator().manual_seed(seed)
         teacher = GroupTeacher(cfg.input_dim, ComposedTeacher.groups(cfg), cfg.num_classes, gen)
         train, inside, outside = ComposedTeacher.combinations(cfg, gen)
+        table = ComposedTeacher.embeddings(cfg, seed) if cfg.encoding == "embedded" else None
+        noise = torch.Generator().manual_seed(seed * 7919 + 23)  # the distractors' own draws
 
         def make(index: int, combo: list[int], name: str) -> Task:
-            context = ComposedTeacher.encode(cfg, combo)
-            mask = ComposedTeacher.mask_from_context(cfg, context)
+            distractor = torch.randn(cfg.distractors, generator=noise) if table is not None else None
+            context = ComposedTeacher.encode(cfg, combo, table, distractor)
+            mask = ComposedTeacher.mask_from_combination(cfg, combo)
+            info: dict[str, float | int | str] = {"combination": ".".join(map(str, combo)), "novel": int(index >= cfg.num_tasks - cfg.novel_tasks)}
+            if cfg.encoding != "embedded":  # the context is a tuple of factors (see metagate.methods.components.context_factors)
+                info["context_factors"] = info["combination"]
             xs, ys = [], []
             for n in (cfg.train_per_task, cfg.test_per_task):
                 x = torch.randn(n, cfg.input_dim, generator=gen)
@@ -265,7 +376,7 @@ class ComposedTeacher:
                 context=context,
                 classes=tuple(range(cfg.num_classes)),
                 oracle_mask=[mask],
-                info={"combination": ".".join(map(str, combo)), "novel": int(index >= cfg.num_tasks - cfg.novel_tasks)},
+                info=info,
             )
 
         tasks = [make(i, c, "composed") for i, c in enumerate(train)]

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from metagate.schema import BenchmarkConfig
-from metagate.data import BENCHMARKS
+from metagate.data.base import BENCHMARKS
 from metagate.data.angles import AngleFields, angle_schedule
 from metagate.data.stream import Stream, Task
 

@@ -35,7 +35,9 @@ class NearestContext(Oracle):
     :class:`~metagate.methods.oracle.Oracle`'s run exactly and only the zero-shot masks differ, so
     ``Q_nn`` isolates how much of the ceiling a neighbour's mask already gives. ``lookup``: the
     looked-up mask stays fixed while the task trains like XdG + SI and is stored (the first task,
-    with nothing to look up, keeps XdG's random mask); for streams without oracle masks.
+    with nothing to look up, keeps XdG's random mask); for streams without oracle masks. ``random``: XdG's
+    random mask trains and is stored, and the lookup gives only the masks of tasks not trained yet (the
+    stored masks then carry no structure a lookup could add to; for streams without oracle masks too).
 
     Differences from XdG's defaults: no input or hidden dropout and a one-hidden-layer backbone of 256
     units (as :class:`~metagate.methods.oracle.Oracle`, to compare on the same student).
@@ -47,8 +49,8 @@ class NearestContext(Oracle):
         input_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the input (XdG's paper: 0.2)")
         neighbours: int = Field(1, ge=1, description="trained tasks whose masks vote (1: copy the nearest one's)")
         ties: bool = Field(False, description="every trained task as near as the k-th nearest votes too")
-        train_mask: Literal["oracle", "lookup"] = Field(
-            "oracle", description="a task trains with (and stores) its oracle mask, or the looked-up one"
+        train_mask: Literal["oracle", "lookup", "random"] = Field(
+            "oracle", description="a task trains with (and stores) its oracle mask, the looked-up one, or XdG's random one (the lookup for untrained tasks only)"
         )
 
     name = "nearest_context"

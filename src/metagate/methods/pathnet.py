@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport, TrainingData
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.pathnet import PathNetwork, bank_params, matching_factor
 
@@ -34,8 +34,8 @@ class PathNet(Method):
       modules per layer (``pathnet.py:61-72``);
     * ``generations`` times: each path in turn trains (plain SGD, gradients clipped to norm ``clipgrad``) on
       the modules of its path that no earlier best path holds (``unfreeze_path``, ``alexnet_pathnet.py:115-131``)
-      for ``evals_per_path`` rounds, each round followed by the validation loss of that path (its fitness). The
-      model with the lowest validation loss so far is kept (a snapshot) and its path is the winner; each path
+      for ``evals_per_path`` rounds, each round followed by the loss of that path on held-out data (its fitness). The
+      model with the lowest fitness loss so far is kept (a snapshot) and its path is the winner; each path
       has its own learning rate, divided by ``lr_factor`` after ``lr_patience`` rounds without improving, and
       stops when it falls below ``lr_min`` (``pathnet.py:79-126``);
     * at the end of a generation the model goes back to the snapshot, and every other path becomes a copy of
@@ -58,8 +58,10 @@ class PathNet(Method):
 
     * The training budget is the trainer's: the task's steps (``trainer.epochs`` passes, or
       ``trainer.iterations_per_task``) are split evenly into ``generations x population x evals_per_path``
-      rounds (HAT: rounds of one epoch, ``P x 200`` epochs a task). The validation split is the benchmark's
-      (``benchmark.val_fraction``; HAT carves 10% too). ``trainer.lr`` / ``trainer.optimizer`` are unused: the
+      rounds (HAT: rounds of one epoch, ``P x 200`` epochs a task). Fitness is scored on ``fitness_fraction``
+      (10%) of the task's *training* data, held out from its training (a fixed split per task); HAT scores on
+      a validation split it carves (10% too), but here the benchmark's validation split stays untouched, so
+      PathNet's validation figures are held out like every other method's (issue 25). ``trainer.lr`` / ``trainer.optimizer`` are unused: the
       SGD step is applied by hand with each path's own learning rate.
     * The whole search runs on the device: the paths, fitness, winner and learning rates are tensors, and
       choosing, snapshotting and mutating are masked tensor operations, so a training step never waits on a
@@ -84,12 +86,15 @@ class PathNet(Method):
         )
         population: int = Field(2, ge=2, description="P, paths in the tournament (HAT: 2, binary)")
         generations: int = Field(20, ge=1, description="tournament generations per task (HAT: 20)")
-        evals_per_path: int = Field(10, ge=1, description="training rounds of a path per generation, each then scored on validation (HAT: 200 // 20)")
+        evals_per_path: int = Field(10, ge=1, description="training rounds of a path per generation, each then scored on the held-out training data (HAT: 200 // 20)")
         lr: float = Field(0.05, gt=0, description="SGD learning rate of every path at the task's start (HAT: 0.05)")
         lr_min: float = Field(1e-4, gt=0, description="a path whose rate falls below this stops (HAT: 1e-4)")
         lr_factor: float = Field(3.0, gt=1, description="rate divisor after lr_patience rounds without improving (HAT: 3)")
-        lr_patience: int = Field(5, ge=1, description="rounds without a better validation loss before the rate drops (HAT: 5)")
+        lr_patience: int = Field(5, ge=1, description="rounds without a better fitness loss before the rate drops (HAT: 5)")
         clipgrad: float = Field(1000.0, gt=0, description="gradient norm clip (HAT: 1000)")
+        fitness_fraction: float = Field(
+            0.1, gt=0, lt=1, description="share of each task's training data held out from its training to score paths (not the validation split)"
+        )
 
         @model_validator(mode="after")
         def _fits(self) -> "PathNet.Config":
@@ -178,11 +183,29 @@ class PathNet(Method):
 
     # ---------------------------------------------------------------- hooks
 
+    def fitness_split(self, task: Task) -> tuple[Tensor, Tensor]:
+        """Indices of the task's training data that train it and of those that score its paths (``fitness_fraction``
+        of them, at least one): a fixed split per task (its own generator, so the run's random stream is unchanged)."""
+        cached = getattr(self, "_fitness_split", None)
+        if cached is not None and cached[0] == (task.index, task.num_train):
+            return cached[1]
+        n = task.num_train
+        gen = torch.Generator().manual_seed(1_000_003 * (task.index + 1))
+        order = torch.randperm(n, generator=gen).to(task.y_train.device)
+        k = min(max(1, round(self.cfg.fitness_fraction * n)), n - 1)
+        split = (order[k:].sort().values, order[:k].sort().values)
+        self._fitness_split = ((task.index, task.num_train), split)
+        return split
+
+    def training_data(self, task: Task) -> TrainingData:
+        train, _ = self.fitness_split(task)
+        return TrainingData(task.x_train[train], task.y_train[train])
+
     def before_task(self, task: Task) -> None:
         cfg, tc = self.cfg, self.trainer_cfg
-        if task.num_val == 0:
-            raise ValueError("pathnet scores its paths by the validation loss (HAT): set benchmark.val_fraction > 0")
-        steps = tc.iterations_per_task or tc.epochs * math.ceil(task.num_train / tc.batch_size)
+        if task.num_train < 2:
+            raise ValueError("pathnet holds out part of a task's training data to score its paths: the task needs 2 samples or more")
+        steps = tc.iterations_per_task or tc.epochs * math.ceil(len(self.fitness_split(task)[0]) / tc.batch_size)
         rounds = cfg.generations * cfg.population * cfg.evals_per_path
         if steps < rounds:
             raise ValueError(
@@ -234,9 +257,11 @@ class PathNet(Method):
         return {"loss": loss.detach()}
 
     @torch.no_grad()
-    def validation_loss(self, task: Task, path: Tensor) -> Tensor:
-        """Mean cross-entropy of ``path`` on the task's validation split, dropout off (a device scalar)."""
-        x, y = task.split("val")
+    def fitness_loss(self, task: Task, path: Tensor) -> Tensor:
+        """Mean cross-entropy of ``path`` on the task's held-out training data (:meth:`fitness_split`), dropout off
+        (a device scalar)."""
+        _, held = self.fitness_split(task)
+        x, y = task.x_train[held], task.y_train[held]
         total = x.new_zeros(())
         bs = self.trainer_cfg.eval_batch_size
         for start in range(0, y.shape[0], bs):
@@ -251,7 +276,7 @@ class PathNet(Method):
         cfg = self.cfg
         P, R = cfg.population, cfg.evals_per_path
         p = (j // R) % P
-        val = self.validation_loss(task, self.paths[p])
+        val = self.fitness_loss(task, self.paths[p])
         live = self.path_lr[p] >= cfg.lr_min
         better = live & (val < self.best_overall)  # pathnet.py:106-110
         for snap, t in zip(self._snapshot, self._params(task)):
