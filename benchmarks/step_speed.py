@@ -14,7 +14,7 @@ timed on task 1:
   ``torch.optim.Adam`` with its defaults), finetune, EWC, SI, XdG + SI (gating 0.8, input dropout 0.2); and
   ``si-before``, ``ewc-before``, ``xdg-before``: the same methods with the step as it was before the fused
   passes (task gradient and parameters copied, the penalty gradient added in place and its value from a
-  second product, dropout as ``x * mask * scale``). Targets: SI, EWC <= 1.05 x bare; XdG + SI <= 1.15 x
+  second product, dropout as ``x * mask * scale``, XdG's full masked products). Targets: SI, EWC <= 1.05 x bare; XdG + SI <= 1.15 x
   finetune.
 * ``split``: ``configs/er-split-fmnist.yaml``'s setting (class-incremental split Fashion-MNIST, MLP 256-256,
   batch 64): finetune, ER (replay batch = batch), ``er-before`` (the replay draw by a cumulative sum and tensor
@@ -93,6 +93,8 @@ def as_before(method: Method) -> Step:
     params = [p for p in method.model.parameters() if p.requires_grad]
     stab._before_grads = [torch.zeros_like(p) for p in params]  # type: ignore[attr-defined]
     stab._before_diff = [torch.zeros_like(p) for p in params]  # type: ignore[attr-defined]
+    if getattr(method, "_compact", False):
+        method._compact = False  # type: ignore[attr-defined]  # XdG: the full masked products, as before
     if hasattr(getattr(method, "input_dropout", None), "p"):
         method.input_dropout = DropoutBefore(method.input_dropout.p)  # type: ignore[assignment]
     return lambda batch, task: step_before(method, batch, task)

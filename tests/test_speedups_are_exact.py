@@ -57,7 +57,7 @@ def unfused_step(method: Method, batch: Batch, task: Any) -> dict[str, torch.Ten
     [
         {"name": "si", "c": 5.0},
         {"name": "ewc", "lambda": 50.0, "fisher_samples": 100},
-        {"name": "xdg", "gate_fraction": 0.5, "input_dropout": 0.2, "stabilizer": "si", "c": 5.0, "backbone": {"hidden": [32, 16], "dropout": 0.0}},
+        {"name": "xdg", "gate_fraction": 0.5, "input_dropout": 0.2, "stabilizer": "si", "c": 5.0, "active_units_only": False, "backbone": {"hidden": [32, 16], "dropout": 0.0}},
     ],
     ids=lambda c: c["name"],
 )

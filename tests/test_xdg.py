@@ -221,3 +221,36 @@ def test_xdg_gates_conv_channels_of_a_cnn() -> None:
     res = Trainer(config_from_dict(raw)).fit()
     assert len(res["mask_density"]) == 2
     assert all(res["acc_matrix"][t][t] > 0.5 for t in range(2))  # 10 classes: chance is 0.1
+
+
+def test_training_on_the_kept_units_only_matches_the_full_masked_products_to_float_rounding() -> None:
+    raw = {"name": "xdg", "gate_fraction": 0.75, "input_dropout": 0.2, "stabilizer": "si", "c": 1.0,
+           "backbone": {"hidden": [48, 32], "dropout": 0.0}}
+    compact, stream = build(raw)
+    full, _ = build({**raw, "active_units_only": False})
+    full.load_state_dict(compact.state_dict())
+    assert compact._compact and not full._compact
+    step = 0
+    for task in stream.tasks[:2]:
+        for m in (compact, full):
+            m.train()
+            m.before_task(task)
+        for b in range(0, 160, 32):
+            batch = Batch(task.x_train[b : b + 32], task.y_train[b : b + 32])
+            losses = []
+            for m in (compact, full):
+                torch.manual_seed(step)  # the same input dropout
+                losses.append(m.train_step(batch, task)["loss"])
+            step += 1
+            torch.testing.assert_close(losses[0], losses[1])
+            assert compact._kept[task.index][0] is compact.task_masks(task)  # the kept-units path ran
+            kept = compact._kept[task.index][1][0]
+            gated = torch.ones(48, dtype=torch.bool)
+            gated[kept] = False
+            assert gated.any() and (compact.model.hidden[0].weight.grad[gated] == 0).all()  # no gradient into gated units
+        for m in (compact, full):
+            m.after_task(task)
+    for (n, p), q in zip(compact.model.named_parameters(), full.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    on_hidden_dropout, _ = build({**raw, "backbone": {"hidden": [48, 32], "dropout": 0.5}})
+    assert not on_hidden_dropout._compact  # a dropout draw over the full width: the full products
