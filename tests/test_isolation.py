@@ -187,8 +187,8 @@ def test_supsup_oneshot_inference_needs_no_task_and_finds_the_task_of_each_batch
     method, stream, cfg = build({"name": "supsup", "lr": 1e-2, "task_inference": "oneshot", "inference_samples": 16, "inference_batch": 32}, epochs=5, bench=bench)
     for task in stream.tasks:
         train_task(method, task, cfg)
-    assert method.test_time_info() == "none"
-    found = method.extra_results()["task_inference_acc"]
+    assert method.report().test_time_info == "none"
+    found = method.report().figures["task_inference_acc"]
     assert min(found) >= 0.9, found
     wrong_task = stream.tasks[1]  # the task argument is ignored: predictions come from the inferred mask
     t0 = stream.tasks[0]

@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport
 from metagate.nn.backbones import CNN, BackboneConfig
 from metagate.nn.dropout import Dropout
 from metagate.nn.gates import soft_mask
@@ -279,12 +279,21 @@ class HAT(Method):
         """The units the task attends to (attention at ``s_max`` above 0.5), over every gated layer."""
         return torch.cat(self.attention(task.index, self.cfg.s_max)) > 0.5
 
-    def task_bytes(self, task: Task) -> int:
+    def report(self, task: Task | None = None) -> MethodReport:
+        """At the end of the stream: what it uses at test time, bytes per task (:meth:`_task_bytes`) and its own
+        figures (:meth:`_figures`)."""
+        out = super().report(task)
+        if task is None:
+            out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
+            out.figures.update(self._figures())
+        return out
+
+    def _task_bytes(self, task: Task) -> int:
         """The task's embeddings and head (float32); the attention is recomputed from the embeddings."""
         emb = sum(e.shape[1] for e in self.embeddings) * 4
         return emb + sum(p.numel() for p in self.heads[task.index].parameters()) * 4
 
     @torch.no_grad()
-    def extra_results(self) -> dict[str, Any]:
+    def _figures(self) -> dict[str, Any]:
         used = torch.cat(self.mask_pre())
         return {"hat": {"capacity_used": float((used > 0.5).float().mean()), "attention_binary": float(((used == 0) | (used == 1)).float().mean())}}

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, TestTimeInfo
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport, TestTimeInfo
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.gates import BitMask
 
@@ -128,7 +128,7 @@ class PackNet(Method):
             h = functional_call(self.model, weights, (x,))
         return self.mask_logits(self.heads[task.index](h), task, task_ids)
 
-    def test_time_info(self) -> TestTimeInfo:
+    def _test_time_info(self) -> TestTimeInfo:
         return "task_id"
 
     # ---------------------------------------------------------------- hooks
@@ -232,12 +232,22 @@ class PackNet(Method):
         """Which backbone weights the task uses (its own and its predecessors'), flattened."""
         return torch.cat([m.flatten() for m in self.task_masks(task)]).bool()
 
-    def task_bytes(self, task: Task) -> int:
+    def report(self, task: Task | None = None) -> MethodReport:
+        """At the end of the stream: what it uses at test time, bytes per task (:meth:`_task_bytes`) and its own
+        figures (:meth:`_figures`)."""
+        out = super().report(task)
+        if task is None:
+            out.test_time_info = self._test_time_info()
+            out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
+            out.figures.update(self._figures())
+        return out
+
+    def _task_bytes(self, task: Task) -> int:
         """The task's ownership bits (1 per masked weight) and its head (float32)."""
         return sum(m.nbytes for m in self.owned[task.index]) + sum(p.numel() for p in self.heads[task.index].parameters()) * 4
 
     @torch.no_grad()
-    def extra_results(self) -> dict[str, Any]:
+    def _figures(self) -> dict[str, Any]:
         owners = torch.cat([o.flatten() for o in self.owners()])
         owned = [float(torch.cat([m.bool().flatten() for m in self.owned[t.index]]).float().mean()) for t in self.stream.tasks]
         return {"packnet": {"free_fraction": float((owners == 0).float().mean()), "owned_fraction": owned}}

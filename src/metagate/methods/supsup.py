@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, TestTimeInfo
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport, TestTimeInfo
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.gates import BitMask, binarize_ste
 
@@ -201,7 +201,7 @@ class SupSup(Method):
             out.append(self.mask_logits(self.run(chunk, self.task_masks(chosen)), chosen))
         return torch.cat(out)
 
-    def test_time_info(self) -> TestTimeInfo:
+    def _test_time_info(self) -> TestTimeInfo:
         return "none" if self.cfg.task_inference == "oneshot" else "task_id"
 
     # ---------------------------------------------------------------- hooks
@@ -243,12 +243,22 @@ class SupSup(Method):
         """Which weights the task's supermask keeps, over every masked tensor, flattened."""
         return torch.cat([m.flatten() for m in self.task_masks(task)]).bool()
 
-    def task_bytes(self, task: Task) -> int:
+    def report(self, task: Task | None = None) -> MethodReport:
+        """At the end of the stream: what it uses at test time, bytes per task (:meth:`_task_bytes`) and its own
+        figures (:meth:`_figures`)."""
+        out = super().report(task)
+        if task is None:
+            out.test_time_info = self._test_time_info()
+            out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
+            out.figures.update(self._figures())
+        return out
+
+    def _task_bytes(self, task: Task) -> int:
         """The task's supermask as bits (1 per weight); the random weights are shared (a seed would do)."""
         return sum(math.ceil(math.prod(s) / 8) for s in self.shapes)
 
     @torch.no_grad()
-    def extra_results(self) -> dict[str, Any]:
+    def _figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task_inference": self.cfg.task_inference, "supsup": {"transfer": self.cfg.transfer}}
         if self.cfg.task_inference == "oneshot":
             was = self.training

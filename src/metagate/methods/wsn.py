@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, TestTimeInfo
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport, TestTimeInfo
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.gates import BitMask, pack_bits, topk_ste
 
@@ -154,7 +154,7 @@ class WSN(Method):
         h = functional_call(self.model, {n: params[n] * m for n, m in zip(self.weight_names, masks)}, (x,))
         return self.mask_logits(self.heads[task.index](h), task, task_ids)
 
-    def test_time_info(self) -> TestTimeInfo:
+    def _test_time_info(self) -> TestTimeInfo:
         return "task_id"
 
     # ---------------------------------------------------------------- hooks
@@ -215,13 +215,23 @@ class WSN(Method):
         """Which backbone weights the task's subnetwork keeps, flattened."""
         return torch.cat([m.flatten() for m in self.task_masks(task)]).bool()
 
-    def task_bytes(self, task: Task) -> int:
+    def report(self, task: Task | None = None) -> MethodReport:
+        """At the end of the stream: what it uses at test time, bytes per task (:meth:`_task_bytes`) and its own
+        figures (:meth:`_figures`)."""
+        out = super().report(task)
+        if task is None:
+            out.test_time_info = self._test_time_info()
+            out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
+            out.figures.update(self._figures())
+        return out
+
+    def _task_bytes(self, task: Task) -> int:
         """The task's Huffman-coded mask (whole bytes) and its head (float32)."""
         head = sum(p.numel() for p in self.heads[task.index].parameters()) * 4
         return math.ceil(int(self.coded_bits[task.index]) / 8) + head
 
     @torch.no_grad()
-    def extra_results(self) -> dict[str, Any]:
+    def _figures(self) -> dict[str, Any]:
         packed = sum(pack_bits(m).numel() for m in self.used()) * 8
         used = torch.cat([u.flatten() for u in self.used()])
         return {"wsn": {"mask_bits_packed": packed, "mask_bits_coded": [int(self.coded_bits[t.index]) for t in self.stream.tasks],
