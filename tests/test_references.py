@@ -16,7 +16,7 @@ from test_composed import build, composed, train_through
 
 def test_factor_rule_masks_are_the_union_of_one_fixed_block_per_factor_value() -> None:
     method, stream = build({"name": "factor_rule", "gate_fraction": 0.8})
-    assert method.test_time_info() == "context"
+    assert method.report().test_time_info == "context"
     blocks = method.blocks()[0]
     for task in stream.tasks + stream.heldout:
         values = [int(v) for v in task.info["context_factors"].split(".")]
@@ -46,7 +46,7 @@ def test_hand_rules_refuse_a_context_that_hides_its_factors(name: str) -> None:
 
 def test_stored_composition_rebuilds_a_novel_mask_from_stored_oracle_masks() -> None:
     method, stream = build({"name": "stored_composition"}, num_tasks=30, novel_tasks=4, min_value_tasks=3)
-    assert method.test_time_info() == "context"
+    assert method.report().test_time_info == "context"
     train_through(method, stream.tasks[:26])
     exact = [torch.equal(method.unit_mask(t), t.oracle_mask[0]) for t in stream.tasks[26:]]
     assert sum(exact) >= 3  # intersections of >= 3 masks sharing a value rarely keep a stray unit
@@ -88,7 +88,7 @@ def test_ridge_fit_recovers_a_linear_map_and_chooses_lambda_by_leave_one_out() -
 
 def test_ridge_context_predicts_stored_masks_from_contexts() -> None:
     method, stream = build({"name": "ridge_context"}, encoding="onehot")
-    assert method.test_time_info() == "context"
+    assert method.report().test_time_info == "context"
     train_through(method, stream.tasks[:14])
     task = stream.tasks[15]
     mask = method.unit_mask(task)
@@ -96,7 +96,7 @@ def test_ridge_context_predicts_stored_masks_from_contexts() -> None:
     # onehot codes: a value's group is a linear function of its code, so most novel units are recovered
     recall = float((mask & task.oracle_mask[0]).sum() / task.oracle_mask[0].sum())
     assert recall > 0.6
-    assert method.extra_results()["ridge_lambda"][15] is not None
+    assert method.report().figures["ridge_lambda"][15] is not None
 
 
 def test_ridge_context_refuses_a_stream_whose_contexts_are_all_equal() -> None:

@@ -300,23 +300,15 @@ class Method(nn.Module):
         asks with it and keeps the ``images``; at the end of the stream it asks with ``None`` and keeps the rest.
         A method extends ``super().report(task)``; the default reports nothing after a task, and at the end what
         the base class knows: ``task_id`` at test time with label masking, a head per task or gating, ``context``
-        with a context input, else ``none``; a gating method's ``unit_mask`` of every task.
-
-        Kept for one release: the former hooks ``test_time_info``, ``task_bytes``, ``extra_results`` and
-        ``artifacts``, where a method still defines them, are reported through this default."""
+        with a context input, else ``none``; a gating method's ``unit_mask`` of every task."""
         if task is not None:
-            return MethodReport(images=self.artifacts(task))
-        tasks = self.stream.tasks
-        info = self.test_time_info()
-        sizes = [self.task_bytes(t) for t in tasks]
-        figures = self.extra_results()
-        masks = [self.unit_mask(t) for t in tasks]
-        return MethodReport(
-            test_time_info=info,
-            task_bytes=None if any(s is None for s in sizes) else sizes,
-            unit_masks=None if any(m is None for m in masks) else masks,
-            figures=figures,
-        )
+            return MethodReport()
+        if self.gates or self.label_masking or self.num_heads > 1:
+            info: TestTimeInfo = "task_id"  # a task's mask, head or label set is chosen by its identity
+        else:
+            info = "context" if self.cfg.context_input != "none" else "none"
+        masks = [self.unit_mask(t) for t in self.stream.tasks]
+        return MethodReport(test_time_info=info, unit_masks=None if any(m is None for m in masks) else masks)
 
     def unit_mask(self, task: Task) -> Tensor | None:
         """For gating methods: the task's binary mask over all gated units, flattened (else ``None``)."""
@@ -330,28 +322,6 @@ class Method(nn.Module):
         if head is None:
             return 0
         return (head.weight.numel() + (head.bias.numel() if head.bias is not None else 0)) * 4 // self.num_heads
-
-    # ---------------------------------------------------------------- former reporting hooks (one release)
-
-    def test_time_info(self) -> TestTimeInfo:
-        """Deprecated: set :attr:`MethodReport.test_time_info` in :meth:`report`. The base class's answer:
-        ``task_id`` when it predicts a task through the task's identity (label masking, a head or a mask per
-        task), ``context`` with a context input, else ``none``."""
-        if self.gates or self.label_masking or self.num_heads > 1:
-            return "task_id"
-        return "context" if self.cfg.context_input != "none" else "none"
-
-    def extra_results(self) -> dict[str, Any]:
-        """Deprecated: put method-specific figures in :attr:`MethodReport.figures` in :meth:`report`."""
-        return {}
-
-    def task_bytes(self, task: Task) -> int | None:
-        """Deprecated: set :attr:`MethodReport.task_bytes` in :meth:`report`."""
-        return None
-
-    def artifacts(self, task: Task) -> dict[str, Tensor]:
-        """Deprecated: return images in :attr:`MethodReport.images` from :meth:`report` after a task."""
-        return {}
 
 
 METHODS: Registry[type[Method]] = Registry("method", group="metagate.methods")

@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, TestTimeInfo
+from metagate.methods.base import METHODS, MethodReport
 from metagate.methods.components.context_factors import factors_of, require_factors
 from metagate.methods.xdg import XdG
 from metagate.nn.backbones import BackboneConfig
@@ -87,5 +87,9 @@ class FactorRule(XdG):
         task = next(t for t in (*self.stream.tasks, *self.stream.heldout) if t.index == index)
         return nn.ModuleList(BitMask(m).to(self.device) for m in self.rule_mask(task))
 
-    def test_time_info(self) -> TestTimeInfo:
-        return "context"
+    def report(self, task: Task | None = None) -> MethodReport:
+        """At the end: the mask came from the context at test time (not the task's identity)."""
+        out = super().report(task)
+        if task is None:
+            out.test_time_info = "context"
+        return out

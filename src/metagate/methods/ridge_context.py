@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import Tensor
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, TestTimeInfo
+from metagate.methods.base import METHODS, MethodReport
 from metagate.methods.nearest_context import NearestContext
 
 
@@ -95,10 +95,10 @@ class RidgeContext(NearestContext):
         flat[score.topk(size).indices] = True
         return list(flat.split(self.model.gated_widths))
 
-    def extra_results(self) -> dict[str, Any]:
-        out = super().extra_results()
-        out["ridge_lambda"] = [self.chosen_lambda.get(t.index) for t in self.stream.tasks]
+    def report(self, task: Task | None = None) -> MethodReport:
+        """At the end: the mask came from the context at test time (not the task's identity), and the ridge λ chosen at each refit."""
+        out = super().report(task)
+        if task is None:
+            out.test_time_info = "context"
+            out.figures["ridge_lambda"] = [self.chosen_lambda.get(t.index) for t in self.stream.tasks]
         return out
-
-    def test_time_info(self) -> TestTimeInfo:
-        return "context"
