@@ -104,3 +104,22 @@ def test_the_readme_method_example_trains_as_a_method_of_its_own(tmp_path: Path)
         METHODS._entries.pop("l2_anchor", None)
     with pytest.raises(Exception):
         METHODS.get("l2_anchor")
+
+
+def test_every_test_docs_reliability_names_exists() -> None:
+    """docs/reliability.md says which test holds each promise: every test it names is in the suite."""
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    missing = []
+    for row in (line for line in text.splitlines() if line.startswith("|") and "tests/" in line):
+        cell = row.rstrip(" |").rsplit("|", 1)[-1]
+        current = None
+        for ref in re.findall(r"`([^`]+)`", cell):
+            if ref.endswith(".py"):  # `tests/x.py` (`name`, `name`): a file, then its tests
+                current = ref
+                continue
+            path, _, name = ref.rpartition("::") if "::" in ref else ("", "", ref)
+            current = path or current
+            name = name.split("[")[0]
+            if current is None or not (ROOT / current).is_file() or f"def {name}(" not in (ROOT / current).read_text():
+                missing.append(f"{current}::{name}")
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"

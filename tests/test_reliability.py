@@ -550,3 +550,72 @@ def test_what_metagate_writes_as_yaml_it_reads_back_without_aliases(tmp_path: Pa
     RunDir(tmp_path).write_config({"seed": 0, "method": {"backbone": {"hidden": shared}}, "reference": {"backbone": {"hidden": shared}}})
     assert "&" not in (tmp_path / "config.yaml").read_text()
     assert RunDir(tmp_path).read_config()["reference"]["backbone"]["hidden"] == [64, 64]
+
+
+def test_a_reference_that_cannot_run_is_refused_before_the_method_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the oracle reference was refused only after the main run and the XdG reference trained, and its advice named
+    # the main method's `hidden`, not the reference's (item 18)
+    from metagate.methods import METHODS
+
+    trained: list[str] = []
+    for name in ("metagate", "xdg", "oracle"):
+        cls = METHODS.get(name)
+        original = cls.before_task
+        monkeypatch.setattr(cls, "before_task", lambda self, task, _o=original, _n=name: (trained.append(_n), _o(self, task))[1])
+    res = runner.invoke(app, ["run", "benchmark.units_per_group=5", "trainer.epochs=1", "trainer.progress=false", "--out", str(tmp_path / "r")])
+    assert res.exit_code != 0
+    assert "reference[1] (oracle) cannot run" in res.output and "reference[1].backbone.hidden=[95]" in res.output
+    assert "method.backbone.hidden" not in res.output
+    assert trained == [] and not (tmp_path / "r").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_as_ctrl_c_does_with_the_resume_hint_and_exit_143(tmp_path: Path) -> None:
+    # SIGTERM exited 143 with no resume hint (item 22)
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fast = ["benchmark.name=gated_teacher", "benchmark.num_tasks=3", "benchmark.train_per_task=3000", "benchmark.test_per_task=300",
+            "method.name=si", "trainer.epochs=3", "reference=null", "trainer.progress=false", "trainer.threads=1"]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "metagate.cli", "run", *fast, "--out", str(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (cut / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert f"continue with: metagate run --resume --out {cut}" in err
+    resumed = subprocess.run([sys.executable, "-m", "metagate.cli", "run", "--resume", "--out", str(cut)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(json.loads((cut / "results.json").read_text())["acc_matrix"]) == 3
+
+
+def test_a_second_ctrl_c_cannot_cut_the_interrupted_message_short(tmp_path: Path) -> None:
+    # a double Ctrl-C in compare printed nothing (item 22): once the first is being handled, SIGINT is ignored
+    import signal
+
+    import typer
+
+    from metagate import cli
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(typer.Exit):
+            cli._interrupted(tmp_path, True, "metagate compare --resume")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_tune_grid_with_an_empty_value_is_refused_not_dropped(tmp_path: Path) -> None:
+    # `--grid method.c=1,,2` dropped the empty value silently in tune as it did in sweep (item 22)
+    res = runner.invoke(app, ["tune", "gated-teacher-task", "--methods", "si", "--grid", "si:method.c=1,,2", "--out", str(tmp_path / "t")])
+    assert res.exit_code == 2 and "has an empty value" in res.output
+    assert not (tmp_path / "t").exists()

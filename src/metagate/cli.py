@@ -31,6 +31,25 @@ def _split(config: Optional[str], overrides: Optional[list[str]]) -> tuple[Optio
     return config, overrides
 
 
+_SIGNAL_EXIT = {"code": 130}  # 130 after Ctrl-C; 143 after SIGTERM, which takes the same path
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler or ``kill``): stop as Ctrl-C does, with the same hint to resume, then exit 143."""
+    _SIGNAL_EXIT["code"] = 128 + signum
+    raise KeyboardInterrupt
+
+
+@app.callback()
+def _main() -> None:
+    """Continual learning with context-dependent gating."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=code)
@@ -40,8 +59,13 @@ def _interrupted(folder: Path, checkpoint: bool, again: str, one_run: bool = Fal
     """Ctrl-C: say what is kept and how to go on. ``one_run`` (``metagate run``): ``again`` resumes the run in
     ``folder`` only from a checkpoint (or a finished run, whose references it then finishes); the many-run
     commands continue anything (a run without a checkpoint is restarted, its attempt kept aside)."""
+    import signal
+    import threading
+
     from metagate.runs import RunDir
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this message short: we exit anyway
     kept = (folder / RunDir.CHECKPOINT).is_file() or (folder / RunDir.RESULTS).is_file()
     if not checkpoint:
         hint = "this run wrote no checkpoints (trainer.checkpoint=false), so it cannot be resumed; start it again"
@@ -53,7 +77,7 @@ def _interrupted(folder: Path, checkpoint: bool, again: str, one_run: bool = Fal
     else:
         hint = f"no task had finished; {again} starts it afresh"
     typer.secho(f"interrupted: {hint}", fg=typer.colors.YELLOW, err=True)
-    raise typer.Exit(code=130)
+    raise typer.Exit(code=_SIGNAL_EXIT["code"])
 
 
 @app.command()

@@ -173,6 +173,7 @@ def run_with_reference(
     ``out/reference``, ``out/reference-2``, ... (with ``resume``, a finished one is reused), and ``per_task.md``
     with all. ``on_ready`` sees the prepared run before it trains."""
     run = RunDir(out)
+    check_references(cfg)  # a reference that cannot run is refused before the method trains (not after)
     if resume and run.has_results():
         results = finished_results(cfg, out)
     else:
@@ -188,6 +189,21 @@ def run_with_reference(
     table = report.per_task_table(results, references)
     atomic_write_text(out / PER_TASK, table + "\n")
     return RunOutcome(results, references, table)
+
+
+def check_references(cfg: ExperimentConfig) -> None:
+    """Build every reference of ``cfg`` on its stream (nothing trains, nothing is written) so that one that does
+    not fit (an oracle whose masks cover another width, ...) is refused now, in one line that names the
+    reference's own keys, instead of after the method and the earlier references trained."""
+    many = isinstance(cfg.reference, list)
+    for i, ref_cfg in enumerate(cfg.reference_configs()):
+        where = f"reference[{i}]" if many else "reference"
+        try:
+            Trainer(ref_cfg)
+        except (ConfigError, ValueError) as e:
+            how = "in the config file's reference list" if many else "as overrides"
+            text = str(e).replace("method.", f"{where}.")
+            raise ConfigError(f"{where} ({ref_cfg.method.name}) cannot run on this stream: {text} ({how}); nothing was trained") from None
 
 
 def reference_dir(i: int) -> str:

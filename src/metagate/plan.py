@@ -105,6 +105,14 @@ def split_overrides(overrides: list[str], labels: list[str]) -> tuple[list[str],
     return general, specific
 
 
+def grid_values(item: str, values: str) -> list[str]:
+    """``1,10,100`` -> its values; an empty one (``1,,2``, a trailing comma) is refused, not dropped."""
+    parts = [v.strip() for v in values.split(",")]
+    if not all(parts):
+        raise ConfigError(f"--grid {item!r} has an empty value (two commas in a row, or one at an end); write each value out")
+    return parts
+
+
 def parse_grid(grid: list[str], labels: list[str]) -> dict[str, list[list[str]]]:
     """``["si:method.c=0.1,1", "si:method.xi=0.01,0.1"]`` -> per label, every combination as overrides."""
     axes: dict[str, list[list[str]]] = {label: [] for label in labels}
@@ -115,7 +123,7 @@ def parse_grid(grid: list[str], labels: list[str]) -> dict[str, list[list[str]]]
             raise ConfigError(f"--grid {item!r} is not of the form label:key=v1,v2,... (e.g. si:method.c=0.1,1,10)")
         if label not in axes:
             raise ConfigError(f"--grid {item!r} names {label!r}, which --methods does not name")
-        axes[label].append([f"{key}={v.strip()}" for v in values.split(",") if v.strip()])
+        axes[label].append([f"{key}={v}" for v in grid_values(item, values)])
     combos: dict[str, list[list[str]]] = {}
     for label, lists in axes.items():
         out: list[list[str]] = [[]]

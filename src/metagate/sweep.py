@@ -54,7 +54,7 @@ from pydantic import Field, ValidationError
 from metagate import orchestrate
 from metagate.config import ConfigError, find_config, read_yaml
 from metagate.orchestrate import Echo, Executor, run_inline
-from metagate.plan import Job, expand, parse_entries, plan_jobs, split_overrides
+from metagate.plan import Job, expand, grid_values, parse_entries, plan_jobs, split_overrides
 from metagate.runs import RunFolderError, atomic_write_json, atomic_write_text
 from metagate.schema import Section, dump_yaml
 
@@ -140,14 +140,6 @@ def read_spec(config: str | None, cli: dict[str, Any]) -> SweepSpec:
     for key, dist in spec.random.space.items():
         _check_distribution(key, dist)
     return spec
-
-
-def grid_values(item: str, values: str) -> list[str]:
-    """``1,10,100`` -> its values; an empty one (``1,,2``, a trailing comma) is refused, not dropped."""
-    parts = [v.strip() for v in values.split(",")]
-    if not all(parts):
-        raise ConfigError(f"--grid {item!r} has an empty value (two commas in a row, or one at an end); write each value out")
-    return parts
 
 
 def _split_item(item: str, option: str, example: str) -> tuple[str, str]:
