@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport, TestTimeInfo
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.gates import BitMask, binarize_ste
 
@@ -201,9 +201,6 @@ class SupSup(Method):
             out.append(self.mask_logits(self.run(chunk, self.task_masks(chosen)), chosen))
         return torch.cat(out)
 
-    def _test_time_info(self) -> TestTimeInfo:
-        return "none" if self.cfg.task_inference == "oneshot" else "task_id"
-
     # ---------------------------------------------------------------- hooks
 
     def before_task(self, task: Task) -> None:
@@ -248,7 +245,7 @@ class SupSup(Method):
         figures (:meth:`_figures`)."""
         out = super().report(task)
         if task is None:
-            out.test_time_info = self._test_time_info()
+            out.test_time_info = "none" if self.cfg.task_inference == "oneshot" else "task_id"
             out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
             out.figures.update(self._figures())
         return out

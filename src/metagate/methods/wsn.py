@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagate.data.stream import Task
-from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport, TestTimeInfo
+from metagate.methods.base import METHODS, BaseMethodConfig, Batch, Method, MethodReport
 from metagate.nn.backbones import BackboneConfig
 from metagate.nn.gates import BitMask, pack_bits, topk_ste
 
@@ -154,9 +154,6 @@ class WSN(Method):
         h = functional_call(self.model, {n: params[n] * m for n, m in zip(self.weight_names, masks)}, (x,))
         return self.mask_logits(self.heads[task.index](h), task, task_ids)
 
-    def _test_time_info(self) -> TestTimeInfo:
-        return "task_id"
-
     # ---------------------------------------------------------------- hooks
 
     def before_task(self, task: Task) -> None:
@@ -220,7 +217,7 @@ class WSN(Method):
         figures (:meth:`_figures`)."""
         out = super().report(task)
         if task is None:
-            out.test_time_info = self._test_time_info()
+            out.test_time_info = "task_id"  # a task's mask and head are chosen by its identity
             out.task_bytes = [self._task_bytes(t) for t in self.stream.tasks]
             out.figures.update(self._figures())
         return out
